@@ -1,0 +1,50 @@
+"""slaposha: SlapOS compute nodes as highly available services."""
+import os
+
+from setuptools import find_packages, setup
+
+here = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(here, 'README.rst')) as f:
+    long_description = f.read()
+
+setup(
+    name='slaposha',
+    version='0.1.0.dev0',
+    description='High availability for SlapOS compute nodes: leases on etcd, '
+                'replicated partitions, takeover without redeploy.',
+    long_description=long_description,
+    long_description_content_type='text/x-rst',
+    license='GPLv3+',
+    python_requires='>=3.9',
+    # The recipes live in the top-level recipes/ folder (as SlapOS
+    # repositories keep them) but are importable as slaposha.recipes.
+    packages=find_packages(include=['slaposha', 'slaposha.*'])
+    + ['slaposha.recipes'],
+    package_dir={'slaposha.recipes': 'recipes'},
+    include_package_data=True,
+    install_requires=[
+        'requests',
+        'lxml',
+        'supervisor',
+    ],
+    extras_require={
+        # The `slapos ha` commands plug into the slapos CLI of slapos.core.
+        'slapos': ['slapos.core'],
+        'test': ['pytest', 'pytest-timeout'],
+    },
+    entry_points={
+        'console_scripts': [
+            'slaposha = slaposha.cli.main:main',
+        ],
+        # `slapos ha ...` commands register here as they are written.
+        'slapos.cli': [],
+        # zc.buildout recipes register here as they are written.
+        'zc.buildout': [],
+    },
+    classifiers=[
+        'Programming Language :: Python :: 3',
+        'Programming Language :: Python :: 3.9',
+        'Operating System :: POSIX :: Linux',
+        'Topic :: System :: Clustering',
+    ],
+)

@@ -1,0 +1,1 @@
+"""Command line: ``slaposha`` (and, with slapos.core, ``slapos ha``)."""

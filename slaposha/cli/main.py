@@ -1,0 +1,112 @@
+"""The ``slaposha`` command.
+
+Each subcommand is a function ``(args) -> exit code`` registered with
+:func:`command`. User mistakes (configuration, arguments) end as one line on
+stderr and exit code 2; nothing a user can type prints a traceback.
+"""
+
+import argparse
+import sys
+
+from slaposha import __version__, config
+
+EXIT_USAGE = 2
+
+_COMMANDS = []
+
+
+def command(name, help, arguments=()):
+    """Register a subcommand; ``arguments`` are (flags, kwargs) pairs."""
+    def register(func):
+        _COMMANDS.append((name, help, arguments, func))
+        return func
+    return register
+
+
+class UserError(Exception):
+    """A mistake of the user's, printed as one line (exit code 2)."""
+
+
+def _cluster(args):
+    return config.load_cluster(args.cluster)
+
+
+@command('config check', 'validate the cluster file and every service file', [
+    (('service_files',), dict(nargs='*', metavar='SERVICE_FILE',
+                              help='check only these service files')),
+])
+def config_check(args):
+    cluster = _cluster(args)
+    if args.service_files:
+        services = [config.load_service(p, cluster)
+                    for p in args.service_files]
+    else:
+        services = config.load_services(cluster)
+    print('%s: cluster %s, hosts %s%s, etcd %s, %d service(s)%s' % (
+        cluster.path, cluster.name, ' '.join(cluster.cluster.hosts),
+        (', witnesses ' + ' '.join(cluster.cluster.witnesses))
+        if cluster.cluster.witnesses else '',
+        cluster.etcd.mode, len(services),
+        ': ' + ' '.join(s.name for s in services) if services else ''))
+    return 0
+
+
+@command('config keys', 'list every configuration key with its default')
+def config_keys(args):
+    print(config.describe_schema())
+    return 0
+
+
+@command('version', 'print the version of slaposha')
+def version(args):
+    print('slaposha %s' % __version__)
+    return 0
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog='slaposha',
+        description='High availability for SlapOS compute nodes.',
+        epilog='The cluster file defaults to %s (or $SLAPOSHA_CONFIG).'
+        % config.DEFAULT_CLUSTER_FILE)
+    parser.add_argument('--version', action='version',
+                        version='slaposha %s' % __version__)
+    parser.add_argument('-c', '--cluster', metavar='FILE',
+                        help='cluster file')
+    sub = parser.add_subparsers(dest='command', metavar='COMMAND')
+    groups = {}
+    for name, help, arguments, func in _COMMANDS:
+        words = name.split()
+        target = sub
+        for depth, word in enumerate(words[:-1]):
+            key = tuple(words[:depth + 1])
+            if key not in groups:
+                p = target.add_parser(word, help='%s commands' % word)
+                groups[key] = p.add_subparsers(dest='subcommand',
+                                               metavar='SUBCOMMAND')
+                groups[key].required = True
+            target = groups[key]
+        p = target.add_parser(words[-1], help=help, description=help)
+        for flags, kwargs in arguments:
+            p.add_argument(*flags, **kwargs)
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, 'func', None) is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except (config.ConfigError, UserError) as e:
+        print('slaposha: %s' % e, file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,641 @@
+"""Configuration of a slaposha cluster: parsed and validated in one place.
+
+Two kinds of ini files, in the style of slapos.cfg:
+
+- the cluster file (``/etc/opt/slaposha/cluster.cfg`` by default): who the
+  hosts are, how to reach etcd, the lease timings, the API;
+- one file per service (``services/<name>.cfg`` beside it): where it may run,
+  how it is orchestrated, and its resources as ``[<kind>#<name>]`` sections.
+
+Every key is declared once below with its type, default and a line of
+documentation; ``slaposha config keys`` prints them. Whatever is wrong in a
+file becomes one :class:`ConfigError` whose text names the file, the section
+and the key, and says what is expected.
+"""
+
+import configparser
+import ipaddress
+import math
+import os
+import re
+from collections import OrderedDict
+
+__all__ = [
+    'ConfigError', 'Key', 'load_cluster', 'load_service', 'load_services',
+    'register_resource_kind', 'resource_kinds', 'DEFAULT_CLUSTER_FILE',
+    'CLUSTER_SCHEMA', 'SERVICE_SCHEMA',
+]
+
+DEFAULT_CLUSTER_FILE = '/etc/opt/slaposha/cluster.cfg'
+
+NAME_RE = re.compile(r'^[a-z0-9][a-z0-9_.-]{0,62}$', re.IGNORECASE)
+
+
+class ConfigError(Exception):
+    """A user's configuration mistake, printed as one line.
+
+    The line reads ``<file>: [<section>] <key>: <what is wrong>``, so that an
+    operator can go straight to the place to fix.
+    """
+
+    def __init__(self, path, section=None, key=None, message=''):
+        self.path = path
+        self.section = section
+        self.key = key
+        self.message = message
+        super().__init__(str(self))
+
+    def __str__(self):
+        where = []
+        if self.section is not None:
+            where.append('[%s]' % self.section)
+        if self.key is not None:
+            where.append(self.key)
+        return ': '.join([self.path, ' '.join(where), self.message]
+                         if where else [self.path, self.message])
+
+
+# -- value types -------------------------------------------------------------
+# Each parser takes the raw string and returns the value, or raises ValueError
+# whose text says what was expected.
+
+def _string(raw):
+    return raw.strip()
+
+
+def _name(raw):
+    raw = raw.strip()
+    if not NAME_RE.match(raw):
+        raise ValueError('expected a name of letters, digits, "-", "_" or "."'
+                         ' (got %r)' % raw)
+    return raw
+
+
+def _integer(raw):
+    try:
+        return int(raw.strip())
+    except ValueError:
+        raise ValueError('expected a whole number (got %r)' % raw.strip())
+
+
+_DURATION_RE = re.compile(r'^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*$')
+_DURATION_UNITS = {None: 1.0, 's': 1.0, 'ms': 0.001, 'm': 60.0, 'h': 3600.0}
+
+
+def _duration(raw):
+    """Seconds, as ``3``, ``0.5``, ``500ms``, ``2s``, ``5m`` or ``1h``."""
+    m = _DURATION_RE.match(raw)
+    if not m:
+        raise ValueError('expected a duration such as 3, 0.5, 500ms, 2s or 5m'
+                         ' (got %r)' % raw.strip())
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+_SIZE_RE = re.compile(r'^\s*([0-9]+)\s*([kmgt]i?b?|b)?\s*$', re.IGNORECASE)
+
+
+def _size(raw):
+    """Bytes, as ``4096``, ``512M``, ``2G`` (powers of 1024)."""
+    m = _SIZE_RE.match(raw)
+    if not m:
+        raise ValueError('expected a size such as 4096, 512M or 2G'
+                         ' (got %r)' % raw.strip())
+    unit = (m.group(2) or 'b')[0].lower()
+    return int(m.group(1)) * 1024 ** 'bkmgt'.index(unit)
+
+
+_TRUE = ('true', 'yes', 'on', '1')
+_FALSE = ('false', 'no', 'off', '0')
+
+
+def _boolean(raw):
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError('expected true or false (got %r)' % raw.strip())
+
+
+def _words(raw):
+    """A list of words separated by spaces, commas or new lines."""
+    return [w for w in re.split(r'[\s,]+', raw) if w]
+
+
+def _names(raw):
+    return [_name(w) for w in _words(raw)]
+
+
+def _path(raw):
+    raw = raw.strip()
+    if not os.path.isabs(raw):
+        raise ValueError('expected an absolute path (got %r)' % raw)
+    return os.path.normpath(raw)
+
+
+def _address(raw):
+    try:
+        return str(ipaddress.ip_address(raw.strip()))
+    except ValueError:
+        raise ValueError('expected an IPv4 or IPv6 address (got %r)'
+                         % raw.strip())
+
+
+def _url(raw):
+    raw = raw.strip()
+    if not re.match(r'^https?://[^/\s]+', raw):
+        raise ValueError('expected an http:// or https:// URL (got %r)' % raw)
+    return raw.rstrip('/')
+
+
+def _urls(raw):
+    return [_url(w) for w in _words(raw)]
+
+
+TYPES = {
+    'string': _string, 'name': _name, 'integer': _integer,
+    'duration': _duration, 'size': _size, 'boolean': _boolean,
+    'words': _words, 'names': _names, 'path': _path, 'address': _address,
+    'url': _url, 'urls': _urls, 'choice': _string,
+}
+
+REQUIRED = object()
+
+
+class Key(object):
+    """One configuration key: its type, default, limits and documentation.
+
+    ``default`` may be REQUIRED, a value, or None (optional, no value);
+    ``minimum``/``maximum`` bound numbers; ``choices`` lists allowed strings.
+    """
+
+    def __init__(self, name, type='string', default=None, doc='',
+                 choices=None, minimum=None, maximum=None):
+        if type not in TYPES:
+            raise ValueError('unknown key type %r' % type)
+        self.name = name
+        self.type = type
+        self.default = default
+        self.doc = doc
+        self.choices = choices
+        self.minimum = minimum
+        self.maximum = maximum
+
+    @property
+    def required(self):
+        return self.default is REQUIRED
+
+    def parse(self, raw):
+        value = TYPES[self.type](raw)
+        if self.choices is not None and value not in self.choices:
+            raise ValueError('expected one of %s (got %r)'
+                             % (', '.join(self.choices), value))
+        if self.minimum is not None and value < self.minimum:
+            raise ValueError('must be at least %s (got %s)'
+                             % (self.minimum, raw.strip()))
+        if self.maximum is not None and value > self.maximum:
+            raise ValueError('must be at most %s (got %s)'
+                             % (self.maximum, raw.strip()))
+        return value
+
+    def describe(self):
+        if self.required:
+            default = 'required'
+        elif self.default is None:
+            default = 'optional'
+        else:
+            default = 'default %s' % _show(self.default)
+        kind = self.type
+        if self.choices:
+            kind = '|'.join(self.choices)
+        return '%s (%s, %s): %s' % (self.name, kind, default, self.doc)
+
+
+def _show(value):
+    if isinstance(value, bool):
+        return 'true' if value else 'false'
+    if isinstance(value, list):
+        return ' '.join(value) or '(empty)'
+    return str(value)
+
+
+class Section(object):
+    """The parsed values of one ini section, as attributes."""
+
+    def __init__(self, name, values):
+        self._name = name
+        self.__dict__.update(values)
+
+    def __repr__(self):
+        items = ', '.join('%s=%r' % kv for kv in sorted(self.__dict__.items())
+                          if not kv[0].startswith('_'))
+        return '<[%s] %s>' % (self._name, items)
+
+    def as_dict(self):
+        return {k: v for k, v in self.__dict__.items()
+                if not k.startswith('_')}
+
+
+def _keys(*keys):
+    return OrderedDict((k.name, k) for k in keys)
+
+
+# -- the cluster file --------------------------------------------------------
+
+CLUSTER_SCHEMA = OrderedDict([
+    ('cluster', _keys(
+        Key('name', 'name', REQUIRED, 'name of the cluster; prefixes its keys'
+            ' in etcd, so several clusters can share one etcd'),
+        Key('hosts', 'names', REQUIRED, 'hosts that may run services, each'
+            ' with a [host <name>] section'),
+        Key('witnesses', 'names', [], 'hosts that run only an etcd member'
+            ' (`slaposha witness`), to give two hosts a quorum'),
+        Key('services_dir', 'path', None, 'folder of the service files'
+            ' (default: services/ beside this file)'),
+        Key('state_dir', 'path', '/var/lib/slaposha', 'where the agent keeps'
+            ' its state and the embedded etcd member its data'),
+        Key('run_dir', 'path', '/run/slaposha', 'sockets and pid files of'
+            ' the agent and its watchdog'),
+        Key('ca', 'path', None, 'cluster CA certificate; with it, etcd and'
+            ' the API use TLS'),
+    )),
+    ('host', _keys(
+        Key('address', 'address', REQUIRED, 'address peers and etcd use to'
+            ' reach this host'),
+    )),
+    ('etcd', _keys(
+        Key('mode', 'choice', 'embedded', 'embedded: each host and witness'
+            ' runs one member, supervised by its agent; external: use the'
+            ' members listed in endpoints', choices=['embedded', 'external']),
+        Key('endpoints', 'urls', [], 'client URLs of an external etcd'
+            ' cluster (mode = external)'),
+        Key('binary', 'path', None, 'etcd executable (default: etcd found'
+            ' in PATH); 3.5.13 or newer has the lease-safety fixes'),
+        Key('client_port', 'integer', 2379, 'client port of embedded members',
+            minimum=1, maximum=65535),
+        Key('peer_port', 'integer', 2380, 'peer port of embedded members',
+            minimum=1, maximum=65535),
+        Key('heartbeat_interval', 'duration', 0.05, 'raft heartbeat of'
+            ' embedded members (about the round trip between hosts)',
+            minimum=0.01),
+        Key('election_timeout', 'duration', 0.5, 'raft election timeout'
+            ' (about 10 heartbeats); also the figure used to check the lease'
+            ' timings against an external cluster', minimum=0.05),
+        Key('prefix', 'string', '/slaposha', 'key prefix of the cluster in'
+            ' etcd'),
+    )),
+    ('lease', _keys(
+        Key('ttl', 'integer', 3, 'seconds an owner keeps a service without'
+            ' renewing its lease (etcd counts whole seconds)', minimum=1),
+        Key('renew_interval', 'duration', 1.0, 'time between two renewals of'
+            ' a held lease', minimum=0.05),
+        Key('retry_interval', 'duration', 0.2, 'wait before retrying a failed'
+            ' renewal on the next etcd endpoint', minimum=0.01),
+        Key('request_timeout', 'duration', 0.5, 'time allowed to one etcd'
+            ' request', minimum=0.01),
+        Key('fence_margin', 'duration', 0.5, 'the owner stops its services'
+            ' this long before its lease can expire in etcd: covers killing'
+            ' the processes and clock-rate drift', minimum=0.1),
+    )),
+    ('api', _keys(
+        Key('port', 'integer', 1215, 'HTTPS port of the agent API',
+            minimum=1, maximum=65535),
+        Key('listen', 'address', None, 'address the API listens on'
+            ' (default: the host address)'),
+    )),
+])
+
+# Sections that appear once per named thing: "[host hA]".
+_NAMED_SECTIONS = ('host',)
+
+
+def _parse_ini(path):
+    """Read an ini file, turning every read or syntax error into one line."""
+    parser = configparser.ConfigParser(
+        interpolation=None, strict=True, empty_lines_in_values=False,
+        default_section='\0no default section\0')
+    parser.optionxform = str  # keys are case sensitive, as in slapos.cfg
+    try:
+        with open(path) as f:
+            parser.read_file(f, source=path)
+    except OSError as e:
+        raise ConfigError(path, message='cannot read: %s'
+                          % (e.strerror or e))
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, message='not UTF-8 text: %s' % e.reason)
+    except configparser.DuplicateSectionError as e:
+        raise ConfigError(path, e.section, message='section appears twice'
+                          ' (line %s)' % e.lineno)
+    except configparser.DuplicateOptionError as e:
+        raise ConfigError(path, e.section, e.option, 'key appears twice in'
+                          ' this section (line %s)' % e.lineno)
+    except configparser.MissingSectionHeaderError as e:
+        raise ConfigError(path, message='line %s is outside any [section]'
+                          % e.lineno)
+    except configparser.ParsingError as e:
+        lines = ', '.join(str(n) for n, _ in e.errors)
+        raise ConfigError(path, message='cannot parse line %s (expected'
+                          ' "key = value" or "[section]")' % lines)
+    return parser
+
+
+def _parse_section(path, section, raw, keys):
+    values = {}
+    for name, text in raw.items():
+        if name not in keys:
+            raise ConfigError(path, section, name, 'unknown key (known: %s)'
+                              % ', '.join(keys))
+        try:
+            values[name] = keys[name].parse(text)
+        except ValueError as e:
+            raise ConfigError(path, section, name, str(e))
+    for name, key in keys.items():
+        if name in values:
+            continue
+        if key.required:
+            raise ConfigError(path, section, name, 'required key is missing')
+        values[name] = list(key.default) if isinstance(key.default, list) \
+            else key.default
+    return Section(section, values)
+
+
+class ClusterConfig(object):
+    """A validated cluster file: ``cluster``, ``etcd``, ``lease`` and
+    ``api`` sections as attributes, ``hosts`` as a dict of name to Section."""
+
+    def __init__(self, path, sections, hosts):
+        self.path = path
+        self.__dict__.update(sections)
+        self.hosts = hosts
+
+    @property
+    def name(self):
+        return self.cluster.name
+
+    @property
+    def members(self):
+        """Every host that runs an etcd member: hosts, then witnesses."""
+        return self.cluster.hosts + self.cluster.witnesses
+
+    @property
+    def services_dir(self):
+        return self.cluster.services_dir or os.path.join(
+            os.path.dirname(os.path.abspath(self.path)), 'services')
+
+    def etcd_endpoints(self):
+        """Client URLs of the etcd members, in the order to try them."""
+        if self.etcd.mode == 'external':
+            return list(self.etcd.endpoints)
+        scheme = 'https' if self.cluster.ca else 'http'
+        return ['%s://%s:%d' % (scheme, _url_host(self.hosts[h].address),
+                                self.etcd.client_port)
+                for h in self.members]
+
+
+def _url_host(address):
+    return '[%s]' % address if ':' in address else address
+
+
+def load_cluster(path=None):
+    """Parse and validate a cluster file; raise ConfigError on any mistake."""
+    path = path or os.environ.get('SLAPOSHA_CONFIG') or DEFAULT_CLUSTER_FILE
+    parser = _parse_ini(path)
+    sections = {}
+    hosts = OrderedDict()
+    for section in parser.sections():
+        kind, _, name = section.partition(' ')
+        name = name.strip()
+        if kind in _NAMED_SECTIONS:
+            try:
+                name = _name(name)
+            except ValueError as e:
+                raise ConfigError(path, section, message='section name: %s'
+                                  % e)
+            hosts[name] = _parse_section(path, section,
+                                         dict(parser[section]),
+                                         CLUSTER_SCHEMA[kind])
+        elif kind in CLUSTER_SCHEMA and not name:
+            sections[kind] = _parse_section(path, section,
+                                            dict(parser[section]),
+                                            CLUSTER_SCHEMA[kind])
+        else:
+            known = ['[%s]' % s for s in CLUSTER_SCHEMA
+                     if s not in _NAMED_SECTIONS]
+            known += ['[%s <name>]' % s for s in _NAMED_SECTIONS]
+            raise ConfigError(path, section, message='unknown section'
+                              ' (known: %s)' % ', '.join(known))
+    if 'cluster' not in sections:
+        raise ConfigError(path, 'cluster', message='required section is'
+                          ' missing')
+    for kind, keys in CLUSTER_SCHEMA.items():
+        if kind not in sections and kind not in _NAMED_SECTIONS:
+            sections[kind] = _parse_section(path, kind, {}, keys)
+    config = ClusterConfig(path, sections, hosts)
+    _check_cluster(config)
+    return config
+
+
+def _check_cluster(config):
+    """Relations between keys: what each key alone cannot say."""
+    path = config.path
+    cluster = config.cluster
+    seen = set()
+    for name in config.members:
+        if name in seen:
+            raise ConfigError(path, 'cluster', 'witnesses' if name in
+                              cluster.witnesses else 'hosts',
+                              'host %r is listed twice' % name)
+        seen.add(name)
+    for name in config.members:
+        if name not in config.hosts:
+            raise ConfigError(path, 'host %s' % name, 'address',
+                              'host %r is listed in [cluster] but has no'
+                              ' [host %s] section with its address'
+                              % (name, name))
+    if config.etcd.mode == 'embedded':
+        if len(config.members) == 2:
+            raise ConfigError(path, 'cluster', 'witnesses', 'two etcd members'
+                              ' lose quorum when either fails: add a witness'
+                              ' host (or a third host)')
+    else:
+        if not config.etcd.endpoints:
+            raise ConfigError(path, 'etcd', 'endpoints', 'mode = external'
+                              ' needs the client URLs of the etcd cluster')
+        if cluster.witnesses:
+            raise ConfigError(path, 'cluster', 'witnesses', 'a witness only'
+                              ' runs an etcd member: with mode = external'
+                              ' there is nothing for it to run')
+    for name in config.hosts:
+        if name not in seen:
+            raise ConfigError(path, 'host %s' % name, message='host is not'
+                              ' listed in [cluster] hosts or witnesses')
+    _check_lease(config)
+
+
+def _check_lease(config):
+    """Reject lease timings that would let an owner lose its lease unseen or
+    fence itself on every hiccup (DESIGN.md 2)."""
+    path, lease, etcd = config.path, config.lease, config.etcd
+    if lease.fence_margin >= lease.ttl:
+        raise ConfigError(path, 'lease', 'fence_margin', 'must be below ttl'
+                          ' (%s s), or the owner fences before it starts'
+                          % lease.ttl)
+    if lease.request_timeout > lease.renew_interval:
+        raise ConfigError(path, 'lease', 'request_timeout', 'must not exceed'
+                          ' renew_interval (%g s): a renewal must end before'
+                          ' the next one is due' % lease.renew_interval)
+    if lease.retry_interval >= lease.renew_interval:
+        raise ConfigError(path, 'lease', 'retry_interval', 'must be below'
+                          ' renew_interval (%g s)' % lease.renew_interval)
+    # One renewal may be lost: the next one, sent renew_interval later, must
+    # still answer before the self-fence deadline.
+    budget = (2 * lease.renew_interval + lease.request_timeout
+              + lease.fence_margin)
+    if budget > lease.ttl + 1e-9:
+        raise ConfigError(path, 'lease', 'renew_interval', 'too close to ttl:'
+                          ' 2 x renew_interval + request_timeout +'
+                          ' fence_margin = %g s must not exceed ttl (%s s),'
+                          ' so that one lost renewal does not stop the'
+                          ' services' % (budget, lease.ttl))
+    # etcd raises any TTL below 1.5 election timeouts: the agent would then
+    # believe in a shorter lease than etcd grants.
+    floor = math.ceil(1.5 * etcd.election_timeout)
+    if config.etcd.mode == 'embedded' and lease.ttl < floor:
+        raise ConfigError(path, 'lease', 'ttl', 'etcd grants no lease shorter'
+                          ' than 1.5 x election_timeout: use at least %d'
+                          % floor)
+
+
+# -- service files -----------------------------------------------------------
+
+SERVICE_SCHEMA = _keys(
+    Key('hosts', 'names', None, 'hosts the service may run on, most'
+        ' preferred first (default: every host of the cluster)'),
+    Key('orchestrate', 'choice', 'ha', 'ha: the agents start it on the'
+        ' preferred live host and take it over when its owner is lost;'
+        ' manual: only operators start, stop and move it',
+        choices=['ha', 'manual']),
+    Key('restart', 'integer', 0, 'times a failed resource is restarted in'
+        ' place before on_failure applies', minimum=0),
+    Key('on_failure', 'choice', 'switch', 'what follows a resource that'
+        ' keeps failing: switch to the next host, stop, or freeze',
+        choices=['switch', 'stop', 'freeze']),
+    Key('max_lag', 'duration', None, 'a standby whose data is older than'
+        ' this does not take over by itself'),
+    Key('start_timeout', 'duration', 60.0, 'time allowed to start the'
+        ' whole service', minimum=0.1),
+    Key('stop_timeout', 'duration', 60.0, 'time allowed to stop the whole'
+        ' service', minimum=0.1),
+)
+
+# Keys every resource section has, whatever its kind.
+RESOURCE_COMMON = _keys(
+    Key('disable', 'boolean', False, 'skip this resource'),
+    Key('optional', 'boolean', False, 'a failure of this resource does not'
+        ' fail the service; status shows it as warn'),
+)
+
+_RESOURCE_KINDS = OrderedDict()
+
+
+def register_resource_kind(kind, keys, doc=''):
+    """Declare the keys of a resource driver (its module calls this)."""
+    merged = OrderedDict(RESOURCE_COMMON)
+    for key in keys:
+        merged[key.name] = key
+    _RESOURCE_KINDS[kind] = (merged, doc)
+
+
+def resource_kinds():
+    return OrderedDict((k, v[0]) for k, v in _RESOURCE_KINDS.items())
+
+
+class ServiceConfig(object):
+    """A validated service file: ``service`` settings and the ordered list of
+    ``resources``, each a Section with ``kind`` and ``rid`` (``ip#public``)."""
+
+    def __init__(self, path, name, service, resources):
+        self.path = path
+        self.name = name
+        self.service = service
+        self.resources = resources
+
+
+def service_name(path):
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def load_service(path, cluster=None):
+    """Parse and validate one service file; its name is the file's stem."""
+    try:
+        name = _name(service_name(path))
+    except ValueError as e:
+        raise ConfigError(path, message='service name from the file name: %s'
+                          % e)
+    parser = _parse_ini(path)
+    service = None
+    resources = []
+    for section in parser.sections():
+        raw = dict(parser[section])
+        if section == 'service':
+            service = _parse_section(path, section, raw, SERVICE_SCHEMA)
+            continue
+        kind, sep, rname = section.partition('#')
+        if not sep:
+            raise ConfigError(path, section, message='unknown section'
+                              ' (expected [service] or [<kind>#<name>],'
+                              ' e.g. [ip#public])')
+        kinds = resource_kinds()
+        if kind not in kinds:
+            raise ConfigError(path, section, message='unknown resource kind'
+                              ' %r (known: %s)' % (
+                                  kind, ', '.join(kinds) or 'none'))
+        try:
+            _name(rname)
+        except ValueError as e:
+            raise ConfigError(path, section, message='resource name: %s' % e)
+        res = _parse_section(path, section, raw, kinds[kind])
+        res.kind = kind
+        res.rid = section
+        resources.append(res)
+    if service is None:
+        service = _parse_section(path, 'service', {}, SERVICE_SCHEMA)
+    if cluster is not None:
+        if service.hosts is None:
+            service.hosts = list(cluster.cluster.hosts)
+        for host in service.hosts:
+            if host not in cluster.cluster.hosts:
+                raise ConfigError(path, 'service', 'hosts', 'host %r is not'
+                                  ' one of the cluster hosts (%s)' % (
+                                      host, ', '.join(cluster.cluster.hosts)))
+    return ServiceConfig(path, name, service, resources)
+
+
+def load_services(cluster):
+    """Every ``*.cfg`` of the cluster's services folder, sorted by name."""
+    folder = cluster.services_dir
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.endswith('.cfg'))
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise ConfigError(folder, message='cannot read the services folder:'
+                          ' %s' % (e.strerror or e))
+    return [load_service(os.path.join(folder, n), cluster) for n in names]
+
+
+def describe_schema():
+    """Every key of both files, one per line, for ``slaposha config keys``."""
+    lines = ['# cluster file']
+    for section, keys in CLUSTER_SCHEMA.items():
+        title = '[%s <name>]' % section if section in _NAMED_SECTIONS \
+            else '[%s]' % section
+        lines.append(title)
+        lines.extend('  ' + k.describe() for k in keys.values())
+    lines.append('# service file')
+    lines.append('[service]')
+    lines.extend('  ' + k.describe() for k in SERVICE_SCHEMA.values())
+    for kind, (keys, doc) in _RESOURCE_KINDS.items():
+        lines.append('[%s#<name>]%s' % (kind, '  ' + doc if doc else ''))
+        lines.extend('  ' + k.describe() for k in keys.values())
+    return '\n'.join(lines)

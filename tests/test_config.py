@@ -1,0 +1,235 @@
+"""The config layer: good files load; every mistake is one line naming the
+file, section and key, and the CLI exits non-zero without a traceback."""
+
+import os
+import subprocess
+import textwrap
+
+import pytest
+
+from slaposha import config
+from slaposha.config import ConfigError, Key
+
+from conftest import EXAMPLES
+
+GOOD = """\
+[cluster]
+name = c1
+hosts = hA hB
+witnesses = hW
+[host hA]
+address = 10.0.0.1
+[host hB]
+address = 10.0.0.2
+[host hW]
+address = fd00::3
+"""
+
+
+def write(tmp_path, text, name='cluster.cfg'):
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def error_of(path, loader=config.load_cluster):
+    with pytest.raises(ConfigError) as info:
+        loader(path)
+    text = str(info.value)
+    assert '\n' not in text
+    assert text.startswith(path + ': ')
+    return text
+
+
+def test_good_cluster_defaults_and_endpoints(tmp_path):
+    c = config.load_cluster(write(tmp_path, GOOD))
+    assert c.name == 'c1'
+    assert c.members == ['hA', 'hB', 'hW']
+    assert c.lease.ttl == 3
+    assert c.lease.renew_interval == 1.0
+    assert c.lease.retry_interval == 0.2
+    assert c.lease.request_timeout == 0.5
+    assert c.lease.fence_margin == 0.5
+    assert c.api.port == 1215
+    assert c.etcd_endpoints() == ['http://10.0.0.1:2379',
+                                  'http://10.0.0.2:2379',
+                                  'http://[fd00::3]:2379']
+    assert c.services_dir == str(tmp_path / 'services')
+
+
+def test_units_of_durations_and_sizes():
+    assert Key('d', 'duration').parse('500ms') == 0.5
+    assert Key('d', 'duration').parse(' 2s ') == 2.0
+    assert Key('d', 'duration').parse('5m') == 300.0
+    assert Key('s', 'size').parse('2G') == 2 << 30
+    assert Key('b', 'boolean').parse('Yes') is True
+
+
+def test_example_files_are_valid():
+    c = config.load_cluster(os.path.join(EXAMPLES, 'cluster.cfg'))
+    services = config.load_services(c)
+    assert [s.name for s in services] == ['slapos-node']
+    assert services[0].service.hosts == ['hA', 'hB']
+
+
+@pytest.mark.parametrize('text, section, key, words', [
+    (GOOD + '[lease]\nttl = 3\nttll = 4\n', 'lease', 'ttll', 'unknown key'),
+    (GOOD + '[lease]\nttl = three\n', 'lease', 'ttl', 'whole number'),
+    (GOOD + '[lease]\nrenew_interval = soon\n', 'lease', 'renew_interval',
+     'duration'),
+    (GOOD + '[api]\nport = 70000\n', 'api', 'port', 'at most 65535'),
+    (GOOD + '[etcd]\nmode = magic\n', 'etcd', 'mode', 'embedded, external'),
+    (GOOD.replace('address = 10.0.0.2', 'address = host-b'), 'host hB',
+     'address', 'IPv4 or IPv6'),
+    (GOOD.replace('name = c1\n', ''), 'cluster', 'name', 'required key'),
+    (GOOD.replace('[host hB]\naddress = 10.0.0.2\n', ''), 'host hB',
+     'address', 'no [host hB] section'),
+    (GOOD + '[host hX]\naddress = 10.0.0.9\n', 'host hX', None,
+     'not listed'),
+    (GOOD.replace('witnesses = hW\n', '').replace(
+        '[host hW]\naddress = fd00::3\n', ''), 'cluster', 'witnesses',
+     'add a witness'),
+    (GOOD + '[lease]\nrenew_interval = 1.5\n', 'lease', 'renew_interval',
+     'too close to ttl'),
+    (GOOD + '[lease]\nttl = 2\n', 'lease', 'renew_interval',
+     'too close to ttl'),
+    (GOOD + '[lease]\nfence_margin = 3\n', 'lease', 'fence_margin',
+     'below ttl'),
+    (GOOD + '[lease]\nrequest_timeout = 2\n', 'lease', 'request_timeout',
+     'renew_interval'),
+    (GOOD + '[lease]\nretry_interval = 1\n', 'lease', 'retry_interval',
+     'below renew_interval'),
+    (GOOD + '[etcd]\nelection_timeout = 3s\n[lease]\nttl = 4\n'
+     'renew_interval = 1\n', 'lease', 'ttl', 'at least 5'),
+    (GOOD + '[etcd]\nmode = external\n', 'etcd', 'endpoints',
+     'client URLs'),
+    (GOOD + '[etcd]\nendpoints = 10.0.0.1:2379\n', 'etcd', 'endpoints',
+     'URL'),
+    (GOOD + '[wat]\nx = 1\n', 'wat', None, 'unknown section'),
+    (GOOD + '[lease]\nttl = 3\nttl = 4\n', 'lease', 'ttl', 'twice'),
+])
+def test_cluster_mistakes_name_section_and_key(tmp_path, text, section, key,
+                                               words):
+    path = write(tmp_path, text)
+    message = error_of(path)
+    where = '%s: [%s]' % (path, section)
+    if key:
+        where += ' ' + key + ':'
+    assert message.startswith(where), message
+    assert words in message, message
+
+
+def test_unreadable_and_malformed_files(tmp_path):
+    missing = str(tmp_path / 'nope.cfg')
+    assert 'cannot read' in error_of(missing)
+    folder = str(tmp_path)
+    assert 'cannot read' in error_of(folder)
+    outside = write(tmp_path, 'name = x\n[cluster]\n', 'outside.cfg')
+    assert 'line 1 is outside any [section]' in error_of(outside)
+    garbage = write(tmp_path, '[cluster]\nthis is not ini\n', 'garbage.cfg')
+    assert 'cannot parse line 2' in error_of(garbage)
+    binary = tmp_path / 'binary.cfg'
+    binary.write_bytes(b'[cluster]\nname = \xff\xfe\n')
+    assert 'not UTF-8' in error_of(str(binary))
+
+
+def test_service_files(tmp_path):
+    cluster = config.load_cluster(write(tmp_path, GOOD))
+    good = write(tmp_path, '[service]\nhosts = hB hA\norchestrate = manual\n',
+                 'services/db.cfg')
+    s = config.load_service(good, cluster)
+    assert (s.name, s.service.hosts, s.service.orchestrate) == \
+        ('db', ['hB', 'hA'], 'manual')
+    default = write(tmp_path, '[service]\n', 'services/web.cfg')
+    assert config.load_service(default, cluster).service.hosts == \
+        ['hA', 'hB']
+
+    def bad(text, name='bad.cfg'):
+        path = write(tmp_path, text, 'services/' + name)
+        return error_of(path, lambda p: config.load_service(p, cluster))
+    assert '[service] hosts: host \'hW\' is not one of' in \
+        bad('[service]\nhosts = hA hW\n')
+    assert '[service] on_failure: expected one of switch, stop, freeze' in \
+        bad('[service]\non_failure = panic\n')
+    assert '[service] restart: must be at least 0' in \
+        bad('[service]\nrestart = -1\n')
+    assert "[nope#x]: unknown resource kind 'nope'" in bad('[nope#x]\n')
+    assert '[junk]: unknown section' in bad('[junk]\n')
+    assert 'service name from the file name' in bad('[service]\n',
+                                                    'bad name!.cfg')
+
+
+def test_resource_kinds_declare_their_keys(tmp_path):
+    config.register_resource_kind('testkind', [
+        Key('command', 'string', config.REQUIRED, 'what to run'),
+        Key('every', 'duration', 60.0, 'how often')])
+    try:
+        cluster = config.load_cluster(write(tmp_path, GOOD))
+        path = write(tmp_path, '[testkind#one]\ncommand = true\nevery = 5s\n'
+                     '[testkind#two]\ncommand = false\noptional = yes\n',
+                     'services/t.cfg')
+        s = config.load_service(path, cluster)
+        assert [(r.rid, r.kind, r.every, r.optional) for r in s.resources] \
+            == [('testkind#one', 'testkind', 5.0, False),
+                ('testkind#two', 'testkind', 60.0, True)]
+        bad = write(tmp_path, '[testkind#x]\nevery = 5s\n', 'services/u.cfg')
+        assert '[testkind#x] command: required key is missing' in \
+            error_of(bad, lambda p: config.load_service(p, cluster))
+    finally:
+        config._RESOURCE_KINDS.pop('testkind')
+
+
+def run(cmd, *args, env=None):
+    return subprocess.run(list(cmd) + list(args), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True,
+                          env=env, timeout=60)
+
+
+def test_cli_help_lists_commands(slaposha_cmd):
+    p = run(slaposha_cmd, '--help')
+    assert p.returncode == 0
+    for word in ('config', 'version', '--cluster'):
+        assert word in p.stdout
+    p = run(slaposha_cmd, 'config', '--help')
+    assert 'check' in p.stdout and 'keys' in p.stdout
+    p = run(slaposha_cmd, 'config', 'keys')
+    assert 'renew_interval (duration, default 1.0)' in p.stdout
+
+
+def test_cli_config_check(tmp_path, slaposha_cmd):
+    p = run(slaposha_cmd, '--cluster', os.path.join(EXAMPLES, 'cluster.cfg'),
+            'config', 'check')
+    assert p.returncode == 0, p.stderr
+    assert 'cluster lab, hosts hA hB, witnesses hW' in p.stdout
+    assert '1 service(s): slapos-node' in p.stdout
+
+
+@pytest.mark.parametrize('text, expected', [
+    (GOOD + '[lease]\nttl = 3\nttll = 4\n', '[lease] ttll: unknown key'),
+    (GOOD + '[lease]\nrenew_interval = 2\n',
+     '[lease] renew_interval: too close to ttl'),
+    (None, 'cannot read: No such file or directory'),
+])
+def test_cli_bad_config_is_one_line(tmp_path, slaposha_cmd, text, expected):
+    path = write(tmp_path, text) if text else str(tmp_path / 'missing.cfg')
+    p = run(slaposha_cmd, '-c', path, 'config', 'check')
+    assert p.returncode == 2
+    assert p.stdout == ''
+    assert p.stderr.count('\n') == 1, p.stderr
+    assert p.stderr.startswith('slaposha: %s: ' % path)
+    assert expected in p.stderr
+    assert 'Traceback' not in p.stderr
+
+
+def test_cli_config_from_environment(tmp_path, slaposha_cmd):
+    path = write(tmp_path, GOOD.replace('name = c1', 'name = fromenv'))
+    env = dict(os.environ, SLAPOSHA_CONFIG=path)
+    p = run(slaposha_cmd, 'config', 'check', env=env)
+    assert p.returncode == 0 and 'cluster fromenv' in p.stdout
+
+
+def test_cli_unknown_command_fails(slaposha_cmd):
+    p = run(slaposha_cmd, 'frobnicate')
+    assert p.returncode == 2
+    assert 'invalid choice' in p.stderr and 'Traceback' not in p.stderr

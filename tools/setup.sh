@@ -1,0 +1,39 @@
+#!/bin/sh
+# Set-up shared by tools/demo.sh and tools/test.sh, for a Debian 12 machine
+# as root: the Debian packages the lab and the agent use, then a
+# project-local virtualenv (.venv) with slaposha and its test tools.
+# Idempotent and quick when nothing changed.
+set -eu
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+    echo "$0: run as root: the lab creates network namespaces, bridges and loop devices" >&2
+    exit 1
+fi
+
+# command:package pairs; a package is installed only when its command is missing.
+missing=""
+for pair in ip:iproute2 ping:iputils-ping nsenter:util-linux losetup:mount \
+            etcd:etcd-server etcdctl:etcd-client mkfs.btrfs:btrfs-progs \
+            rsync:rsync supervisord:supervisor; do
+    cmd=${pair%%:*}
+    pkg=${pair#*:}
+    PATH="$PATH:/usr/sbin:/sbin" command -v "$cmd" >/dev/null 2>&1 || missing="$missing $pkg"
+done
+python3 -c 'import venv, ensurepip' 2>/dev/null || missing="$missing python3-venv"
+if [ -n "$missing" ]; then
+    echo "setup: installing Debian packages:$missing"
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing
+fi
+
+# The virtualenv is rebuilt only when setup.py changed.
+stamp=.venv/.slaposha-setup
+want=$(cat setup.py tools/setup.sh | sha256sum | cut -c1-16)
+if [ ! -x .venv/bin/python ] || [ "$(cat $stamp 2>/dev/null)" != "$want" ]; then
+    echo "setup: creating .venv with slaposha and its test tools"
+    python3 -m venv .venv
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -e '.[test]'
+    echo "$want" > $stamp
+fi
