@@ -297,6 +297,19 @@ CLUSTER_SCHEMA = OrderedDict([
             ' this long before its lease can expire in etcd: covers killing'
             ' the processes and clock-rate drift', minimum=0.1),
     )),
+    ('agent', _keys(
+        Key('loop_interval', 'duration', 0.1, 'how often the agent reads the'
+            ' cluster from etcd and decides what to start or stop',
+            minimum=0.01, maximum=5.0),
+        Key('monitor_interval', 'duration', 2.0, 'how often an owner checks'
+            ' the status of its services\' resources', minimum=0.1),
+        Key('startup_grace', 'duration', 5.0, 'after its agent starts, a'
+            ' host leaves a free service this long to a more preferred host'
+            ' that has not joined yet, so that a cluster starting up puts'
+            ' each service on its preferred host', minimum=0.0),
+        Key('failed_hold', 'duration', 60.0, 'how long a host that failed to'
+            ' run a service leaves it to the other hosts', minimum=0.0),
+    )),
     ('api', _keys(
         Key('port', 'integer', 1215, 'HTTPS port of the agent API',
             minimum=1, maximum=65535),
@@ -572,6 +585,8 @@ def load_service(path, cluster=None):
     except ValueError as e:
         raise ConfigError(path, message='service name from the file name: %s'
                           % e)
+    from slaposha import resources  # its drivers declare their keys
+    resources.load_drivers()
     parser = _parse_ini(path)
     service = None
     resources = []

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from slaposha.cgroup import cgroup2_mount
 from slaposha.lab import RUN_ROOT, Lab, LabError, SLAPOS_PATHS, wait_for
 
 from conftest import TOP
@@ -39,6 +40,9 @@ def leftovers(lab_id):
     found['files'] = [p for p in ('%s/%s' % (RUN_ROOT, lab_id),
                                   '/var/tmp/slaposha-lab/%s' % lab_id)
                       if os.path.exists(p)]
+    mount = cgroup2_mount()
+    if mount and os.path.exists('%s/slaposha-lab/%s' % (mount, lab_id)):
+        found['cgroups'] = ['%s/slaposha-lab/%s' % (mount, lab_id)]
     return {k: v for k, v in found.items() if v}
 
 

@@ -57,6 +57,67 @@ def config_keys(args):
     return 0
 
 
+def _setup_logging(host):
+    import logging
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr,
+        format='%(asctime)s ' + host + ' %(name)s: %(message)s')
+    logging.getLogger('urllib3').setLevel(logging.WARNING)
+
+
+def _local_host(args, cluster, allowed, what):
+    from slaposha.agent import default_host
+    host = args.host or default_host()
+    if host not in allowed:
+        raise UserError('%s: this host is %r (--host, or the hostname), which'
+                        ' is not one of the %s of [cluster] (%s)' % (
+                            cluster.path, host, what, ' '.join(allowed)))
+    return host
+
+
+_HOST_ARG = (('--host',), dict(help='name of this host in the cluster file'
+                                    ' (default: the short hostname)'))
+
+
+@command('agent', 'run the agent of this host in the foreground', [_HOST_ARG])
+def agent(args):
+    from slaposha.agent import Agent, install_stop_signals
+    from slaposha.cgroup import CgroupError
+    from slaposha.cluster.member import MemberError
+    cluster = _cluster(args)
+    host = _local_host(args, cluster, cluster.cluster.hosts, 'hosts')
+    _setup_logging(host)
+    try:
+        daemon = Agent(cluster, host)
+        install_stop_signals(daemon.stop)
+        daemon.run()
+    except (CgroupError, MemberError) as e:
+        raise UserError(str(e))
+    return 0
+
+
+@command('witness', 'run only an etcd member, as a witness host',
+         [_HOST_ARG])
+def witness(args):
+    import threading
+    from slaposha.agent import install_stop_signals, run_witness
+    from slaposha.cluster.member import MemberError
+    cluster = _cluster(args)
+    if cluster.etcd.mode != 'embedded':
+        raise UserError('%s: [etcd] mode = external: a witness runs an'
+                        ' embedded member, it has nothing to do'
+                        % cluster.path)
+    host = _local_host(args, cluster, cluster.members, 'hosts or witnesses')
+    _setup_logging(host)
+    stop = threading.Event()
+    install_stop_signals(stop.set)
+    try:
+        run_witness(cluster, host, stop)
+    except MemberError as e:
+        raise UserError(str(e))
+    return 0
+
+
 @command('version', 'print the version of slaposha')
 def version(args):
     print('slaposha %s' % __version__)

@@ -5,7 +5,8 @@ Used by the tests, the demo and the benchmarks. Each host is:
 - a network namespace with one interface, ``lab0``, on a private bridge that
   has no address and no route out: traffic stays inside the lab;
 - a mount namespace where /srv/slapgrid, /opt/slapgrid and /etc/opt/slapos
-  are that host's own folders at those same paths, as on real peers;
+  (and the agent's /var/lib/slaposha and /run/slaposha) are that host's own
+  folders at those same paths, as on real peers;
 - a UTS namespace whose hostname is the host's name.
 
 Faults: :meth:`Lab.crash` (link down, SIGKILL of every process of the host),
@@ -31,10 +32,15 @@ import subprocess
 import threading
 import time
 
-__all__ = ['Lab', 'Host', 'LabError', 'cleanup_stale', 'SLAPOS_PATHS']
+from slaposha.cgroup import Cgroup, cgroup2_mount
 
-# Paths that are each host's own, as on separate machines.
+__all__ = ['Lab', 'Host', 'LabError', 'cleanup_stale', 'SLAPOS_PATHS',
+           'HOST_PATHS', 'wait_for']
+
+# Paths that are each host's own, as on separate machines: SlapOS's, and
+# the agent's state and run folders.
 SLAPOS_PATHS = ('/srv/slapgrid', '/opt/slapgrid', '/etc/opt/slapos')
+HOST_PATHS = SLAPOS_PATHS + ('/var/lib/slaposha', '/run/slaposha')
 
 RUN_ROOT = '/run/slaposha-lab'
 WORK_ROOT = '/var/tmp/slaposha-lab'
@@ -145,6 +151,9 @@ class Host(object):
         self.netns = 'sha-%s-%s' % (lab.id, name)
         self.veth = 'sha%sh%d' % (lab.id, index)
         self.root = os.path.join(lab.workdir, name)
+        # Every process started in the host goes into its cgroup: the agent
+        # makes its services' groups below it, and a crash kills it whole.
+        self.cgroup = lab.cgroup.child(name) if lab.cgroup else None
         self._procs = []
 
     def __repr__(self):
@@ -177,9 +186,10 @@ class Host(object):
     def _enter(self, args):
         if isinstance(args, str):
             args = ['sh', '-c', args]
-        return ['nsenter', '--net=%s' % self.net_path,
-                '--mount=%s' % self.mnt_path, '--uts=%s' % self.uts_path,
-                '--'] + list(args)
+        enter = ['nsenter', '--net=%s' % self.net_path,
+                 '--mount=%s' % self.mnt_path, '--uts=%s' % self.uts_path,
+                 '--'] + list(args)
+        return enter if self.cgroup is None else self.cgroup.wrap(enter)
 
     def _mount_namespace(self):
         """(Re)create the host's mount and UTS namespaces: its own folders at
@@ -240,8 +250,12 @@ class Host(object):
         return proc
 
     def pids(self):
-        """Every process of the host (in its network or mount namespace)."""
-        return _pids_in(self.net_path, self.mnt_path)
+        """Every process of the host (in its network or mount namespace,
+        or in its cgroup)."""
+        pids = set(_pids_in(self.net_path, self.mnt_path))
+        if self.cgroup is not None:
+            pids.update(self.cgroup.pids())
+        return sorted(pids)
 
     def ping(self, other, timeout=1.5):
         """True when ``other`` (a Host or an address) answers a ping within
@@ -273,7 +287,7 @@ class Lab(object):
     """N hosts on a private bridge. Use as a context manager, or call
     :meth:`start` and :meth:`teardown` (also on failure)."""
 
-    def __init__(self, hosts=('hA', 'hB'), paths=SLAPOS_PATHS,
+    def __init__(self, hosts=('hA', 'hB'), paths=HOST_PATHS,
                  run_root=RUN_ROOT, work_root=WORK_ROOT):
         if len(set(hosts)) != len(hosts) or not hosts:
             raise LabError('host names must be given and distinct: %r'
@@ -284,6 +298,7 @@ class Lab(object):
         self.run_root = run_root
         self.work_root = work_root
         self.id = None
+        self.cgroup = None
         self.hosts = {}
         self._names = list(hosts)
         self._state = None
@@ -351,6 +366,7 @@ class Lab(object):
             'workdir': self.workdir, 'rundir': self.rundir,
             'bridges': [], 'netns': [], 'ns_files': [], 'loops': [],
             'pids': [], 'mountpoints': [], 'rundir_mounted': False,
+            'cgroup': None,
         }
         self._save()
         self._install_sigterm()
@@ -382,6 +398,12 @@ class Lab(object):
             if not os.path.isdir(own):
                 self._record('mountpoints', own)
                 os.makedirs(own)
+        mount = cgroup2_mount()
+        if mount is not None:
+            self.cgroup = Cgroup(os.path.join(mount, 'slaposha-lab', self.id))
+            self._state['cgroup'] = self.cgroup.path
+            self._save()
+            self.cgroup.create()
         self._record('bridges', self.bridge)
         _sh(['ip', 'link', 'add', self.bridge, 'type', 'bridge'])
         _quiet_ipv6(self.bridge)
@@ -390,6 +412,8 @@ class Lab(object):
             host = Host(self, name, index)
             self.hosts[name] = host
             os.makedirs(host.root, exist_ok=True)
+            if host.cgroup is not None:
+                host.cgroup.create()
             self._record('netns', host.netns)
             self._record('ns_files', host.mnt_path)
             self._record('ns_files', host.uts_path)
@@ -440,6 +464,8 @@ class Lab(object):
         then SIGKILL of every process of the host."""
         host = self.hosts[name]
         host.link(False)
+        if host.cgroup is not None:
+            host.cgroup.kill()
         _kill_all(host.pids)
 
     def restart(self, name):
@@ -549,6 +575,8 @@ def _teardown(state):
     for pid, start in state.get('pids', []):
         if _alive(pid, start):
             step(os.kill, pid, signal.SIGKILL)
+    if state.get('cgroup'):
+        step(Cgroup(state['cgroup']).kill)
     for netns, mnt in _host_ns(state):
         step(_kill_all, lambda n=netns, m=mnt: _pids_in(n, m))
     # Mounts made in the root namespace on a lab disk (a test's own).
@@ -568,6 +596,8 @@ def _teardown(state):
         step(_detach_loop, device, image)
     if state.get('rundir_mounted'):
         step(_sh, ['umount', '--lazy', state['rundir']], False)
+    if state.get('cgroup'):
+        step(Cgroup(state['cgroup']).remove)
     step(shutil.rmtree, state['workdir'], True)
     step(shutil.rmtree, state['rundir'], True)
     others = [d for d in _list_dir(os.path.dirname(state['rundir']))

@@ -1,0 +1,1 @@
+"""Cluster coordination: etcd client, members, leases, membership."""

@@ -1,0 +1,268 @@
+"""The host lease, ownership of services and membership (DESIGN.md 2).
+
+Each agent holds one etcd lease. Its membership key and the owner keys of
+the services it runs are attached to it, so that when the host is lost they
+all vanish together, TTL seconds after its last renewal.
+
+- :class:`HostLease` grants the lease and renews it in a thread of its own
+  (a slow service start never delays a renewal). Its *deadline* is the send
+  time of the last good renewal + TTL - fence_margin: etcd cannot expire the
+  lease before it, so services stopped by then are never running when a
+  peer starts them.
+- :class:`Ownership` takes a service's owner key with a transaction that
+  succeeds only if the key does not exist. The key's create revision is the
+  owner's *fencing token*; every write the owner makes about the service is
+  a transaction conditional on it, so a deposed owner cannot write.
+- :class:`Membership` publishes this host's health under the lease and
+  reads the others'.
+
+Keys, under ``<etcd prefix>/<cluster name>``::
+
+    hosts/<host>               membership, JSON, on the host's lease
+    services/<name>/owner      the owner host; create revision = token
+    services/<name>/<key>      what the owner writes, guarded by the token
+"""
+
+import json
+import logging
+import threading
+import time
+
+from slaposha.cluster.etcd import (
+    Compare, EtcdError, LeaseNotFound, Op)
+
+__all__ = ['HostLease', 'Ownership', 'Membership', 'keys']
+
+logger = logging.getLogger(__name__)
+
+
+class keys(object):
+    """Where things live in etcd, in one place."""
+
+    def __init__(self, prefix, cluster):
+        self.root = '%s/%s/' % (prefix.rstrip('/'), cluster)
+
+    def host(self, name):
+        return self.root + 'hosts/' + name
+
+    @property
+    def hosts(self):
+        return self.root + 'hosts/'
+
+    def service(self, name, key=''):
+        return self.root + 'services/%s/%s' % (name, key)
+
+    def owner(self, name):
+        return self.service(name, 'owner')
+
+    @property
+    def services(self):
+        return self.root + 'services/'
+
+
+class HostLease(object):
+    """This host's lease, renewed in a thread, with its self-fence deadline.
+
+    ``on_renewed(deadline)`` is called after each good renewal (the agent
+    pets its watchdog there); ``on_lost(reason)`` once when the lease is
+    lost: etcd says it is gone, or the deadline passed without a renewal.
+    Both run in the renewal thread and must be quick.
+    """
+
+    def __init__(self, client, ttl, renew_interval, retry_interval,
+                 request_timeout, fence_margin, on_renewed=None,
+                 on_lost=None):
+        self.client = client
+        self.ttl = ttl
+        self.renew_interval = renew_interval
+        self.retry_interval = retry_interval
+        self.request_timeout = request_timeout
+        self.fence_margin = fence_margin
+        self.on_renewed = on_renewed
+        self.on_lost = on_lost
+        self.id = None
+        self.deadline = None
+        self.lost_reason = None
+        self.renewals = 0
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread = None
+
+    def grant(self, timeout=None):
+        """Grant a new lease and start renewing it; returns its id.
+        Raises EtcdError when etcd cannot grant one (no quorum)."""
+        sent = time.monotonic()
+        lease = self.client.grant(self.ttl, timeout=timeout or
+                                  self.request_timeout * 2)
+        self.id = lease.id
+        self.deadline = sent + lease.ttl - self.fence_margin
+        self.lost_reason = None
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._renew_loop,
+                                        name='lease-%x' % lease.id,
+                                        daemon=True)
+        self._thread.start()
+        if self.on_renewed:
+            self.on_renewed(self.deadline)
+        return lease.id
+
+    @property
+    def valid(self):
+        """True while the lease surely exists in etcd."""
+        return (self.id is not None and self.lost_reason is None
+                and time.monotonic() < self.deadline)
+
+    def time_left(self):
+        if not self.valid:
+            return 0.0
+        return self.deadline - time.monotonic()
+
+    def _lose(self, reason):
+        if self.lost_reason is not None:
+            return
+        self.lost_reason = reason
+        logger.warning('lease %x lost: %s', self.id or 0, reason)
+        if self.on_lost:
+            self.on_lost(reason)
+
+    def _renew_loop(self):
+        lease_id = self.id
+        next_send = time.monotonic() + self.renew_interval
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= self.deadline:
+                self._lose('no renewal answered for %.1f s (self-fence'
+                           ' deadline passed)' % (self.ttl - self.fence_margin))
+                return
+            wait = min(next_send, self.deadline) - now
+            if wait > 0 and self._stop.wait(wait):
+                return
+            if time.monotonic() >= self.deadline:
+                continue
+            sent = time.monotonic()
+            try:
+                ttl = self.client.keepalive(
+                    lease_id, timeout=max(0.01, min(
+                        self.request_timeout, self.deadline - sent)))
+            except LeaseNotFound:
+                self._lose('etcd says the lease is gone (it expired or was'
+                           ' revoked)')
+                return
+            except EtcdError as e:
+                self.failures += 1
+                logger.info('lease %x renewal failed (%s); retrying in'
+                            ' %.1f s', lease_id, e, self.retry_interval)
+                next_send = time.monotonic() + self.retry_interval
+                continue
+            if self._stop.is_set():
+                return
+            self.renewals += 1
+            self.deadline = max(self.deadline, sent + min(ttl, self.ttl)
+                                - self.fence_margin)
+            next_send = sent + self.renew_interval
+            if self.on_renewed:
+                self.on_renewed(self.deadline)
+
+    def stop(self):
+        self._stop.set()
+        if self._thread is not None and \
+                self._thread is not threading.current_thread():
+            self._thread.join(2)
+
+    def revoke(self):
+        """Give the lease back (clean shutdown): every key on it goes at
+        once, so peers take over in one round trip instead of a TTL."""
+        self.stop()
+        if self.id is not None and self.lost_reason is None:
+            try:
+                self.client.revoke(self.id, timeout=self.request_timeout * 2)
+            except EtcdError as e:
+                logger.warning('could not revoke lease %x: %s', self.id, e)
+        self.lost_reason = self.lost_reason or 'revoked'
+
+
+class Ownership(object):
+    """The owner key of one service, and the writes its owner makes."""
+
+    def __init__(self, client, keys, service, host):
+        self.client = client
+        self.keys = keys
+        self.service = service
+        self.host = host
+        self.key = keys.owner(service)
+        self.token = None
+
+    def acquire(self, lease_id, timeout=None):
+        """Take the owner key if it is free. Returns the fencing token, or
+        None with the current owner's KeyValue in ``self.holder``."""
+        result = self.client.txn(
+            compare=[Compare.create_revision(self.key, '==', 0)],
+            success=[Op.put(self.key, self.host, lease=lease_id)],
+            failure=[Op.range(self.key)], timeout=timeout)
+        if result.succeeded:
+            self.token = result.revision
+            self.holder = None
+            return self.token
+        holders = result.responses[0] if result.responses else []
+        self.holder = holders[0] if holders else None
+        # A replayed txn (its first answer lost) fails on our own key.
+        if self.holder is not None and self.holder.lease == lease_id and \
+                self.holder.value == self.host:
+            self.token = self.holder.create_revision
+            return self.token
+        self.token = None
+        return None
+
+    def guard(self, token=None):
+        return [Compare.create_revision(self.key, '==', token or self.token)]
+
+    def write(self, key, value, token=None, timeout=None):
+        """Put ``services/<name>/<key>`` only while ``token`` (default: ours)
+        is the owner's. Returns False when refused: we are not the owner."""
+        token = token or self.token
+        if not token:
+            return False
+        result = self.client.txn(
+            compare=self.guard(token),
+            success=[Op.put(self.keys.service(self.service, key), value)],
+            timeout=timeout)
+        return result.succeeded
+
+    def release(self, timeout=None):
+        """Delete the owner key if it is still ours (planned stop or switch).
+        Returns True when it was ours."""
+        if not self.token:
+            return False
+        result = self.client.txn(compare=self.guard(),
+                                 success=[Op.delete(self.key)],
+                                 timeout=timeout)
+        self.token = None
+        return result.succeeded
+
+    def forget(self):
+        """The lease was lost: whatever the key says, it is not ours."""
+        self.token = None
+
+
+class Membership(object):
+    """This host's membership key, and the view of every host's."""
+
+    def __init__(self, client, keys, host):
+        self.client = client
+        self.keys = keys
+        self.host = host
+
+    def announce(self, lease_id, health, timeout=None):
+        self.client.put(self.keys.host(self.host), json.dumps(
+            health, sort_keys=True), lease=lease_id, timeout=timeout)
+
+    def alive(self, timeout=None):
+        """{host: health} of every host whose lease holds."""
+        hosts = {}
+        for kv in self.client.get_prefix(self.keys.hosts, timeout=timeout):
+            name = kv.key[len(self.keys.hosts):]
+            try:
+                hosts[name] = json.loads(kv.value)
+            except ValueError:
+                hosts[name] = {'error': 'unreadable membership value'}
+        return hosts

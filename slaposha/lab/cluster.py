@@ -1,0 +1,243 @@
+"""A slaposha cluster in the lab: config files, agents, and an observer.
+
+Used by the coordination tests, the demo and the benchmarks::
+
+    with Lab(['hA', 'hB', 'hW']) as lab:
+        lc = LabCluster(lab, hosts=['hA', 'hB'], witnesses=['hW'],
+                        services={'web': '[app#main]\\ncommand = sleep 1d\\n'})
+        lc.start()
+        owner = lc.wait_owner('web')
+
+The agents run as real processes in their hosts (``slaposha agent``), each
+with its embedded etcd member. The root namespace has no address in the
+lab, so what the tests read from etcd they read from inside a host.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+from slaposha.lab import LabError, wait_for
+
+__all__ = ['LabCluster', 'Observer']
+
+TOP = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
+
+
+class LabCluster(object):
+
+    def __init__(self, lab, hosts, witnesses=(), services=None, name=None,
+                 settings=''):
+        self.lab = lab
+        self.hosts = list(hosts)
+        self.witnesses = list(witnesses)
+        self.services = services or {}
+        self.name = name or 'lab%s' % lab.id
+        self.settings = settings
+        self.config_dir = os.path.join(lab.workdir, 'config')
+        self.cluster_file = os.path.join(self.config_dir, 'cluster.cfg')
+        self.agents = {}
+        self.write_config()
+
+    # -- configuration ---------------------------------------------------------
+
+    def write_config(self):
+        os.makedirs(os.path.join(self.config_dir, 'services'), exist_ok=True)
+        lines = ['[cluster]', 'name = %s' % self.name,
+                 'hosts = %s' % ' '.join(self.hosts)]
+        if self.witnesses:
+            lines.append('witnesses = %s' % ' '.join(self.witnesses))
+        for name in self.hosts + self.witnesses:
+            lines += ['[host %s]' % name,
+                      'address = %s' % self.lab[name].address]
+        lines += ['[etcd]', 'heartbeat_interval = 50ms',
+                  'election_timeout = 500ms']
+        text = '\n'.join(lines) + '\n' + textwrap.dedent(self.settings)
+        with open(self.cluster_file, 'w') as f:
+            f.write(text)
+        for name, body in self.services.items():
+            with open(os.path.join(self.config_dir, 'services',
+                                   name + '.cfg'), 'w') as f:
+                f.write(textwrap.dedent(body))
+
+    # -- agents -----------------------------------------------------------------
+
+    def command(self, *args):
+        return [sys.executable, '-m', 'slaposha.cli.main', '-c',
+                self.cluster_file] + list(args)
+
+    def env(self):
+        env = dict(os.environ)
+        env['PYTHONPATH'] = TOP + os.pathsep + env.get('PYTHONPATH', '')
+        env['PYTHONUNBUFFERED'] = '1'
+        return env
+
+    def start_agent(self, host):
+        proc = self.lab[host].spawn(self.command('agent', '--host', host),
+                                    name='agent', env=self.env())
+        self.agents[host] = proc
+        return proc
+
+    def start_witness(self, host):
+        proc = self.lab[host].spawn(self.command('witness', '--host', host),
+                                    name='witness', env=self.env())
+        self.agents[host] = proc
+        return proc
+
+    def start(self):
+        for host in self.witnesses:
+            self.start_witness(host)
+        for host in self.hosts:
+            self.start_agent(host)
+        return self
+
+    def agent_pid(self, host):
+        return self.agents[host].pid
+
+    def stop_agent(self, host, timeout=20):
+        proc = self.agents.get(host)
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def log(self, host, name='agent'):
+        path = os.path.join(self.lab[host].root, 'log', name + '.log')
+        try:
+            with open(path, errors='replace') as f:
+                return f.read()
+        except OSError:
+            return ''
+
+    def etcd_pid(self, host):
+        try:
+            with open(self.lab[host].path('/run/slaposha/etcd.pid')) as f:
+                return int(f.read())
+        except (OSError, ValueError):
+            return None
+
+    # -- reading etcd from inside a host -------------------------------------
+
+    def query(self, host, code, timeout=20):
+        """Run Python ``code`` in ``host`` with ``client`` (an etcd Client on
+        every member) and ``keys`` bound; it sets ``result``, which comes
+        back decoded from JSON."""
+        script = textwrap.dedent('''
+            import json, sys
+            from slaposha.config import load_cluster
+            from slaposha.cluster.etcd import Client
+            from slaposha.cluster.lease import keys as Keys
+            cluster = load_cluster(%r)
+            client = Client(cluster.etcd_endpoints(), timeout=5)
+            keys = Keys(cluster.etcd.prefix, cluster.name)
+            result = None
+        ''' % self.cluster_file) + textwrap.dedent(code) + \
+            '\nprint(json.dumps(result))\n'
+        p = self.lab[host].run([sys.executable, '-c', script],
+                               env=self.env(), timeout=timeout)
+        return json.loads(p.stdout.strip().splitlines()[-1])
+
+    def owner(self, service, via):
+        """(host, token) of the service's owner key, or (None, None)."""
+        return tuple(self.query(via, '''
+            kv = client.get(keys.owner(%r))
+            result = [kv.value, kv.create_revision] if kv else [None, None]
+        ''' % service))
+
+    def wait_owner(self, service, via, timeout=30, not_host=None):
+        def check():
+            host, token = self.owner(service, via)
+            if host is not None and host != not_host:
+                return host, token
+            return None
+        return wait_for(check, timeout, interval=0.2,
+                        what='an owner of %s' % service)
+
+    def etcd_leader(self, via):
+        """The name of the host whose member leads etcd."""
+        return self.query(via, '''
+            statuses = {}
+            for url in client.endpoints:
+                try:
+                    statuses[url] = client.status(url)
+                except Exception:
+                    pass
+            members = {m.id: m.name for m in client.members()}
+            leader = [s.leader for s in statuses.values()][0]
+            result = members.get(leader)
+        ''')
+
+
+class Observer(object):
+    """Watches, from outside every host, where a service's process runs.
+
+    Polls each host every ``interval`` seconds for a process whose command
+    line contains ``marker``, and keeps the moments each host was first and
+    last seen running it, and whether two hosts ever ran it at once.
+    """
+
+    def __init__(self, lab, marker, interval=0.02):
+        self.lab = lab
+        self.marker = marker.encode()
+        self.interval = interval
+        self.first = {}
+        self.last = {}
+        self.overlaps = []
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def running_on(self, host):
+        for pid in host.pids():
+            try:
+                with open('/proc/%d/cmdline' % pid, 'rb') as f:
+                    if self.marker in f.read():
+                        return True
+            except OSError:
+                continue
+        return False
+
+    def _run(self):
+        while not self._stop.is_set():
+            now = time.monotonic()
+            where = [h.name for h in self.lab if self.running_on(h)]
+            for name in where:
+                self.first.setdefault(name, now)
+                self.last[name] = now
+            if len(where) > 1:
+                self.overlaps.append((now, where))
+            self.samples += 1
+            self._stop.wait(self.interval)
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(5)
+
+    def where(self):
+        return [h.name for h in self.lab if self.running_on(h)]
+
+    def wait_running(self, host, timeout):
+        """Wait until the observer has seen the service on ``host``."""
+        return wait_for(lambda: host in self.first, timeout, interval=0.02,
+                        what='service running on %s' % host)
+
+
+def check_no_overlap(observer):
+    if observer.overlaps:
+        t, where = observer.overlaps[0]
+        raise LabError('service ran on %s at once (%d samples)'
+                       % (' and '.join(where), len(observer.overlaps)))

@@ -1,0 +1,100 @@
+"""Resources: the parts of a service, one driver module per kind.
+
+Every driver has the same verbs (OpenSVC's taxonomy): ``start``, ``stop``,
+``status`` and optionally ``provision``, plus ``fence``: the fast, blocking-
+free kill that self-fencing uses at the lease deadline. A driver declares its
+configuration keys with :func:`slaposha.config.register_resource_kind`, so
+that service files are validated in one place.
+"""
+
+import importlib
+from collections import namedtuple
+
+from slaposha import config
+
+__all__ = ['Resource', 'ResourceError', 'Status', 'UP', 'DOWN', 'WARN', 'NA',
+           'driver', 'DRIVERS']
+
+UP, DOWN, WARN, NA = 'up', 'down', 'warn', 'n/a'
+
+Status = namedtuple('Status', 'state message')
+
+
+class ResourceError(Exception):
+    """A resource failed to start or stop, as one line saying why."""
+
+
+# kind -> module; a kind's module registers its keys when imported.
+DRIVERS = {
+    'app': 'slaposha.resources.app',
+}
+
+_CLASSES = {}
+
+
+def register(cls):
+    """Class decorator of a driver: declares its kind and its keys."""
+    config.register_resource_kind(cls.kind, cls.keys, cls.__doc__.split(
+        '\n')[0] if cls.__doc__ else '')
+    _CLASSES[cls.kind] = cls
+    return cls
+
+
+def load_drivers():
+    """Import every driver, so that service files can name their kinds."""
+    for module in DRIVERS.values():
+        importlib.import_module(module)
+
+
+def driver(kind):
+    load_drivers()
+    return _CLASSES[kind]
+
+
+class Resource(object):
+    """Base of the drivers. ``section`` is the validated config section
+    (``rid``, ``kind`` and the driver's keys); ``context`` gives what the
+    service provides: its name, its cgroup, where logs go."""
+
+    kind = None
+    keys = ()
+
+    def __init__(self, section, context):
+        self.conf = section
+        self.rid = section.rid
+        self.context = context
+
+    def __repr__(self):
+        return '<%s %s>' % (type(self).__name__, self.rid)
+
+    @property
+    def cgroup(self):
+        """A cgroup of this resource's own, below the service's."""
+        return self.context.cgroup.child(self.rid.replace('#', '.'))
+
+    @classmethod
+    def validate(cls, section):
+        """What is wrong with a section beyond each key's own check, as one
+        line; None when it is right."""
+        return None
+
+    def start(self):
+        raise NotImplementedError
+
+    def stop(self):
+        raise NotImplementedError
+
+    def status(self):
+        raise NotImplementedError
+
+    def provision(self):
+        """Prepare what start needs (optional)."""
+
+    def fence(self):
+        """Stop at once, without waiting for anything: the lease is gone."""
+        self.cgroup.kill()
+
+    def fence_targets(self):
+        """(cgroups, addresses) that the watchdog kills and drops for this
+        resource if the agent cannot."""
+        return [self.cgroup.path], []

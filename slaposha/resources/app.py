@@ -1,0 +1,132 @@
+"""``app``: a program, or a start/stop/check set of commands.
+
+Either ``command``: a program that runs in the foreground, started and
+watched by the agent (as a supervisord program is); or ``start`` (a command
+that may leave daemons behind), with ``check`` (exit 0 = up) and ``stop``.
+Whatever they start lives in the resource's cgroup, so that stop and fence
+find every process, daemons included.
+"""
+
+import os
+import signal
+import subprocess
+import time
+
+from slaposha.config import Key
+from slaposha.resources import (
+    DOWN, UP, Resource, ResourceError, Status, register)
+
+
+@register
+class App(Resource):
+    """a program (command) or start/stop/check commands"""
+
+    kind = 'app'
+    keys = (
+        Key('command', 'string', None, 'program run in the foreground and'
+            ' watched by the agent; up while it runs'),
+        Key('start', 'string', None, 'command that starts the application'
+            ' (it may daemonize); instead of command'),
+        Key('stop', 'string', None, 'command that stops it; afterwards'
+            ' whatever is left in its cgroup is killed'),
+        Key('check', 'string', None, 'command whose exit code 0 means up'
+            ' (default: a process of the resource is alive)'),
+        Key('timeout', 'duration', 30.0, 'time allowed to start, stop or'
+            ' check', minimum=0.1),
+        Key('cwd', 'path', None, 'working folder of the commands'),
+    )
+
+    @classmethod
+    def validate(cls, section):
+        if bool(section.command) == bool(section.start):
+            return 'needs exactly one of command or start'
+        return None
+
+    def __init__(self, section, context):
+        super().__init__(section, context)
+        self.proc = None
+
+    @staticmethod
+    def _argv(text):
+        return ['sh', '-c', text]
+
+    def _log(self):
+        path = os.path.join(self.context.log_dir, '%s.%s.log' % (
+            self.context.name, self.rid.replace('#', '.')))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return open(path, 'ab')
+
+    def _run(self, text, what):
+        log = self._log()
+        try:
+            p = subprocess.run(self.cgroup.wrap(self._argv(text)),
+                               stdout=log, stderr=subprocess.STDOUT,
+                               stdin=subprocess.DEVNULL, cwd=self.conf.cwd,
+                               timeout=self.conf.timeout)
+        except subprocess.TimeoutExpired:
+            raise ResourceError('%s: %s did not finish within %gs' % (
+                self.rid, what, self.conf.timeout))
+        finally:
+            log.close()
+        return p.returncode
+
+    def start(self):
+        self.cgroup.create()
+        if self.conf.command:
+            if self.proc is not None and self.proc.poll() is None:
+                return
+            log = self._log()
+            try:
+                self.proc = subprocess.Popen(
+                    self.cgroup.wrap(self._argv(self.conf.command)),
+                    stdout=log, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, cwd=self.conf.cwd,
+                    start_new_session=True)
+            except OSError as e:
+                raise ResourceError('%s: cannot run %s: %s' % (
+                    self.rid, self.conf.command, e))
+            finally:
+                log.close()
+            # A program that dies at once is a failed start, not a start.
+            time.sleep(0.05)
+            if self.proc.poll() is not None:
+                raise ResourceError('%s: command exited at once with code %s'
+                                    % (self.rid, self.proc.returncode))
+            return
+        code = self._run(self.conf.start, 'start')
+        if code != 0:
+            raise ResourceError('%s: start exited with code %d'
+                                % (self.rid, code))
+
+    def stop(self):
+        if self.conf.stop:
+            code = self._run(self.conf.stop, 'stop')
+            if code != 0:
+                raise ResourceError('%s: stop exited with code %d'
+                                    % (self.rid, code))
+        elif self.cgroup.exists():
+            self.cgroup.signal(signal.SIGTERM)
+            deadline = time.monotonic() + self.conf.timeout
+            while self.cgroup.pids() and time.monotonic() < deadline:
+                self._reap()
+                time.sleep(0.02)
+        self.cgroup.kill()
+        self._reap()
+        self.cgroup.remove()
+
+    def _reap(self):
+        if self.proc is not None and self.proc.poll() is not None:
+            self.proc = None
+
+    def status(self):
+        if self.conf.check:
+            if not self.cgroup.exists() and self.conf.command:
+                return Status(DOWN, 'not started')
+            code = self._run(self.conf.check, 'check')
+            return Status(UP, 'check passed') if code == 0 else \
+                Status(DOWN, 'check exited with code %d' % code)
+        pids = self.cgroup.pids() if self.cgroup.exists() else []
+        self._reap()
+        if pids:
+            return Status(UP, '%d process(es)' % len(pids))
+        return Status(DOWN, 'no process')

@@ -1,0 +1,99 @@
+"""A service at run time: its resources, started in order, stopped in
+reverse, and fenced at once when the lease is lost."""
+
+import os
+from collections import namedtuple
+
+from slaposha.config import ConfigError
+from slaposha.resources import ResourceError, driver
+
+__all__ = ['Service', 'ServiceError', 'Context']
+
+Context = namedtuple('Context', 'name cgroup log_dir')
+
+
+class ServiceError(Exception):
+    """A start or stop that failed, naming the resource."""
+
+    def __init__(self, rid, message):
+        self.rid = rid
+        super().__init__(message)
+
+
+class Service(object):
+    """The resources of one service on this host."""
+
+    def __init__(self, conf, cgroup_root, log_dir):
+        self.conf = conf
+        self.name = conf.name
+        self.cgroup = cgroup_root.child(conf.name)
+        self.context = Context(conf.name, self.cgroup, log_dir)
+        self.resources = []
+        for section in conf.resources:
+            if section.disable:
+                continue
+            cls = driver(section.kind)
+            problem = cls.validate(section)
+            if problem:
+                raise ConfigError(conf.path, section.rid, message=problem)
+            self.resources.append(cls(section, self.context))
+
+    def start(self, may_go_on=None):
+        """Start every resource in order. ``may_go_on()`` is asked before
+        each one (the lease may be lost meanwhile). On a failure, what was
+        started is stopped again and ServiceError names the resource."""
+        self.cgroup.create()
+        started = []
+        for res in self.resources:
+            if may_go_on is not None and not may_go_on():
+                self._undo(started)
+                raise ServiceError(res.rid, 'start aborted before %s: the'
+                                   ' lease is no longer held' % res.rid)
+            try:
+                res.start()
+            except (ResourceError, OSError) as e:
+                if res.conf.optional:
+                    continue
+                self._undo(started + [res])
+                raise ServiceError(res.rid, str(e))
+            started.append(res)
+
+    def _undo(self, started):
+        for res in reversed(started):
+            try:
+                res.stop()
+            except (ResourceError, OSError):
+                res.fence()
+
+    def stop(self):
+        """Stop every resource in reverse order; ServiceError names the
+        first that failed (the others are still stopped)."""
+        failed = None
+        for res in reversed(self.resources):
+            try:
+                res.stop()
+            except (ResourceError, OSError) as e:
+                failed = failed or ServiceError(res.rid, str(e))
+        if failed:
+            raise failed
+        self.cgroup.remove()
+
+    def fence(self):
+        """Kill everything now: resources' own fence, then the cgroup."""
+        for res in reversed(self.resources):
+            try:
+                res.fence()
+            except Exception:  # the cgroup kill below still runs
+                pass
+        self.cgroup.kill()
+
+    def status(self):
+        """[(rid, Status)] of every resource."""
+        return [(res.rid, res.status()) for res in self.resources]
+
+    def fence_targets(self):
+        cgroups, addresses = [self.cgroup.path], []
+        for res in self.resources:
+            c, a = res.fence_targets()
+            addresses.extend(a)
+        return cgroups, addresses

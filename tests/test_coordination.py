@@ -1,0 +1,159 @@
+"""Coordination on real etcd members in the lab: the ownership protocol of
+DESIGN.md 2 under etcd leader loss, host crash, partition and a frozen
+agent. A service never runs on two hosts at once (an observer outside every
+host checks every 20 ms) and a deposed owner cannot write."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from slaposha.lab import wait_for
+from slaposha.lab.cluster import LabCluster, Observer, check_no_overlap
+
+pytestmark = pytest.mark.lab
+
+TTL = 3.0
+
+
+def service(marker):
+    return {'web': '''
+        [service]
+        hosts = hA hB
+        [app#main]
+        command = exec sleep %s
+    ''' % marker}
+
+
+@pytest.fixture
+def cluster(make_lab):
+    """Two hosts and a witness, agents started, web running on hA."""
+    lab = make_lab(['hA', 'hB', 'hW'])
+    marker = str(86400 + int(lab.id, 16))
+    lc = LabCluster(lab, ['hA', 'hB'], ['hW'], services=service(marker))
+    lc.marker = marker
+    lc.start()
+    observer = Observer(lab, marker).start()
+    lc.observer = observer
+    try:
+        assert lc.wait_owner('web', 'hW')[0] == 'hA'
+        observer.wait_running('hA', 20)
+        yield lc
+    finally:
+        observer.stop()
+        for host in ('hA', 'hB'):
+            lc.stop_agent(host)
+
+
+def service_pid(lc, host):
+    for pid in lc.lab[host].pids():
+        try:
+            with open('/proc/%d/cmdline' % pid, 'rb') as f:
+                if lc.marker.encode() in f.read():
+                    return pid
+        except OSError:
+            pass
+    return None
+
+
+def test_etcd_leader_loss_does_not_move_the_service(cluster):
+    lc = cluster
+    _, token = lc.owner('web', 'hW')
+    pid = service_pid(lc, 'hA')
+    leader = lc.etcd_leader('hW')
+    if leader == 'hA':
+        # The owner's own member leads: move leadership away so that the
+        # test kills a leader on another host, as it means to.
+        target = lc.query('hW', '''
+            result = '%x' % [m.id for m in client.members()
+                             if m.name == 'hB'][0]
+        ''')
+        lc.lab['hW'].run(['etcdctl', '--endpoints=%s' % ','.join(
+            'http://%s:2379' % lc.lab[h].address for h in ('hA', 'hB', 'hW')),
+            'move-leader', target], env=dict(os.environ, ETCDCTL_API='3'))
+        leader = wait_for(lambda: (lambda l: l if l != 'hA' else None)(
+            lc.etcd_leader('hW')), 10, what='leader moved')
+    os.kill(lc.etcd_pid(leader), signal.SIGKILL)
+    killed = time.monotonic()
+    while time.monotonic() - killed < 8:
+        assert service_pid(lc, 'hA') == pid, 'the service restarted'
+        time.sleep(0.1)
+    via = 'hW' if leader != 'hW' else 'hB'
+    assert lc.owner('web', via) == ('hA', token)
+    assert lc.observer.where() == ['hA']
+    assert 'fence' not in lc.log('hA') and 'lease lost' not in lc.log('hA')
+
+
+def test_owner_host_crash_moves_the_service_with_a_larger_token(cluster):
+    lc = cluster
+    _, token = lc.owner('web', 'hW')
+    lc.lab.crash('hA')
+    crashed = time.monotonic()
+    host, new_token = lc.wait_owner('web', 'hW', not_host='hA')
+    assert host == 'hB'
+    assert new_token > token
+    lc.observer.wait_running('hB', 20)
+    print('takeover after crash: %.2f s' % (lc.observer.first['hB'] - crashed))
+    check_no_overlap(lc.observer)
+
+
+def test_partitioned_owner_stops_before_the_other_side_starts(cluster):
+    lc = cluster
+    lc.lab.partition(['hA'])
+    cut = time.monotonic()
+    lc.observer.wait_running('hB', 20)
+    stopped_a = lc.observer.last['hA']
+    started_b = lc.observer.first['hB']
+    assert not lc.observer.running_on(lc.lab['hA'])
+    assert stopped_a < started_b, (stopped_a - cut, started_b - cut)
+    print('hA stopped %.2f s after the cut, hB started %.2f s after it'
+          % (stopped_a - cut, started_b - cut))
+    # The owner fenced itself by its deadline, before its lease expired.
+    assert stopped_a - cut < TTL
+    assert lc.owner('web', 'hW')[0] == 'hB'
+    lc.lab.heal()
+    healed = time.monotonic()
+    while time.monotonic() - healed < 5:
+        assert not lc.observer.running_on(lc.lab['hA'])
+        time.sleep(0.1)
+    assert lc.observer.where() == ['hB']
+    check_no_overlap(lc.observer)
+    assert 'lease lost' in lc.log('hA')
+
+
+def test_frozen_agent_is_fenced_by_its_watchdog(cluster):
+    lc = cluster
+    _, stale_token = lc.owner('web', 'hW')
+    agent = lc.agent_pid('hA')
+    os.kill(agent, signal.SIGSTOP)
+    frozen = time.monotonic()
+    try:
+        lc.observer.wait_running('hB', 20)
+        # The agent could not act: its watchdog stopped the service.
+        assert not lc.observer.running_on(lc.lab['hA'])
+        assert lc.observer.last['hA'] < lc.observer.first['hB']
+        assert lc.observer.last['hA'] - frozen < TTL
+        host, token = lc.owner('web', 'hW')
+        assert host == 'hB' and token > stale_token
+    finally:
+        os.kill(agent, signal.SIGCONT)
+    # A write under the stale token is refused (the test tries it).
+    refused = lc.query('hW', '''
+        from slaposha.cluster.lease import Ownership
+        own = Ownership(client, keys, 'web', 'hA')
+        result = own.write('state', 'stale owner speaking', token=%d)
+    ''' % stale_token)
+    assert refused is False
+    resumed = time.monotonic()
+    while time.monotonic() - resumed < 5:
+        assert not lc.observer.running_on(lc.lab['hA'])
+        time.sleep(0.1)
+    assert lc.owner('web', 'hW')[0] == 'hB'
+    state = lc.query('hW', '''
+        kv = client.get(keys.service('web', 'state'))
+        result = kv.value if kv else None
+    ''')
+    assert 'stale owner' not in (state or '')
+    check_no_overlap(lc.observer)
+    assert 'watchdog' in lc.log('hA') and 'no renewal' in lc.log('hA')
