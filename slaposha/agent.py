@@ -91,6 +91,7 @@ class Agent(object):
         self._fence_targets = ([], [])
         self._announced = None
         self.started = time.monotonic()
+        self._next_leader_check = 0.0
         run_dir = cluster.cluster.run_dir
         self.status_path = os.path.join(run_dir, 'agent.json')
         self.log_dir = os.path.join(cluster.cluster.state_dir, 'log')
@@ -238,6 +239,40 @@ class Agent(object):
         self.etcd_problem = None
         for name, slot in sorted(self.slots.items()):
             self._decide(slot, owners.get(self.keys.owner(name)), alive)
+        self._place_leader(owners)
+
+    def _place_leader(self, owners):
+        """Keep etcd's raft leader off the hosts that own services: when a
+        host dies with the leader, etcd first elects another one and then
+        extends every lease by an election timeout, which delays the
+        takeover (reference/coordination.md A.4)."""
+        if self.cluster.etcd.mode != 'embedded' or \
+                self.cluster.etcd.leader_placement != 'away':
+            return
+        now = time.monotonic()
+        if now < self._next_leader_check:
+            return
+        self._next_leader_check = now + self.cluster.agent.monitor_interval
+        if not any(slot.token for slot in self.slots.values()):
+            return
+        mine = self.member.client_url
+        try:
+            if not self.client.status(mine).is_leader:
+                return
+            owning = {kv.value for key, kv in owners.items()
+                      if key.endswith('/owner')}
+            ids = {m.name: m.id for m in self.client.members()}
+            for name in self.cluster.cluster.witnesses + \
+                    self.cluster.cluster.hosts:
+                if name == self.host or name in owning or name not in ids:
+                    continue
+                self.client.move_leader(ids[name], mine)
+                logger.info('etcd: moved raft leadership from %s to %s: %s'
+                            ' owns services (leader_placement = away)',
+                            self.host, name, self.host)
+                return
+        except EtcdError as e:
+            logger.info('etcd: could not move raft leadership: %s', e)
 
     def _health(self):
         now = time.monotonic()

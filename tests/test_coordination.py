@@ -61,19 +61,11 @@ def test_etcd_leader_loss_does_not_move_the_service(cluster):
     lc = cluster
     _, token = lc.owner('web', 'hW')
     pid = service_pid(lc, 'hA')
+    # Kill a leader on another host than the owner's, as the test means to.
     leader = lc.etcd_leader('hW')
     if leader == 'hA':
-        # The owner's own member leads: move leadership away so that the
-        # test kills a leader on another host, as it means to.
-        target = lc.query('hW', '''
-            result = '%x' % [m.id for m in client.members()
-                             if m.name == 'hB'][0]
-        ''')
-        lc.lab['hW'].run(['etcdctl', '--endpoints=%s' % ','.join(
-            'http://%s:2379' % lc.lab[h].address for h in ('hA', 'hB', 'hW')),
-            'move-leader', target], env=dict(os.environ, ETCDCTL_API='3'))
-        leader = wait_for(lambda: (lambda l: l if l != 'hA' else None)(
-            lc.etcd_leader('hW')), 10, what='leader moved')
+        lc.move_leader('hB', 'hW')
+        leader = 'hB'
     os.kill(lc.etcd_pid(leader), signal.SIGKILL)
     killed = time.monotonic()
     while time.monotonic() - killed < 8:
@@ -157,3 +149,28 @@ def test_frozen_agent_is_fenced_by_its_watchdog(cluster):
     assert 'stale owner' not in (state or '')
     check_no_overlap(lc.observer)
     assert 'watchdog' in lc.log('hA') and 'no renewal' in lc.log('hA')
+
+
+def test_killed_agent_leaves_no_service_behind(cluster):
+    """SIGKILL of the agent alone (not the host): its watchdog fences the
+    service at the deadline, then the other host takes over."""
+    lc = cluster
+    lc.agents['hA'].kill()
+    killed = time.monotonic()
+    lc.observer.wait_running('hB', 20)
+    assert lc.observer.last['hA'] < lc.observer.first['hB']
+    assert lc.observer.last['hA'] - killed < TTL
+    assert not lc.observer.running_on(lc.lab['hA'])
+    check_no_overlap(lc.observer)
+    assert 'agent gone' in lc.log('hA')
+
+
+def test_raft_leadership_moves_off_the_owner(cluster):
+    lc = cluster
+    # Put the leadership on the owner: it hands it away within a few
+    # monitor intervals (leader_placement = away).
+    lc.move_leader('hA', 'hW')
+    leader = wait_for(lambda: (lambda name: name if name and name != 'hA'
+                               else None)(lc.etcd_leader('hW')), 15,
+                      interval=0.5, what='etcd leader off hA')
+    assert leader in ('hW', 'hB')

@@ -531,6 +531,13 @@ class Client:
                       _int(body, 'leader'), _int(body, 'raftTerm'),
                       _int(header, 'revision'))
 
+    def move_leader(self, target_id, endpoint, timeout=None):
+        """Hand raft leadership to member ``target_id``; ``endpoint`` must be
+        the current leader's (etcd refuses the request elsewhere)."""
+        self._request('maintenance/transfer-leadership',
+                      {'targetID': str(int(target_id))}, timeout,
+                      _check_endpoint(endpoint))
+
     def members(self, timeout=None):
         """The Members of the cluster, as etcd knows them."""
         _, body = self._request('cluster/member/list', {}, timeout)

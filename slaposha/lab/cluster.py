@@ -178,6 +178,22 @@ class LabCluster(object):
         ''')
 
 
+    def move_leader(self, to, via):
+        """Hand etcd's raft leadership to the member of host ``to``."""
+        self.query(via, '''
+            ids = {m.name: m.id for m in client.members()}
+            for url in client.endpoints:
+                try:
+                    if client.status(url).is_leader:
+                        client.move_leader(ids[%r], url)
+                        break
+                except Exception:
+                    pass
+        ''' % to)
+        return wait_for(lambda: self.etcd_leader(via) == to, 10,
+                        interval=0.2, what='etcd leader on %s' % to)
+
+
 class Observer(object):
     """Watches, from outside every host, where a service's process runs.
 

@@ -1,0 +1,213 @@
+"""The host lease, ownership and the watchdog, against a real etcd on
+127.0.0.1 and real cgroups."""
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from slaposha.cgroup import Cgroup, cgroup2_mount
+from slaposha.cluster.etcd import Client
+from slaposha.cluster.lease import HostLease, Membership, Ownership, keys
+from slaposha.watchdog import Watchdog
+
+from test_etcd_client import FAST_ELECTIONS, etcd_cluster, needs_etcd
+
+TTL, RENEW, RETRY, REQUEST, MARGIN = 3, 1.0, 0.2, 0.5, 0.5
+
+
+@pytest.fixture(scope='module')
+def member(tmp_path_factory):
+    with etcd_cluster(tmp_path_factory.mktemp('etcd'), 1,
+                      FAST_ELECTIONS) as members:
+        yield members[0]
+
+
+@pytest.fixture
+def client(member):
+    c = Client([member.url], request_timeout=REQUEST, retry_interval=RETRY,
+               timeout=2)
+    yield c
+    c.close()
+
+
+def host_lease(client, **callbacks):
+    return HostLease(client, TTL, RENEW, RETRY, REQUEST, MARGIN, **callbacks)
+
+
+@needs_etcd
+def test_deadline_follows_the_send_time_of_the_last_renewal(client):
+    renewed = []
+    lease = host_lease(client, on_renewed=renewed.append)
+    sent = time.monotonic()
+    lease.grant()
+    try:
+        assert abs(lease.deadline - (sent + TTL - MARGIN)) < 0.1
+        time.sleep(RENEW * 2.5)
+        assert lease.renewals >= 2
+        # The deadline moved with the renewals, from their send times.
+        assert lease.deadline > sent + TTL - MARGIN + RENEW
+        assert lease.deadline <= time.monotonic() + TTL - MARGIN
+        assert renewed == sorted(renewed) and len(renewed) >= 3
+        assert lease.valid
+    finally:
+        lease.revoke()
+    assert not lease.valid
+
+
+@needs_etcd
+def test_unreachable_etcd_loses_the_lease_at_the_deadline(client, member):
+    lost = []
+    lease = host_lease(client, on_lost=lambda reason: lost.append(
+        (time.monotonic(), reason)))
+    lease.grant()
+    time.sleep(0.3)
+    last_deadline = lease.deadline
+    os.kill(member.process.pid, signal.SIGSTOP)
+    try:
+        stopped = time.monotonic()
+        deadline = stopped + TTL + 1
+        while not lost and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert lost, 'the lease was never declared lost'
+        at, reason = lost[0]
+        assert 'deadline passed' in reason
+        # Lost at the deadline known when etcd stopped answering (give or
+        # take the renewal that may have been in flight), never later.
+        assert at - last_deadline < RENEW + 0.15
+        assert at < stopped + TTL - MARGIN + 0.15
+        assert not lease.valid
+    finally:
+        os.kill(member.process.pid, signal.SIGCONT)
+        lease.stop()
+
+
+@needs_etcd
+def test_revoked_lease_is_lost_at_the_next_renewal(client, member):
+    lost = []
+    lease = host_lease(client, on_lost=lost.append)
+    lease.grant()
+    Client([member.url]).revoke(lease.id)
+    revoked = time.monotonic()
+    while not lost and time.monotonic() - revoked < RENEW + 1:
+        time.sleep(0.02)
+    assert lost and 'gone' in lost[0]
+    assert time.monotonic() - revoked < RENEW + 0.5
+    lease.stop()
+
+
+@needs_etcd
+def test_ownership_tokens_and_guarded_writes(client):
+    k = keys('/test-ownership-%d' % os.getpid(), 'c')
+    lease_a = host_lease(client)
+    lease_b = host_lease(client)
+    lease_a.grant()
+    lease_b.grant()
+    try:
+        a = Ownership(client, k, 'web', 'hA')
+        b = Ownership(client, k, 'web', 'hB')
+        token_a = a.acquire(lease_a.id)
+        assert token_a == client.get(k.owner('web')).create_revision
+        assert b.acquire(lease_b.id) is None
+        assert b.holder.value == 'hA'
+        # A replayed acquire (answer lost) finds our own key: still ours.
+        assert a.acquire(lease_a.id) == token_a
+        assert a.write('state', 'running')
+        assert not b.write('state', 'hijack', token=token_a + 1000)
+        assert a.release()
+        token_b = b.acquire(lease_b.id)
+        assert token_b > token_a
+        # The deposed owner's token no longer writes.
+        assert not a.write('state', 'stale', token=token_a)
+        assert client.get(k.service('web', 'state')).value == 'running'
+        assert b.write('state', 'moved')
+        # Membership lives and dies with the lease.
+        m = Membership(client, k, 'hB')
+        m.announce(lease_b.id, {'ok': True})
+        assert m.alive() == {'hB': {'ok': True}}
+        lease_b.revoke()
+        assert m.alive() == {}
+        assert client.get(k.owner('web')) is None
+    finally:
+        lease_a.revoke()
+        lease_b.revoke()
+        client.delete(k.root, prefix=True)
+
+
+# -- the watchdog ------------------------------------------------------------
+
+needs_cgroup = pytest.mark.skipif(
+    cgroup2_mount() is None or os.geteuid() != 0,
+    reason='needs root and a cgroup v2 hierarchy')
+
+
+@pytest.fixture
+def victim():
+    """A cgroup with a process in it, as a service would have."""
+    group = Cgroup(os.path.join(cgroup2_mount(), 'slaposha-test-%d'
+                                % os.getpid())).create()
+    proc = subprocess.Popen(group.wrap(['sleep', '300']))
+    deadline = time.monotonic() + 5
+    while not group.pids() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        yield group, proc
+    finally:
+        group.kill()
+        proc.wait()
+        group.remove()
+
+
+def wait_dead(proc, timeout):
+    try:
+        proc.wait(timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        return False
+
+
+@needs_cgroup
+def test_watchdog_fences_when_petting_stops(victim):
+    group, proc = victim
+    dog = Watchdog().start()
+    try:
+        until = time.monotonic() + 1.0
+        while time.monotonic() < until:  # petted: nothing happens
+            dog.arm(time.monotonic() + 0.3, [group.path])
+            time.sleep(0.1)
+        assert proc.poll() is None
+        last = time.monotonic() + 0.3
+        dog.arm(last, [group.path])
+        assert wait_dead(proc, 2)
+        assert time.monotonic() >= last
+        assert group.pids() == []
+    finally:
+        dog.stop()
+
+
+@needs_cgroup
+def test_watchdog_fences_after_the_agent_died(victim):
+    group, proc = victim
+    dog = Watchdog().start()
+    dog.arm(time.monotonic() + 0.5, [group.path])
+    dog.proc.stdin.close()  # the agent is gone: no more pets
+    assert wait_dead(proc, 3)
+    assert dog.proc.wait(3) == 0
+
+
+@needs_cgroup
+def test_disarmed_watchdog_does_nothing(victim):
+    group, proc = victim
+    dog = Watchdog().start()
+    try:
+        dog.arm(time.monotonic() + 0.3, [group.path])
+        dog.disarm()
+        dog.proc.stdin.write(b'this is not json\n')
+        dog.proc.stdin.flush()
+        assert not wait_dead(proc, 0.8)
+        assert dog.alive()
+    finally:
+        dog.stop()
