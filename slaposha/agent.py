@@ -75,8 +75,10 @@ class Agent(object):
             # Our own member answers fastest: try it first.
             mine = endpoints[cluster.members.index(self.host)]
             endpoints = [mine] + [e for e in endpoints if e != mine]
+        self.tls = cluster.tls_files(self.host)
         client_options = dict(request_timeout=lease.request_timeout,
-                              retry_interval=lease.retry_interval)
+                              retry_interval=lease.retry_interval,
+                              tls=self.tls)
         self.client = Client(endpoints, timeout=lease.request_timeout * 2,
                              **client_options)
         # Renewals get their own connections: they never queue behind a read.
@@ -127,7 +129,8 @@ class Agent(object):
                 self.decide(slot, 'fence', 'processes left by a previous'
                             ' agent, before any lease is held')
         if self.cluster.etcd.mode == 'embedded':
-            self.member = EtcdMember(self.cluster, self.host).start()
+            self.member = EtcdMember(self.cluster, self.host,
+                                     tls=self.tls).start()
         self.watchdog = Watchdog().start()
         self.started = time.monotonic()
         logger.info('agent %s %s: %d service(s) here: %s', self.host,
@@ -475,7 +478,7 @@ def run_witness(cluster, host, stop_event):
                          ' mode is external')
     for d in (cluster.cluster.run_dir, cluster.cluster.state_dir):
         os.makedirs(d, exist_ok=True)
-    member = EtcdMember(cluster, host).start()
+    member = EtcdMember(cluster, host, tls=cluster.tls_files(host)).start()
     logger.info('witness %s: etcd member on %s', host, member.client_url)
     try:
         stop_event.wait()

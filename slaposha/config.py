@@ -256,8 +256,12 @@ CLUSTER_SCHEMA = OrderedDict([
             ' its state and the embedded etcd member its data'),
         Key('run_dir', 'path', '/run/slaposha', 'sockets and pid files of'
             ' the agent and its watchdog'),
-        Key('ca', 'path', None, 'cluster CA certificate; with it, etcd and'
-            ' the API use TLS'),
+        Key('tls', 'boolean', False, 'etcd members and their clients talk'
+            ' TLS, each side proving itself with a certificate of the cluster'
+            ' CA (files in ssl_dir)'),
+        Key('ssl_dir', 'path', None, 'the cluster CA certificate (ca.crt)'
+            ' and each host\'s certificate and key (<host>.crt, <host>.key);'
+            ' default: ssl/ beside this file'),
     )),
     ('host', _keys(
         Key('address', 'address', REQUIRED, 'address peers and etcd use to'
@@ -401,11 +405,29 @@ class ClusterConfig(object):
         return self.cluster.services_dir or os.path.join(
             os.path.dirname(os.path.abspath(self.path)), 'services')
 
+    @property
+    def ssl_dir(self):
+        return self.cluster.ssl_dir or os.path.join(
+            os.path.dirname(os.path.abspath(self.path)), 'ssl')
+
+    def tls_files(self, host):
+        """(ca, cert, key) of ``host`` when the cluster uses TLS, else None.
+        Raises ConfigError naming a file that is missing."""
+        if not self.cluster.tls:
+            return None
+        files = tuple(os.path.join(self.ssl_dir, name) for name in
+                      ('ca.crt', host + '.crt', host + '.key'))
+        for path in files:
+            if not os.access(path, os.R_OK):
+                raise ConfigError(self.path, 'cluster', 'tls', 'tls = true'
+                                  ' but %s is missing or unreadable' % path)
+        return files
+
     def etcd_endpoints(self):
         """Client URLs of the etcd members, in the order to try them."""
         if self.etcd.mode == 'external':
             return list(self.etcd.endpoints)
-        scheme = 'https' if self.cluster.ca else 'http'
+        scheme = 'https' if self.cluster.tls else 'http'
         return ['%s://%s:%d' % (scheme, _url_host(self.hosts[h].address),
                                 self.etcd.client_port)
                 for h in self.members]

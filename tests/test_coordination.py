@@ -174,3 +174,44 @@ def test_raft_leadership_moves_off_the_owner(cluster):
                                else None)(lc.etcd_leader('hW')), 15,
                       interval=0.5, what='etcd leader off hA')
     assert leader in ('hW', 'hB')
+
+
+def test_members_and_agents_talk_tls_with_the_cluster_ca(make_lab):
+    lab = make_lab(['hA', 'hB', 'hW'])
+    marker = str(86400 + int(lab.id, 16))
+    lc = LabCluster(lab, ['hA', 'hB'], ['hW'], services=service(marker),
+                    tls=True).start()
+    try:
+        host, token = lc.wait_owner('web', 'hW')
+        assert host == 'hA' and token
+        wait_for(lambda: Observer(lab, marker).running_on(lab['hA']), 10,
+                 what='web running on hA')
+        # Plain HTTP, and TLS without a client certificate, are refused.
+        probe = '''
+            import requests
+            url = 'https://%s:2379/v3/kv/range'
+            outcomes = []
+            for kwargs in ({'verify': cluster.tls_files('hW')[0]},
+                           {'verify': False}):
+                try:
+                    requests.post(url, json={'key': 'eA=='}, timeout=2,
+                                  **kwargs)
+                    outcomes.append('answered')
+                except requests.RequestException as e:
+                    outcomes.append('refused')
+            try:
+                requests.post(url.replace('https', 'http'),
+                              json={'key': 'eA=='}, timeout=2)
+                outcomes.append('answered')
+            except requests.RequestException:
+                outcomes.append('refused')
+            result = outcomes
+        ''' % lab['hA'].address
+        assert lc.query('hW', probe) == ['refused', 'refused', 'refused']
+        members = lc.query('hW', '''
+            result = sorted(u for m in client.members() for u in m.peer_urls)
+        ''')
+        assert members and all(u.startswith('https://') for u in members)
+    finally:
+        for host in ('hA', 'hB'):
+            lc.stop_agent(host)

@@ -24,7 +24,7 @@ import time
 
 from slaposha.lab import LabError, wait_for
 
-__all__ = ['LabCluster', 'Observer']
+__all__ = ['LabCluster', 'Observer', 'make_test_pki']
 
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -33,13 +33,14 @@ TOP = os.path.dirname(os.path.dirname(os.path.dirname(
 class LabCluster(object):
 
     def __init__(self, lab, hosts, witnesses=(), services=None, name=None,
-                 settings=''):
+                 settings='', tls=False):
         self.lab = lab
         self.hosts = list(hosts)
         self.witnesses = list(witnesses)
         self.services = services or {}
         self.name = name or 'lab%s' % lab.id
         self.settings = settings
+        self.tls = tls
         self.config_dir = os.path.join(lab.workdir, 'config')
         self.cluster_file = os.path.join(self.config_dir, 'cluster.cfg')
         self.agents = {}
@@ -53,6 +54,11 @@ class LabCluster(object):
                  'hosts = %s' % ' '.join(self.hosts)]
         if self.witnesses:
             lines.append('witnesses = %s' % ' '.join(self.witnesses))
+        if self.tls:
+            lines.append('tls = true')
+            make_test_pki(os.path.join(self.config_dir, 'ssl'), {
+                name: self.lab[name].address
+                for name in self.hosts + self.witnesses})
         for name in self.hosts + self.witnesses:
             lines += ['[host %s]' % name,
                       'address = %s' % self.lab[name].address]
@@ -138,10 +144,11 @@ class LabCluster(object):
             from slaposha.cluster.etcd import Client
             from slaposha.cluster.lease import keys as Keys
             cluster = load_cluster(%r)
-            client = Client(cluster.etcd_endpoints(), timeout=5)
+            client = Client(cluster.etcd_endpoints(), timeout=5,
+                            tls=cluster.tls_files(%r))
             keys = Keys(cluster.etcd.prefix, cluster.name)
             result = None
-        ''' % self.cluster_file) + textwrap.dedent(code) + \
+        ''' % (self.cluster_file, host)) + textwrap.dedent(code) + \
             '\nprint(json.dumps(result))\n'
         p = self.lab[host].run([sys.executable, '-c', script],
                                env=self.env(), timeout=timeout)
@@ -257,3 +264,30 @@ def check_no_overlap(observer):
         t, where = observer.overlaps[0]
         raise LabError('service ran on %s at once (%d samples)'
                        % (' and '.join(where), len(observer.overlaps)))
+
+
+def make_test_pki(folder, hosts):
+    """A throw-away CA and a certificate per host (``{name: address}``), as
+    ``ca.crt``, ``<name>.crt`` and ``<name>.key``: for lab clusters only
+    (issue: the cluster's PKI gives real clusters theirs)."""
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+
+    def openssl(*args):
+        subprocess.run(('openssl',) + args, check=True, cwd=folder,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ec = ('-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1',
+          '-nodes')
+    openssl('req', '-x509', *ec, '-keyout', 'ca.key', '-out', 'ca.crt',
+            '-days', '30', '-subj', '/CN=slaposha lab CA')
+    for name, address in hosts.items():
+        openssl('req', *ec, '-keyout', name + '.key', '-out', name + '.csr',
+                '-subj', '/CN=%s' % name)
+        ext = os.path.join(folder, name + '.ext')
+        with open(ext, 'w') as f:
+            f.write('subjectAltName=IP:%s,DNS:%s\n'
+                    'extendedKeyUsage=serverAuth,clientAuth\n'
+                    % (address, name))
+        openssl('x509', '-req', '-in', name + '.csr', '-CA', 'ca.crt',
+                '-CAkey', 'ca.key', '-CAcreateserial', '-out', name + '.crt',
+                '-days', '30', '-extfile', ext)
+        os.chmod(os.path.join(folder, name + '.key'), 0o600)
