@@ -215,3 +215,23 @@ def test_members_and_agents_talk_tls_with_the_cluster_ca(make_lab):
     finally:
         for host in ('hA', 'hB'):
             lc.stop_agent(host)
+
+
+def test_external_etcd_cluster(make_lab):
+    """[etcd] mode = external: the agents run no member of their own and
+    use the endpoints given; ownership works the same."""
+    lab = make_lab(['hA', 'hB', 'hE'])
+    marker = str(86400 + int(lab.id, 16))
+    lc = LabCluster(lab, ['hA', 'hB'], services=service(marker),
+                    external_etcd='hE').start()
+    observer = Observer(lab, marker).start()
+    try:
+        assert lc.wait_owner('web', 'hE')[0] == 'hA'
+        observer.wait_running('hA', 20)
+        assert lc.etcd_pid('hA') is None and lc.etcd_pid('hB') is None
+        lab.crash('hA')
+        observer.wait_running('hB', 20)
+        check_no_overlap(observer)
+    finally:
+        observer.stop()
+        lc.stop_agent('hB')

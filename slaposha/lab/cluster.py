@@ -33,7 +33,7 @@ TOP = os.path.dirname(os.path.dirname(os.path.dirname(
 class LabCluster(object):
 
     def __init__(self, lab, hosts, witnesses=(), services=None, name=None,
-                 settings='', tls=False):
+                 settings='', tls=False, external_etcd=None):
         self.lab = lab
         self.hosts = list(hosts)
         self.witnesses = list(witnesses)
@@ -41,6 +41,9 @@ class LabCluster(object):
         self.name = name or 'lab%s' % lab.id
         self.settings = settings
         self.tls = tls
+        # A host that runs a plain etcd started by the lab, which the
+        # cluster uses as an external one ([etcd] mode = external).
+        self.external_etcd = external_etcd
         self.config_dir = os.path.join(lab.workdir, 'config')
         self.cluster_file = os.path.join(self.config_dir, 'cluster.cfg')
         self.agents = {}
@@ -64,6 +67,9 @@ class LabCluster(object):
                       'address = %s' % self.lab[name].address]
         lines += ['[etcd]', 'heartbeat_interval = 50ms',
                   'election_timeout = 500ms']
+        if self.external_etcd:
+            lines += ['mode = external', 'endpoints = http://%s:2379'
+                      % self.lab[self.external_etcd].address]
         text = '\n'.join(lines) + '\n' + textwrap.dedent(self.settings)
         with open(self.cluster_file, 'w') as f:
             f.write(text)
@@ -97,6 +103,19 @@ class LabCluster(object):
         return proc
 
     def start(self):
+        if self.external_etcd:
+            host = self.lab[self.external_etcd]
+            url = 'http://%s:2379' % host.address
+            host.spawn(['etcd', '--name', 'external', '--data-dir',
+                        host.path('/var/lib/slaposha') + '/external-etcd',
+                        '--listen-client-urls', url,
+                        '--advertise-client-urls', url,
+                        '--listen-peer-urls', 'http://127.0.0.1:2380',
+                        '--initial-advertise-peer-urls',
+                        'http://127.0.0.1:2380',
+                        '--initial-cluster', 'external=http://127.0.0.1:2380',
+                        '--heartbeat-interval', '50',
+                        '--election-timeout', '500'], name='etcd')
         for host in self.witnesses:
             self.start_witness(host)
         for host in self.hosts:
