@@ -480,6 +480,15 @@ class Lab(object):
             'addr add %s/64 dev %s nodad' % (host.address6, IFNAME),
         ]) + '\n'
         _sh(['ip', '-n', host.netns, '-batch', '-'], input=batch)
+        # Peers forget the failed neighbour entries of the dead host, as
+        # they would have after a real reboot's minutes: the next packet
+        # resolves its address afresh.
+        for peer in self.hosts.values():
+            if peer is not host:
+                _sh(['ip', '-n', peer.netns, 'neigh', 'flush', 'to',
+                     host.address], check=False)
+                _sh(['ip', '-n', peer.netns, '-6', 'neigh', 'flush', 'to',
+                     host.address6], check=False)
         self.heal(name)
         host.link(True)
 
