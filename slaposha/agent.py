@@ -7,14 +7,21 @@ as Patroni's HA loop does. The lease is renewed in a thread of its own
 fences at once (kills the services' cgroups) and the next cycle cleans up.
 A separate watchdog process fences too if the agent itself is frozen.
 
-A service runs only where its owner key is held (DESIGN.md 2):
+A service runs only where its owner key is held (DESIGN.md 2). Operators
+steer it with intents stored beside the owner key (:mod:`slaposha.intents`):
+frozen, a target state, a planned switch. For each service, each cycle:
 
-- owned here: start it if it is not running; check it every
-  ``monitor_interval``; restart a failed resource in place up to
-  ``restart`` times, then apply ``on_failure``;
+- owned here: unless frozen, stop it if an operator asked (stop, or switch
+  to another host), else start it if it is not running, else check it every
+  ``monitor_interval`` and restart a failed resource in place up to
+  ``restart`` times before applying ``on_failure``;
 - owned elsewhere: make sure it is not running here;
-- not owned: with ``orchestrate = ha``, the most preferred live eligible host
-  takes the owner key and starts it; the others wait.
+- free: with ``orchestrate = ha`` (or an operator's start), the chosen host
+  (switch target, else the most preferred live eligible host) takes the
+  owner key and starts it; the others wait.
+
+When the agent refuses to act (frozen, no quorum, a stop that failed), the
+decision says which and why, and ``slaposha status`` shows it.
 """
 
 import json
@@ -25,21 +32,26 @@ import socket
 import threading
 import time
 
-from slaposha import __version__
+from slaposha import __version__, intents
 from slaposha.cgroup import Cgroup, own_cgroup
 from slaposha.cluster.etcd import Client, EtcdError
 from slaposha.cluster.lease import HostLease, Membership, Ownership, keys
 from slaposha.cluster.member import EtcdMember
 from slaposha.config import load_services
+from slaposha.resources import DOWN, NA
 from slaposha.service import Service, ServiceError
 from slaposha.watchdog import Watchdog
 
-__all__ = ['Agent', 'default_host', 'run_witness']
+__all__ = ['Agent', 'ActionError', 'default_host', 'run_witness']
 
 logger = logging.getLogger('slaposha.agent')
 
-# Service states on this host.
-STOPPED, RUNNING, FAILED = 'stopped', 'running', 'failed'
+# A service's state on this host.
+STOPPED, RUNNING, STOP_FAILED = 'stopped', 'running', 'stop failed'
+
+
+class ActionError(Exception):
+    """An operator action that cannot be done, as one line."""
 
 
 def default_host():
@@ -61,6 +73,8 @@ class ServiceSlot(object):
         self.failed_until = 0.0
         self.next_check = 0.0
         self.fenced = False
+        self.resources = []        # [(rid, state, message)] last checked
+        self.published = None
 
 
 class Agent(object):
@@ -96,9 +110,11 @@ class Agent(object):
         self._next_leader_check = 0.0
         run_dir = cluster.cluster.run_dir
         self.status_path = os.path.join(run_dir, 'agent.json')
+        self.socket_path = os.path.join(run_dir, 'agent.sock')
         self.log_dir = os.path.join(cluster.cluster.state_dir, 'log')
         self.cgroup_root = Cgroup(os.path.join(own_cgroup(), 'slaposha'))
         confs = services if services is not None else load_services(cluster)
+        self.confs = {conf.name: conf for conf in confs}
         self.slots = {}
         for conf in confs:
             if self.host not in conf.service.hosts:
@@ -106,11 +122,15 @@ class Agent(object):
             svc = Service(conf, self.cgroup_root, self.log_dir)
             self.slots[conf.name] = ServiceSlot(
                 svc, Ownership(self.client, self.keys, conf.name, self.host))
+        self.api = None
 
     # -- decisions ----------------------------------------------------------
 
-    def decide(self, slot, action, reason):
-        """Record and log one decision: what the agent does and why."""
+    def decide(self, slot, action, reason, once=False):
+        """Record and log one decision: what the agent does and why. With
+        ``once``, a decision equal to the last one is not logged again."""
+        if once and slot.decision and slot.decision[1:] == (action, reason):
+            return
         slot.decision = (time.time(), action, reason)
         logger.info('service %s: %s: %s', slot.service.name, action, reason)
 
@@ -132,6 +152,8 @@ class Agent(object):
             self.member = EtcdMember(self.cluster, self.host,
                                      tls=self.tls).start()
         self.watchdog = Watchdog().start()
+        from slaposha.api.local import LocalApi
+        self.api = LocalApi(self, self.socket_path).start()
         self.started = time.monotonic()
         logger.info('agent %s %s: %d service(s) here: %s', self.host,
                     __version__, len(self.slots), ' '.join(self.slots) or '-')
@@ -158,8 +180,10 @@ class Agent(object):
 
     def shutdown(self):
         """Stop services here, hand ownership back, leave the cluster."""
+        if self.api is not None:
+            self.api.stop()
         for slot in self.slots.values():
-            if slot.state == RUNNING or slot.token:
+            if slot.state != STOPPED or slot.token:
                 self.decide(slot, 'stop', 'the agent is shutting down')
                 self._stop_service(slot, release=True)
         if self.lease is not None:
@@ -197,10 +221,10 @@ class Agent(object):
 
     def _on_lost(self, reason):
         # Runs in the renewal thread, at the deadline at the latest: kill
-        # first, clean up in the next cycle.
+        # first, clean up in the next cycle. Frozen or not: safety first.
         with self._lock:
             for slot in self.slots.values():
-                if slot.state == RUNNING or slot.token:
+                if slot.state != STOPPED or slot.token:
                     slot.service.fence()
                     slot.fenced = True
                     logger.warning('service %s: fence: lease lost: %s',
@@ -209,7 +233,7 @@ class Agent(object):
     def _update_fence_targets(self):
         cgroups, addresses = [], []
         for slot in self.slots.values():
-            if slot.token or slot.state == RUNNING:
+            if slot.token or slot.state != STOPPED:
                 c, a = slot.service.fence_targets()
                 cgroups += c
                 addresses += a
@@ -230,9 +254,7 @@ class Agent(object):
             if not self._grant():
                 return
         try:
-            self._announce()
-            owners = {kv.key: kv for kv in
-                      self.client.get_prefix(self.keys.services)}
+            views = intents.read(self.client, self.keys)
             alive = self.membership.alive()
         except EtcdError as e:
             # Keep what runs: the lease thread fences at the deadline if
@@ -240,11 +262,52 @@ class Agent(object):
             self._etcd_down('cannot read the cluster: %s' % e)
             return
         self.etcd_problem = None
+        # We hold a lease: we are alive, announced or not yet.
+        alive.setdefault(self.host, self._health())
         for name, slot in sorted(self.slots.items()):
-            self._decide(slot, owners.get(self.keys.owner(name)), alive)
-        self._place_leader(owners)
+            try:
+                self._decide(slot, views.get(name) or intents.View(name),
+                             alive)
+            except EtcdError as e:
+                self._etcd_down('service %s: %s' % (name, e))
+        for slot in self.slots.values():
+            if slot.state == RUNNING:
+                slot.service.tick()
+        try:
+            self._announce()
+        except EtcdError as e:
+            self._etcd_down('cannot announce this host: %s' % e)
+        self._place_leader(views)
 
-    def _place_leader(self, owners):
+    def _health(self):
+        now = time.monotonic()
+        return {
+            'address': self.cluster.hosts[self.host].address,
+            'pid': os.getpid(), 'version': __version__,
+            'failed': sorted(n for n, s in self.slots.items()
+                             if s.failed_until > now),
+            'services': {n: {'state': s.state, 'decision': s.decision}
+                         for n, s in self.slots.items()},
+        }
+
+    def _announce(self):
+        health = self._health()
+        if health != self._announced:
+            self.membership.announce(self.lease.id, health)
+            self._announced = health
+
+    def _after_lease_loss(self):
+        for slot in self.slots.values():
+            if slot.state != STOPPED or slot.token or slot.fenced:
+                reason = self.lease.lost_reason if self.lease else 'no lease'
+                self.decide(slot, 'stop', 'lease lost (%s): services'
+                            ' fenced, cleaning up' % reason)
+                with self._lock:
+                    slot.service.fence()
+                self._stop_service(slot, release=False, lease_lost=True)
+                slot.fenced = False
+
+    def _place_leader(self, views):
         """Keep etcd's raft leader off the hosts that own services: when a
         host dies with the leader, etcd first elects another one and then
         extends every lease by an election timeout, which delays the
@@ -262,8 +325,7 @@ class Agent(object):
         try:
             if not self.client.status(mine).is_leader:
                 return
-            owning = {kv.value for key, kv in owners.items()
-                      if key.endswith('/owner')}
+            owning = {v.owner.value for v in views.values() if v.owner}
             ids = {m.name: m.id for m in self.client.members()}
             for name in self.cluster.cluster.witnesses + \
                     self.cluster.cluster.hosts:
@@ -277,75 +339,82 @@ class Agent(object):
         except EtcdError as e:
             logger.info('etcd: could not move raft leadership: %s', e)
 
-    def _health(self):
-        now = time.monotonic()
-        return {'address': self.cluster.hosts[self.host].address,
-                'pid': os.getpid(), 'version': __version__,
-                'failed': sorted(n for n, s in self.slots.items()
-                                 if s.failed_until > now)}
-
-    def _announce(self):
-        health = self._health()
-        if health != self._announced:
-            self.membership.announce(self.lease.id, health)
-            self._announced = health
-
-    def _after_lease_loss(self):
-        for slot in self.slots.values():
-            if slot.state == RUNNING or slot.token or slot.fenced:
-                reason = self.lease.lost_reason if self.lease else 'no lease'
-                self.decide(slot, 'stop', 'lease lost (%s): services'
-                            ' fenced, cleaning up' % reason)
-                with self._lock:
-                    slot.service.fence()
-                self._stop_service(slot, release=False)
-                slot.fenced = False
-
-    def _candidate(self, slot, alive):
-        """The host that should take a free service: the most preferred
-        live host that did not just fail it. Just after the agent started,
-        a more preferred host that has not joined yet is waited for."""
+    def _chosen_host(self, slot, view, alive):
+        """Where a free service should start, with the reason, or
+        (None, reason). A valid switch names its host; else the most
+        preferred live host that did not just fail it. Just after the agent
+        started, a more preferred host that has not joined yet is waited
+        for."""
+        hosts = slot.conf.hosts
+        switch = view.switch
+        if switch and time.time() - (switch.get('at') or 0) > \
+                slot.conf.stop_timeout + slot.conf.start_timeout:
+            switch = None  # it never happened: back to the preferences
+        if switch and switch.get('to') in hosts and switch['to'] in alive:
+            return switch['to'], 'an operator switched it to %s' % switch['to']
+        target = view.target or {}
+        if target.get('host') in hosts and target['host'] in alive:
+            return target['host'], 'an operator started it on %s' \
+                % target['host']
+        if slot.conf.orchestrate != 'ha':
+            return None, 'orchestrate = manual: started only by an operator'
         starting = time.monotonic() - self.started < \
             self.cluster.agent.startup_grace
-        for host in slot.conf.hosts:
+        for host in hosts:
             health = alive.get(host)
             if health is None:
                 if starting:
-                    if slot.decision is None or slot.decision[1] != 'wait':
-                        self.decide(slot, 'wait', '%s is preferred and has'
-                                    ' not joined yet (startup grace %gs)'
-                                    % (host, self.cluster.agent.startup_grace))
-                    return None
+                    return None, '%s is preferred and has not joined yet' \
+                        ' (startup grace %gs)' % (
+                            host, self.cluster.agent.startup_grace)
                 continue
             if slot.service.name in health.get('failed', ()):
                 continue
-            return host
-        return None
+            return host, '%s is the preferred live host' % host
+        return None, 'no live host can run it'
 
-    def _decide(self, slot, owner_kv, alive):
+    def _decide(self, slot, view, alive):
+        slot.view = view
+        owner_kv = view.owner
         slot.owner = owner_kv.value if owner_kv else None
         if slot.token:
             if owner_kv is None or owner_kv.create_revision != slot.token:
                 self.decide(slot, 'stop', 'the owner key is no longer ours'
                             ' (now %s)' % (slot.owner or 'free'))
+                with self._lock:
+                    slot.service.fence()
                 slot.ownership.forget()
                 slot.token = None
                 self._stop_service(slot, release=False)
                 return
-            if slot.state != RUNNING:
-                self._start_service(slot, 'we own it and it is not running')
-            else:
-                self._monitor(slot)
+            self._owned(slot, view)
             return
         if owner_kv is not None:
-            if slot.state == RUNNING:
+            if slot.state != STOPPED:
+                # Owned elsewhere and running here: never both, frozen or
+                # not.
                 self.decide(slot, 'stop', 'it is owned by %s' % slot.owner)
                 self._stop_service(slot, release=False)
+            elif not slot.decision or slot.decision[1] not in (
+                    'failed', 'switch', 'stop', 'fence', 'refuse'):
+                self.decide(slot, 'standby', '%s owns it' % slot.owner,
+                            once=True)
             return
-        if slot.conf.orchestrate != 'ha':
+        # Free.
+        if view.frozen:
+            self.decide(slot, 'frozen', 'not started: frozen by %s'
+                        % intents.who(view.frozen), once=True)
             return
-        candidate = self._candidate(slot, alive)
-        if candidate != self.host:
+        if (view.target or {}).get('state') == 'stopped':
+            self.decide(slot, 'stopped', 'not started: stopped by %s'
+                        % intents.who(view.target), once=True)
+            return
+        if slot.failed_until > time.monotonic():
+            return  # the failure stays the decision shown, for its hold
+        host, reason = self._chosen_host(slot, view, alive)
+        if host != self.host:
+            self.decide(slot, 'wait', reason if host is None else
+                        'left to %s: %s' % (host, reason), once=True)
             return
         token = slot.ownership.acquire(self.lease.id)
         if token is None:
@@ -355,8 +424,43 @@ class Agent(object):
             return
         slot.token = token
         slot.owner = self.host
-        self._start_service(slot, 'took the owner key with token %d: %s is'
-                            ' the preferred live host' % (token, self.host))
+        self._start_service(slot, 'took the owner key with token %d: %s'
+                            % (token, reason))
+        if slot.state == RUNNING and view.switch and \
+                view.switch.get('to') == self.host:
+            intents.clear(self.client, self.keys, slot.service.name, 'switch')
+
+    def _owned(self, slot, view):
+        name = slot.service.name
+        if view.frozen:
+            self.decide(slot, 'frozen', 'left as it is (%s): frozen by %s'
+                        % (slot.state, intents.who(view.frozen)), once=True)
+            return
+        if slot.state == STOP_FAILED:
+            self.decide(slot, 'refuse', 'an earlier stop failed (%s): the'
+                        ' service stays owned here until it stops; fix it'
+                        ' and run `slaposha stop %s`' % (
+                            slot.decision[2] if slot.decision else '?', name),
+                        once=True)
+            if (view.target or {}).get('state') == 'stopped':
+                self._stop_service(slot, release=True)
+            return
+        if (view.target or {}).get('state') == 'stopped':
+            self.decide(slot, 'stop', 'stopped by %s'
+                        % intents.who(view.target))
+            self._stop_service(slot, release=True)
+            return
+        switch = view.switch
+        if switch and switch.get('to') not in (None, self.host):
+            self.decide(slot, 'switch', 'moving it to %s, as %s asked' % (
+                switch['to'], intents.who(switch)))
+            self._stop_service(slot, release=True)
+            return
+        if slot.state != RUNNING:
+            self._start_service(slot, 'we own it and it is not running')
+        else:
+            self._monitor(slot)
+        self._publish(slot)
 
     def _start_service(self, slot, reason):
         self.decide(slot, 'start', reason)
@@ -374,63 +478,101 @@ class Agent(object):
             slot.state = STOPPED
             return
         slot.state = RUNNING
-        slot.next_check = time.monotonic() + \
-            self.cluster.agent.monitor_interval
-        self._publish(slot)
+        slot.failures = 0
+        slot.next_check = 0.0
+        self._check(slot)
+
+    def _check(self, slot):
+        slot.resources = [(rid, st.state, st.message)
+                          for rid, st in slot.service.status()]
+        return slot.resources
 
     def _publish(self, slot):
         """The owner's view of the service, written under its token."""
-        try:
-            slot.ownership.write('state', json.dumps({
-                'host': self.host, 'state': slot.state,
-                'since': time.time()}))
-        except EtcdError as e:
-            logger.info('service %s: could not publish state: %s',
-                        slot.service.name, e)
+        state = {'host': self.host, 'state': slot.state,
+                 'resources': slot.resources}
+        if state == slot.published:
+            return
+        if slot.ownership.write('state', json.dumps(state)):
+            slot.published = state
 
     def _monitor(self, slot):
         now = time.monotonic()
         if now < slot.next_check:
             return
         slot.next_check = now + self.cluster.agent.monitor_interval
-        down = [(rid, st) for (rid, st), res in
-                zip(slot.service.status(), slot.service.resources)
-                if st.state == 'down' and not res.conf.optional]
+        optional = {res.rid for res in slot.service.resources
+                    if res.conf.optional}
+        down = [(rid, message) for rid, state, message in self._check(slot)
+                if state == DOWN and rid not in optional]
         if not down:
-            slot.failures = 0
             return
-        rid, st = down[0]
+        rid, message = down[0]
         slot.failures += 1
         if slot.failures <= slot.conf.restart:
             self.decide(slot, 'restart', '%s is down (%s): restart %d of %d'
-                        % (rid, st.message, slot.failures, slot.conf.restart))
+                        % (rid, message, slot.failures, slot.conf.restart))
             try:
                 slot.service.stop()
                 slot.service.start(may_go_on=lambda: self.lease.valid)
             except ServiceError as e:
                 self._failed(slot, 'restart failed at %s: %s' % (e.rid, e))
+                return
+            self._check(slot)
             return
         self._failed(slot, '%s is down (%s) after %d restart(s)'
-                     % (rid, st.message, slot.conf.restart))
+                     % (rid, message, slot.conf.restart))
 
     def _failed(self, slot, reason):
-        """A service that cannot run here: stop it, and let another host
-        have it (on_failure = switch)."""
+        """A service that cannot run here: apply on_failure."""
+        on_failure = slot.conf.on_failure
+        name = slot.service.name
         self.decide(slot, 'failed', '%s; on_failure = %s'
-                    % (reason, slot.conf.on_failure))
-        self._stop_service(slot, release=True)
+                    % (reason, on_failure))
+        view = getattr(slot, 'view', None)
+        if view and view.switch and view.switch.get('to') == self.host:
+            intents.clear(self.client, self.keys, name, 'switch')
+        if on_failure == 'freeze':
+            # Left as it is for an operator to look at.
+            intents.set_frozen(self.client, self.keys, name, True,
+                               by='agent on %s' % self.host, reason=reason)
+            slot.state = RUNNING if slot.state == RUNNING else STOPPED
+            return
+        if on_failure == 'stop':
+            intents.set_target(self.client, self.keys, name, 'stopped',
+                               by='agent on %s' % self.host, reason=reason)
+        else:
+            slot.failed_until = time.monotonic() + \
+                self.cluster.agent.failed_hold
+            self._announced = None
         slot.failures = 0
-        slot.failed_until = time.monotonic() + \
-            self.cluster.agent.failed_hold
+        self._stop_service(slot, release=True)
 
-    def _stop_service(self, slot, release):
+    def _stop_service(self, slot, release, lease_lost=False):
+        """Stop the resources in reverse. A stop that fails is escalated to
+        a fence; if a resource is still not down after it, the service is
+        not released: nobody may start it while it half-runs here."""
         try:
             slot.service.stop()
         except ServiceError as e:
-            self.decide(slot, 'fence', 'stop failed at %s (%s): killing'
+            with self._lock:
+                slot.service.fence()
+            left = [(rid, st) for rid, st in slot.service.status()
+                    if st.state not in (DOWN, NA)]
+            if left and not lease_lost:
+                rid, st = left[0]
+                slot.state = STOP_FAILED
+                self.decide(slot, 'refuse', 'stop failed at %s (%s) and %s'
+                            ' is still %s: not releasing it' % (
+                                e.rid, e, rid, st.state))
+                self._check(slot)
+                self._update_fence_targets()
+                return
+            self.decide(slot, 'fence', 'stop failed at %s (%s): killed'
                         % (e.rid, e))
-            slot.service.fence()
         slot.state = STOPPED
+        slot.resources = []
+        slot.published = None
         if release and slot.token:
             try:
                 slot.ownership.release()
@@ -442,9 +584,74 @@ class Agent(object):
         slot.token = None
         self._update_fence_targets()
 
+    # -- operator actions (from the API) -----------------------------------------
+
+    def action(self, name, verb, params=None):
+        """Record an operator's intent; the cycles carry it out. Returns a
+        one-line message; raises ActionError for what cannot be done."""
+        params = params or {}
+        if name not in self.confs:
+            raise ActionError('no service %r (services: %s)' % (
+                name, ', '.join(sorted(self.confs)) or 'none'))
+        conf = self.confs[name].service
+        by = params.get('by') or 'operator on %s' % self.host
+        try:
+            view = intents.read(self.client, self.keys).get(name) or \
+                intents.View(name)
+            if verb == 'freeze':
+                intents.set_frozen(self.client, self.keys, name, True, by=by)
+                return '%s frozen: the agents will neither start nor stop' \
+                    ' it' % name
+            if verb == 'thaw':
+                intents.set_frozen(self.client, self.keys, name, False, by=by)
+                return '%s thawed' % name
+            if verb == 'stop':
+                intents.set_target(self.client, self.keys, name, 'stopped',
+                                   by=by)
+                intents.clear(self.client, self.keys, name, 'switch')
+                return '%s: stopping%s' % (name, ' (frozen: nothing happens'
+                                           ' until thawed)' if view.frozen
+                                           else '')
+            if verb in ('start', 'switch', 'takeover'):
+                to = params.get('to')
+                if verb == 'takeover' or (verb == 'start' and to is None and
+                                          conf.orchestrate == 'manual'):
+                    # A manual service starts where the operator is.
+                    to = self.host
+                if verb == 'switch' and not to:
+                    raise ActionError('switch needs a host to move to (--to)')
+                if to is not None and to not in conf.hosts:
+                    raise ActionError('%s cannot run on %r: its hosts are %s'
+                                      % (name, to, ' '.join(conf.hosts)))
+                if view.frozen:
+                    raise ActionError('%s is frozen by %s: thaw it first'
+                                      % (name, intents.who(view.frozen)))
+                if to is not None:
+                    alive = self.membership.alive()
+                    if to not in alive:
+                        raise ActionError('%s is not alive (no agent holds a'
+                                          ' lease there)' % to)
+                if verb == 'start':
+                    intents.set_target(self.client, self.keys, name,
+                                       'started', host=to, by=by)
+                    return '%s: starting%s' % (name, ' on %s' % to if to
+                                               else '')
+                if view.owner is not None and view.owner.value == to:
+                    intents.set_target(self.client, self.keys, name,
+                                       'started', by=by)
+                    return '%s already runs on %s' % (name, to)
+                intents.set_target(self.client, self.keys, name, 'started',
+                                   by=by)
+                intents.set_switch(self.client, self.keys, name, to, by=by)
+                return '%s: moving to %s' % (name, to)
+        except EtcdError as e:
+            raise ActionError('etcd: %s' % e)
+        raise ActionError('unknown action %r' % verb)
+
     # -- status -----------------------------------------------------------------
 
-    def status(self):
+    def local_status(self):
+        """This agent's own view, readable without etcd."""
         lease = self.lease
         return {
             'host': self.host, 'pid': os.getpid(), 'version': __version__,
@@ -456,16 +663,51 @@ class Agent(object):
             'etcd': self.etcd_problem or 'ok',
             'services': {
                 name: {'state': slot.state, 'owner': slot.owner,
-                       'token': slot.token,
-                       'decision': slot.decision}
+                       'token': slot.token, 'decision': slot.decision,
+                       'resources': slot.resources}
                 for name, slot in self.slots.items()},
         }
+
+    def cluster_status(self):
+        """The whole cluster as etcd knows it, with this agent's view; when
+        etcd cannot be read, the local view and why."""
+        status = {'cluster': self.cluster.name, 'host': self.host,
+                  'local': self.local_status(), 'etcd': 'ok'}
+        try:
+            views = intents.read(self.client, self.keys)
+            alive = self.membership.alive()
+        except EtcdError as e:
+            status['etcd'] = 'cannot read the cluster: %s' % e
+            return status
+        status['hosts'] = {
+            name: dict(alive.get(name) or {}, alive=name in alive,
+                       role='witness' if name in
+                       self.cluster.cluster.witnesses else 'host')
+            for name in self.cluster.members}
+        services = {}
+        for name, conf in sorted(self.confs.items()):
+            view = views.get(name) or intents.View(name)
+            published = view.state if view.owner and view.state and \
+                view.state.get('host') == view.owner.value else None
+            services[name] = {
+                'orchestrate': conf.service.orchestrate,
+                'hosts': conf.service.hosts,
+                'owner': view.owner.value if view.owner else None,
+                'token': view.owner.create_revision if view.owner else None,
+                'frozen': view.frozen, 'target': view.target,
+                'switch': view.switch,
+                'resources': (published or {}).get('resources', []),
+                'on': {h: (alive.get(h) or {}).get('services', {}).get(name)
+                       for h in conf.service.hosts},
+            }
+        status['services'] = services
+        return status
 
     def write_status(self):
         tmp = self.status_path + '.tmp'
         try:
             with open(tmp, 'w') as f:
-                json.dump(self.status(), f)
+                json.dump(self.local_status(), f)
             os.rename(tmp, self.status_path)
         except OSError:
             pass

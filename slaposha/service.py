@@ -87,6 +87,13 @@ class Service(object):
                 pass
         self.cgroup.kill()
 
+    def tick(self):
+        """Every agent cycle, for drivers that work on a schedule (task)."""
+        for res in self.resources:
+            tick = getattr(res, 'tick', None)
+            if tick is not None:
+                tick()
+
     def status(self):
         """[(rid, Status)] of every resource."""
         return [(res.rid, res.status()) for res in self.resources]

@@ -44,6 +44,9 @@ def cluster(make_lab):
         observer.stop()
         for host in ('hA', 'hB'):
             lc.stop_agent(host)
+        # Shown by pytest only when the test failed.
+        for host in ('hA', 'hB'):
+            print('---- agent log of %s\n%s' % (host, lc.log(host)[-4000:]))
 
 
 def service_pid(lc, host):

@@ -118,6 +118,116 @@ def witness(args):
     return 0
 
 
+def _agent_call(args, method, route, body=None):
+    """Ask the agent of this host; one line and exit 2 when it cannot."""
+    import os
+    from slaposha.api.local import AgentUnreachable, call
+    cluster = _cluster(args)
+    path = os.path.join(cluster.cluster.run_dir, 'agent.sock')
+    try:
+        status, answer = call(path, method, route, body)
+    except AgentUnreachable as e:
+        raise UserError(str(e))
+    if status >= 400:
+        raise UserError(answer.get('error', 'agent answered %d' % status))
+    return answer
+
+
+@command('status', 'the cluster as a tree: hosts, services, owners, each'
+         ' resource and the last decision with its reason', [
+             (('service',), dict(nargs='?', help='only this service')),
+             (('--json',), dict(action='store_true',
+                                help='print the raw status as JSON')),
+         ])
+def status(args):
+    import json
+    from slaposha.cli.status import render
+    answer = _agent_call(args, 'GET', '/status')
+    if args.service and args.service not in answer.get('services', {}) \
+            and answer.get('services') is not None:
+        raise UserError('no service %r' % args.service)
+    if args.json:
+        print(json.dumps(answer, indent=2, sort_keys=True))
+    else:
+        print('\n'.join(render(answer, args.service)))
+    return 0
+
+
+def _done(answer, name, verb, to, here):
+    svc = (answer.get('services') or {}).get(name)
+    if svc is None:
+        return False
+    running = svc.get('owner') and \
+        ((svc.get('on') or {}).get(svc['owner']) or {}).get('state') \
+        == 'running'
+    if verb == 'stop':
+        return svc.get('owner') is None
+    if verb in ('switch', 'takeover'):
+        return running and svc['owner'] == (to or here) and \
+            not svc.get('switch')
+    if verb == 'start':
+        return running and (to is None or svc['owner'] == to)
+    return True
+
+
+def _action(verb, with_to=False, help=''):
+    arguments = [(('service',), dict(help='service name')),
+                 (('--timeout',), dict(type=float, default=120.0,
+                                       help='seconds to wait for the result'
+                                            ' (default 120)')),
+                 (('--no-wait',), dict(action='store_true',
+                                       help='return once the request is'
+                                            ' recorded'))]
+    if with_to:
+        arguments.append((('--to',) if verb == 'switch' else ('--on',),
+                          dict(dest='to', metavar='HOST',
+                               required=verb == 'switch',
+                               help='host to run it on')))
+
+    def run(args):
+        import time
+        began = time.monotonic()
+        body = {'to': args.to} if with_to and args.to else {}
+        answer = _agent_call(args, 'POST', '/services/%s/%s'
+                             % (args.service, verb), body)
+        print(answer['message'])
+        if args.no_wait or verb in ('freeze', 'thaw'):
+            return 0
+        here = None
+        while True:
+            status = _agent_call(args, 'GET', '/status')
+            here = status.get('host')
+            if _done(status, args.service, verb, getattr(args, 'to', None),
+                     here):
+                svc = status['services'][args.service]
+                print('%s: %s after %.2f s' % (
+                    args.service, 'runs on %s' % svc['owner']
+                    if svc.get('owner') else 'stopped',
+                    time.monotonic() - began))
+                return 0
+            if time.monotonic() - began > args.timeout:
+                svc = (status.get('services') or {}).get(args.service, {})
+                decisions = ['%s: %s: %s' % (h, on['decision'][1],
+                                             on['decision'][2])
+                             for h, on in (svc.get('on') or {}).items()
+                             if on and on.get('decision')]
+                raise UserError('%s: not done after %gs; %s' % (
+                    args.service, args.timeout,
+                    '; '.join(decisions) or 'no decision yet'))
+            time.sleep(0.1)
+    command(verb, help, arguments)(run)
+
+
+_action('start', with_to=True, help='start a service (where the agents'
+        ' choose, or --on HOST)')
+_action('stop', help='stop a service everywhere; the agents leave it stopped')
+_action('switch', with_to=True, help='planned move of a service to a host:'
+        ' stop here, hand over ownership, start there')
+_action('takeover', help='move a service to this host')
+_action('freeze', help='the agents neither start nor stop the service')
+_action('thaw', help='undo freeze')
+
+
 @command('version', 'print the version of slaposha')
 def version(args):
     print('slaposha %s' % __version__)

@@ -120,7 +120,25 @@ class LabCluster(object):
             self.start_witness(host)
         for host in self.hosts:
             self.start_agent(host)
+        for host in self.hosts:
+            self.wait_agent(host)
         return self
+
+    def wait_agent(self, host, timeout=30):
+        """Wait until the agent of ``host`` answers on its socket."""
+        sock = self.lab[host].path('/run/slaposha/agent.sock')
+
+        def ready():
+            if self.agents[host].poll() is not None:
+                raise LabError('agent of %s exited: %s' % (
+                    host, self.log(host)[-1000:]))
+            return os.path.exists(sock)
+        wait_for(ready, timeout, what='agent of %s answering' % host)
+
+    def cli(self, host, *args, check=True, timeout=120):
+        """Run ``slaposha <args>`` in ``host``; returns CompletedProcess."""
+        return self.lab[host].run(self.command(*args), env=self.env(),
+                                  check=check, timeout=timeout)
 
     def agent_pid(self, host):
         return self.agents[host].pid

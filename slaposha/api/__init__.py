@@ -1,0 +1,75 @@
+"""The agent's API: one set of routes, served on a local unix socket (for
+the ``slaposha`` CLI on the same host) and later over HTTPS.
+
+Routes (JSON in, JSON out):
+
+- ``GET /status``: the cluster as etcd knows it, and this agent's view;
+- ``GET /local``: this agent's view only (works without etcd);
+- ``POST /services/<name>/<action>``: start, stop, switch, takeover,
+  freeze, thaw; body ``{"to": host}`` for switch and start.
+
+Errors are ``{"error": "<one line>"}`` with a 4xx status; the agent never
+stops on a bad request.
+"""
+
+import json
+import re
+
+__all__ = ['dispatch', 'ACTIONS', 'MAX_BODY']
+
+ACTIONS = ('start', 'stop', 'switch', 'takeover', 'freeze', 'thaw')
+ACTION_FIELDS = {'to': str, 'by': str}
+MAX_BODY = 64 * 1024
+
+_SERVICE_ACTION = re.compile(r'^/services/([A-Za-z0-9_.-]+)/([a-z]+)$')
+
+
+class ApiError(Exception):
+    def __init__(self, status, message):
+        self.status = status
+        super().__init__(message)
+
+
+def _body(raw):
+    if not raw:
+        return {}
+    try:
+        body = json.loads(raw.decode('utf-8'))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, 'body is not JSON: %s' % e)
+    if not isinstance(body, dict):
+        raise ApiError(400, 'body must be a JSON object')
+    for key, value in body.items():
+        if key not in ACTION_FIELDS:
+            raise ApiError(400, 'unknown field %r (known: %s)'
+                           % (key, ', '.join(ACTION_FIELDS)))
+        if value is not None and not isinstance(value, ACTION_FIELDS[key]):
+            raise ApiError(400, 'field %r must be a string' % key)
+    return body
+
+
+def dispatch(agent, method, path, raw_body=b''):
+    """(HTTP status, JSON-able answer) for one request."""
+    from slaposha.agent import ActionError
+    try:
+        if path == '/status' and method == 'GET':
+            return 200, agent.cluster_status()
+        if path == '/local' and method == 'GET':
+            return 200, agent.local_status()
+        m = _SERVICE_ACTION.match(path)
+        if m:
+            if method != 'POST':
+                raise ApiError(405, 'use POST for actions')
+            name, verb = m.groups()
+            if verb not in ACTIONS:
+                raise ApiError(404, 'unknown action %r (actions: %s)'
+                               % (verb, ', '.join(ACTIONS)))
+            body = _body(raw_body)
+            try:
+                return 200, {'message': agent.action(name, verb, body)}
+            except ActionError as e:
+                status = 404 if str(e).startswith('no service') else 409
+                raise ApiError(status, str(e))
+        raise ApiError(404, 'no such route: %s %s' % (method, path))
+    except ApiError as e:
+        return e.status, {'error': str(e)}

@@ -1,0 +1,114 @@
+"""The status tree, as OpenSVC prints it: what runs where, and why."""
+
+import time
+
+__all__ = ['render', 'service_state']
+
+
+def _when(decision):
+    if not decision:
+        return ''
+    return time.strftime('%H:%M:%S', time.localtime(decision[0]))
+
+
+def service_state(svc):
+    """up, warn, down or frozen, from what the owner published."""
+    if not svc.get('owner'):
+        return 'down'
+    states = [r[1] for r in svc.get('resources') or []]
+    if not states:
+        return 'starting'
+    if any(s == 'down' for s in states):
+        return 'down'
+    if any(s == 'warn' for s in states):
+        return 'warn'
+    return 'up'
+
+
+def _intent_text(label, intent):
+    if not intent:
+        return None
+    when = intent.get('at')
+    stamp = time.strftime(' %H:%M:%S', time.localtime(when)) \
+        if isinstance(when, (int, float)) else ''
+    text = '%s by %s%s' % (label, intent.get('by', '?'), stamp)
+    if intent.get('reason'):
+        text += ': %s' % intent['reason']
+    return text
+
+
+def render(status, only=None):
+    """Lines of the tree for a /status answer."""
+    lines = []
+    local = status.get('local', {})
+    lines.append('cluster %s   etcd %s   (seen from %s)' % (
+        status.get('cluster'), status.get('etcd'), status.get('host')))
+    lease = local.get('lease')
+    if lease:
+        lines.append('  lease %s %s, %.1f s left%s' % (
+            lease['id'], 'held' if lease['valid'] else 'LOST',
+            lease['time_left'],
+            ': %s' % lease['lost'] if lease.get('lost') else ''))
+    hosts = status.get('hosts')
+    if hosts:
+        lines.append('  hosts')
+        for name, h in hosts.items():
+            if h.get('role') == 'witness':
+                lines.append('    %-8s witness  (runs only an etcd member)'
+                             % name)
+                continue
+            lines.append('    %-8s %-8s %s%s' % (
+                name, 'alive' if h.get('alive') else 'DOWN',
+                h.get('address', ''),
+                '  failed: %s' % ' '.join(h['failed'])
+                if h.get('failed') else ''))
+    services = status.get('services')
+    if services is None:
+        # etcd out of reach: what this agent alone knows.
+        lines.append('  cluster view unavailable; this host\'s view:')
+        for name, svc in sorted(local.get('services', {}).items()):
+            if only and name != only:
+                continue
+            d = svc.get('decision')
+            lines.append('  %-10s %-8s %s' % (
+                name, svc.get('state'),
+                '%s: %s (%s)' % (d[1], d[2], _when(d)) if d else ''))
+        return lines
+    for name, svc in services.items():
+        if only and name != only:
+            continue
+        head = '%-10s %-8s' % (name, service_state(svc))
+        if svc.get('owner'):
+            head += ' on %s (token %s)' % (svc['owner'], svc['token'])
+        else:
+            head += ' not running anywhere'
+        head += '   orchestrate %s   hosts %s' % (
+            svc.get('orchestrate'), ' '.join(svc.get('hosts', [])))
+        lines.append(head)
+        for label, key in (('FROZEN', 'frozen'), ('switch', 'switch'),
+                           ('target', 'target')):
+            intent = svc.get(key)
+            if key == 'target' and intent and \
+                    intent.get('state') == 'started' and \
+                    not intent.get('host'):
+                continue
+            text = _intent_text(label if key != 'target' else
+                                (intent or {}).get('state', ''), intent)
+            if key == 'switch' and intent:
+                text = 'switch to %s requested by %s' % (
+                    intent.get('to'), intent.get('by'))
+            if text:
+                lines.append('  ! %s' % text)
+        for host in svc.get('hosts', []):
+            on = (svc.get('on') or {}).get(host)
+            if on is None:
+                lines.append('  %-8s %-12s' % (host, 'unknown (down)'))
+                continue
+            d = on.get('decision')
+            lines.append('  %-8s %-12s %s' % (
+                host, on.get('state'),
+                '%s: %s (%s)' % (d[1], d[2], _when(d)) if d else ''))
+            if host == svc.get('owner'):
+                for rid, state, message in svc.get('resources') or []:
+                    lines.append('    %-14s %-5s %s' % (rid, state, message))
+    return lines

@@ -1,0 +1,95 @@
+"""What operators want of a service, stored in etcd beside its owner key.
+
+Keys under ``services/<name>/`` (see :mod:`slaposha.cluster.lease`):
+
+- ``owner``: the owner host; its create revision is the fencing token;
+- ``state``: what the owner publishes (guarded by its token);
+- ``frozen``: present while frozen: the agents neither start nor stop it;
+- ``target``: ``{"state": "started" | "stopped", "host": ...}``: an
+  operator's start (optionally on a host) or stop;
+- ``switch``: ``{"to": host}``: a planned move, cleared by the new owner
+  once the service runs there.
+
+Intents are JSON objects that say who set them and when, so that status can
+tell why the agents do what they do. They are an operator's, not an
+owner's: they are not guarded by a fencing token.
+"""
+
+import json
+import time
+from collections import namedtuple
+
+from slaposha.cluster.etcd import Op
+
+__all__ = ['View', 'read', 'set_frozen', 'set_target', 'set_switch', 'clear',
+           'who']
+
+
+class View(namedtuple('View', 'name owner state frozen target switch')):
+    """Everything etcd holds about one service. ``owner`` is the KeyValue of
+    the owner key (or None); the others are decoded JSON (or None)."""
+
+    def __new__(cls, name, owner=None, state=None, frozen=None, target=None,
+                switch=None):
+        return super().__new__(cls, name, owner, state, frozen, target,
+                               switch)
+
+
+def _decode(text):
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {'unreadable': text[:100]}
+    return value if isinstance(value, dict) else {'value': value}
+
+
+def read(client, keys, timeout=None):
+    """{service name: View} in one read of the services prefix."""
+    fields = {}
+    for kv in client.get_prefix(keys.services, timeout=timeout):
+        name, _, field = kv.key[len(keys.services):].partition('/')
+        entry = fields.setdefault(name, {})
+        if field == 'owner':
+            entry['owner'] = kv
+        elif field in View._fields:
+            entry[field] = _decode(kv.value)
+    return {name: View(name, **entry) for name, entry in fields.items()}
+
+
+def _intent(by, **values):
+    values.update(by=by, at=time.time())
+    return json.dumps(values, sort_keys=True)
+
+
+def set_frozen(client, keys, name, frozen, by, reason=None):
+    key = keys.service(name, 'frozen')
+    if frozen:
+        client.put(key, _intent(by, reason=reason))
+    else:
+        client.delete(key)
+
+
+def set_target(client, keys, name, state, by, host=None, reason=None):
+    client.put(keys.service(name, 'target'),
+               _intent(by, state=state, host=host, reason=reason))
+
+
+def set_switch(client, keys, name, to, by):
+    client.put(keys.service(name, 'switch'), _intent(by, to=to))
+
+
+def clear(client, keys, name, field):
+    client.txn(compare=[], success=[Op.delete(keys.service(name, field))])
+
+
+def who(intent):
+    """'operator on hA at 12:00:01' from an intent's by/at."""
+    if not intent:
+        return 'nobody'
+    when = intent.get('at')
+    stamp = time.strftime(' at %H:%M:%S', time.localtime(when)) \
+        if isinstance(when, (int, float)) else ''
+    text = '%s%s' % (intent.get('by', 'someone'), stamp)
+    if intent.get('reason'):
+        text += ' (%s)' % intent['reason']
+    return text
