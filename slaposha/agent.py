@@ -46,6 +46,9 @@ __all__ = ['Agent', 'ActionError', 'default_host', 'run_witness']
 
 logger = logging.getLogger('slaposha.agent')
 
+# Seconds raft must have kept its term before an owner moves the leader.
+LEADER_SETTLE = 10.0
+
 # A service's state on this host.
 STOPPED, RUNNING, STOP_FAILED = 'stopped', 'running', 'stop failed'
 
@@ -108,6 +111,8 @@ class Agent(object):
         self._announced = None
         self.started = time.monotonic()
         self._next_leader_check = 0.0
+        self._raft_term = None
+        self._term_seen = 0.0
         run_dir = cluster.cluster.run_dir
         self.status_path = os.path.join(run_dir, 'agent.json')
         self.socket_path = os.path.join(run_dir, 'agent.sock')
@@ -321,9 +326,19 @@ class Agent(object):
         self._next_leader_check = now + self.cluster.agent.monitor_interval
         if not any(slot.token for slot in self.slots.values()):
             return
+        # Moving the leader is itself a short election: never while the
+        # lease is short of a fresh renewal or raft has just changed term.
+        lease = self.cluster.lease
+        if self.lease.time_left() < lease.ttl - lease.fence_margin - \
+                lease.renew_interval:
+            return
         mine = self.member.client_url
         try:
-            if not self.client.status(mine).is_leader:
+            status = self.client.status(mine)
+            if status.raft_term != self._raft_term:
+                self._raft_term = status.raft_term
+                self._term_seen = now
+            if now - self._term_seen < LEADER_SETTLE or not status.is_leader:
                 return
             owning = {v.owner.value for v in views.values() if v.owner}
             ids = {m.name: m.id for m in self.client.members()}

@@ -277,3 +277,100 @@ def test_a_stop_that_fails_is_refused_and_shown(make_lab):
     finally:
         for host in ('hA', 'hB'):
             lc.stop_agent(host)
+
+
+VIP = '10.213.0.100'
+
+WEB_SERVICE = '''
+    [service]
+    hosts = hA hB
+    [ip#vip]
+    address = %s/32
+    dev = lab0
+    [fs#data]
+    device = /var/lib/slaposha/web-data
+    type = bind
+    mount_point = /srv/slapgrid/web
+    [app#http]
+    command = exec python3 -m http.server --bind %s 8080 --directory /srv/slapgrid/web
+''' % (VIP, VIP)
+
+
+def fetch(lab, via='hO'):
+    """What the service answers at its address, seen from a host outside
+    the cluster; None when nothing answers."""
+    p = lab[via].run(['python3', '-c', '''
+import urllib.request, sys
+try:
+    print(urllib.request.urlopen("http://%s:8080/who", timeout=1).read().decode())
+except Exception:
+    print("")
+''' % VIP], check=False)
+    return p.stdout.strip() or None
+
+
+@pytest.fixture
+def web_ip(make_lab):
+    """ip + fs (bind) + app on hA and hB; a witness; hO outside the
+    cluster, as a client."""
+    lab = make_lab(['hA', 'hB', 'hW', 'hO'])
+    for host in ('hA', 'hB'):
+        data = lab[host].path('/var/lib/slaposha') + '/web-data'
+        import os
+        os.makedirs(data)
+        with open(os.path.join(data, 'who'), 'w') as f:
+            f.write('served by %s\n' % host)
+        lab[host].run(['mkdir', '-p', '/srv/slapgrid/web'])
+    lc = LabCluster(lab, ['hA', 'hB'], ['hW'],
+                    services={'web': WEB_SERVICE}).start()
+    from slaposha.lab.cluster import holds_address
+    lc.observer = Observer(lab, probe=holds_address(VIP),
+                           hosts=['hA', 'hB']).start()
+    try:
+        lc.observer.wait_running('hA', 30)
+        wait_for(lambda: fetch(lab) == 'served by hA', 20,
+                 what='web answering from hA')
+        yield lc
+    finally:
+        lc.observer.stop()
+        for host in ('hA', 'hB'):
+            lc.stop_agent(host)
+
+
+def test_ip_fs_app_service_on_its_preferred_host(web_ip):
+    lc = web_ip
+    for host in ('hA', 'hB'):
+        svc = wait_for(lambda: (lambda s: s if len(s['resources']) == 3
+                                else None)(status_of(lc, host, 'web')), 10,
+                       what='resources published')
+        assert svc['owner'] == 'hA'
+        assert [(rid, state) for rid, state, _ in svc['resources']] == [
+            ('ip#vip', 'up'), ('fs#data', 'up'), ('app#http', 'up')]
+    # The bind mount is hA's own: hB's mount point is empty.
+    assert lc.lab['hB'].run(['ls', '/srv/slapgrid/web']).stdout == ''
+
+
+def test_crash_moves_address_data_and_program(web_ip):
+    lc = web_ip
+    lc.lab.crash('hA')
+    crashed = time.monotonic()
+    wait_for(lambda: fetch(lc.lab) == 'served by hB', 20,
+             what='web answering from hB')
+    print('answered from hB %.2f s after the crash'
+          % (time.monotonic() - crashed))
+    check_no_overlap(lc.observer)
+
+
+def test_switch_never_puts_the_address_on_both_hosts(web_ip):
+    lc = web_ip
+    out = lc.cli('hB', 'switch', 'web', '--to', 'hB').stdout
+    assert 'runs on hB' in out
+    wait_for(lambda: fetch(lc.lab) == 'served by hB', 10,
+             what='web answering from hB')
+    assert lc.observer.where() == ['hB']
+    assert lc.observer.last['hA'] < lc.observer.first['hB']
+    lc.cli('hA', 'switch', 'web', '--to', 'hA')
+    wait_for(lambda: fetch(lc.lab) == 'served by hA', 10,
+             what='web answering from hA again')
+    check_no_overlap(lc.observer)
+    assert lc.observer.samples > 50

@@ -69,6 +69,7 @@ def test_etcd_leader_loss_does_not_move_the_service(cluster):
     if leader == 'hA':
         lc.move_leader('hB', 'hW')
         leader = 'hB'
+        time.sleep(2)  # one leader change at a time: renewals land first
     os.kill(lc.etcd_pid(leader), signal.SIGKILL)
     killed = time.monotonic()
     while time.monotonic() - killed < 8:
@@ -174,7 +175,7 @@ def test_raft_leadership_moves_off_the_owner(cluster):
     # monitor intervals (leader_placement = away).
     lc.move_leader('hA', 'hW')
     leader = wait_for(lambda: (lambda name: name if name and name != 'hA'
-                               else None)(lc.etcd_leader('hW')), 15,
+                               else None)(lc.etcd_leader('hW')), 25,
                       interval=0.5, what='etcd leader off hA')
     assert leader in ('hW', 'hB')
 

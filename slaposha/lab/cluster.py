@@ -24,7 +24,7 @@ import time
 
 from slaposha.lab import LabError, wait_for
 
-__all__ = ['LabCluster', 'Observer', 'make_test_pki']
+__all__ = ['LabCluster', 'Observer', 'make_test_pki', 'holds_address']
 
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -239,16 +239,20 @@ class LabCluster(object):
 
 
 class Observer(object):
-    """Watches, from outside every host, where a service's process runs.
+    """Watches, from outside every host, where something runs.
 
-    Polls each host every ``interval`` seconds for a process whose command
-    line contains ``marker``, and keeps the moments each host was first and
-    last seen running it, and whether two hosts ever ran it at once.
+    Polls each host every ``interval`` seconds with ``probe(host)`` (by
+    default: a process whose command line contains ``marker``), and keeps
+    the moments each host was first and last seen with it, and whether two
+    hosts ever had it at once.
     """
 
-    def __init__(self, lab, marker, interval=0.02):
+    def __init__(self, lab, marker=None, interval=0.02, probe=None,
+                 hosts=None):
         self.lab = lab
-        self.marker = marker.encode()
+        self.marker = marker.encode() if marker else None
+        self.probe = probe or self.running_on
+        self.hosts = hosts
         self.interval = interval
         self.first = {}
         self.last = {}
@@ -267,10 +271,14 @@ class Observer(object):
                 continue
         return False
 
+    def _watched(self):
+        return [h for h in self.lab if self.hosts is None or
+                h.name in self.hosts]
+
     def _run(self):
         while not self._stop.is_set():
             now = time.monotonic()
-            where = [h.name for h in self.lab if self.running_on(h)]
+            where = [h.name for h in self._watched() if self.probe(h)]
             for name in where:
                 self.first.setdefault(name, now)
                 self.last[name] = now
@@ -288,7 +296,7 @@ class Observer(object):
         self._thread.join(5)
 
     def where(self):
-        return [h.name for h in self.lab if self.running_on(h)]
+        return [h.name for h in self._watched() if self.probe(h)]
 
     def wait_running(self, host, timeout):
         """Wait until the observer has seen the service on ``host``."""
@@ -328,3 +336,18 @@ def make_test_pki(folder, hosts):
                 '-CAkey', 'ca.key', '-CAcreateserial', '-out', name + '.crt',
                 '-days', '30', '-extfile', ext)
         os.chmod(os.path.join(folder, name + '.key'), 0o600)
+
+
+def holds_address(address):
+    """A probe for Observer: the host has ``address`` on an interface (read
+    from outside, with ``ip -n``)."""
+    def probe(host):
+        # A crashed host (link down) holds nothing anyone can reach.
+        with open('/sys/class/net/%s/operstate' % host.veth) as f:
+            if f.read().strip() != 'up':
+                return False
+        out = subprocess.run(['ip', '-n', host.netns, '-o', 'addr', 'show'],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             universal_newlines=True).stdout
+        return (' %s/' % address) in out
+    return probe
