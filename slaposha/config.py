@@ -613,8 +613,9 @@ def load_service(path, cluster=None):
     except ValueError as e:
         raise ConfigError(path, message='service name from the file name: %s'
                           % e)
-    from slaposha import resources  # its drivers declare their keys
-    resources.load_drivers()
+    # The drivers declare their keys and check their sections.
+    from slaposha import resources as resources_module
+    resources_module.load_drivers()
     parser = _parse_ini(path)
     service = None
     resources = []
@@ -640,6 +641,9 @@ def load_service(path, cluster=None):
         res = _parse_section(path, section, raw, kinds[kind])
         res.kind = kind
         res.rid = section
+        problem = resources_module.check_section(res)
+        if problem:
+            raise ConfigError(path, section, message=problem)
         resources.append(res)
     if service is None:
         service = _parse_section(path, 'service', {}, SERVICE_SCHEMA)

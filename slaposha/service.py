@@ -1,10 +1,8 @@
 """A service at run time: its resources, started in order, stopped in
 reverse, and fenced at once when the lease is lost."""
 
-import os
 from collections import namedtuple
 
-from slaposha.config import ConfigError
 from slaposha.resources import ResourceError, driver
 
 __all__ = ['Service', 'ServiceError', 'Context']
@@ -32,11 +30,8 @@ class Service(object):
         for section in conf.resources:
             if section.disable:
                 continue
-            cls = driver(section.kind)
-            problem = cls.validate(section)
-            if problem:
-                raise ConfigError(conf.path, section.rid, message=problem)
-            self.resources.append(cls(section, self.context))
+            self.resources.append(driver(section.kind)(section,
+                                                       self.context))
 
     def start(self, may_go_on=None):
         """Start every resource in order. ``may_go_on()`` is asked before

@@ -477,30 +477,23 @@ def test_task_failure_and_timeout_are_warnings(make_task):
 # -- validation --------------------------------------------------------------
 
 def test_validation_names_the_bad_value(tmp_path):
-    bad_address, bad_route, bad_bind = load(tmp_path, '''\
-        [ip#a]
-        address = 10.213.0.100/32 10.0.0.300/32
-        dev = lab0
-        [ip#b]
-        address = 10.213.0.100
-        dev = lab0
-        routes = 10.9.0.0/16 by 10.213.0.254
-        [fs#c]
-        device = srv/src
-        mount_point = /srv/x
-        type = bind
-        ''').resources
-    problem = driver('ip').validate(bad_address)
-    assert '10.0.0.300/32' in problem and '\n' not in problem
-    problem = driver('ip').validate(bad_route)
-    assert 'routes' in problem and '10.9.0.0/16 by 10.213.0.254' in problem
-    problem = driver('fs').validate(bad_bind)
-    assert 'srv/src' in problem
-    # A service refuses such a resource as a configuration error.
-    conf = load(tmp_path, '[ip#a]\naddress = fd42::1::2\ndev = lab0\n')
-    with pytest.raises(ConfigError) as info:
-        Service(conf, Cgroup('/nonexistent'), str(tmp_path))
-    assert '[ip#a]' in str(info.value) and 'fd42::1::2' in str(info.value)
+    """A bad value is a configuration error of the service file, one line
+    naming the section and the value."""
+    for text, section, words in [
+            ('[ip#a]\naddress = 10.213.0.100/32 10.0.0.300/32\ndev = lab0\n',
+             '[ip#a]', '10.0.0.300/32'),
+            ('[ip#b]\naddress = 10.213.0.100\ndev = lab0\n'
+             'routes = 10.9.0.0/16 by 10.213.0.254\n',
+             '[ip#b]', '10.9.0.0/16 by 10.213.0.254'),
+            ('[fs#c]\ndevice = srv/src\nmount_point = /srv/x\ntype = bind\n',
+             '[fs#c]', 'srv/src'),
+            ('[ip#a]\naddress = fd42::1::2\ndev = lab0\n', '[ip#a]',
+             'fd42::1::2')]:
+        with pytest.raises(ConfigError) as info:
+            load(tmp_path, text)
+        message = str(info.value)
+        assert section in message and words in message, message
+        assert '\n' not in message
     # A good section passes, and its address is the one fence_targets gives.
     good = load(tmp_path, '[ip#a]\naddress = 10.213.0.100\ndev = lab0\n'
                 ).resources[0]

@@ -53,6 +53,12 @@ def load_drivers():
                 raise
 
 
+def check_section(section):
+    """What its driver finds wrong with a resource section, or None."""
+    cls = _CLASSES.get(section.kind)
+    return cls.validate(section) if cls is not None else None
+
+
 def driver(kind):
     load_drivers()
     return _CLASSES[kind]
