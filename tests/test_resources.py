@@ -22,7 +22,7 @@ from slaposha.cgroup import Cgroup, cgroup2_mount
 from slaposha.config import ConfigError
 from slaposha.lab import wait_for
 from slaposha.resources import DOWN, NA, UP, WARN, driver
-from slaposha.service import Context, Service
+from slaposha.service import Context
 
 from conftest import TOP
 
