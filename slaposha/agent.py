@@ -146,13 +146,17 @@ class Agent(object):
                   self.log_dir):
             os.makedirs(d, exist_ok=True)
         self.cgroup_root.create()
-        # Nothing can legitimately run before we hold a lease: a previous
-        # agent's leftovers are killed.
+        # Nothing can legitimately run before we hold a lease: what a
+        # previous agent left (processes, addresses, mounts) is fenced.
         for slot in self.slots.values():
-            if slot.service.cgroup.exists() and slot.service.cgroup.pids():
+            left = [rid for rid, st in slot.service.status()
+                    if st.state not in (DOWN, NA)]
+            if left or (slot.service.cgroup.exists() and
+                        slot.service.cgroup.pids()):
                 slot.service.fence()
-                self.decide(slot, 'fence', 'processes left by a previous'
-                            ' agent, before any lease is held')
+                self.decide(slot, 'fence', 'left by a previous agent (%s),'
+                            ' before any lease is held'
+                            % (' '.join(left) or 'processes'))
         if self.cluster.etcd.mode == 'embedded':
             self.member = EtcdMember(self.cluster, self.host,
                                      tls=self.tls).start()

@@ -25,8 +25,12 @@ def start_cluster(make_lab, services, hosts=('hA', 'hB', 'hC'),
 
 
 def status_of(lc, host, service=None):
-    out = lc.cli(host, 'status', '--json').stdout
-    answer = json.loads(out)
+    """The cluster status as ``host`` sees it (retried while its agent
+    cannot read etcd, e.g. during an election)."""
+    def read():
+        answer = json.loads(lc.cli(host, 'status', '--json').stdout)
+        return answer if 'services' in answer else None
+    answer = wait_for(read, 10, interval=0.2, what='a cluster status')
     return answer['services'][service] if service else answer
 
 
@@ -374,3 +378,21 @@ def test_switch_never_puts_the_address_on_both_hosts(web_ip):
              what='web answering from hA again')
     check_no_overlap(lc.observer)
     assert lc.observer.samples > 50
+
+
+def test_frozen_agent_address_is_dropped_by_its_watchdog(web_ip):
+    """The watchdog drops the service's address too, not only its
+    processes: hB adds it only after hA lost it."""
+    import os
+    import signal
+    lc = web_ip
+    agent = lc.agent_pid('hA')
+    os.kill(agent, signal.SIGSTOP)
+    try:
+        wait_for(lambda: fetch(lc.lab) == 'served by hB', 20,
+                 what='web answering from hB')
+        assert lc.observer.last['hA'] < lc.observer.first['hB']
+        check_no_overlap(lc.observer)
+        assert 'dropped %s/32' % VIP in lc.log('hA')
+    finally:
+        os.kill(agent, signal.SIGCONT)
