@@ -30,7 +30,15 @@ setup(
     extras_require={
         # The `slapos ha` commands plug into the slapos CLI of slapos.core.
         'slapos': ['slapos.core'],
-        'test': ['pytest', 'pytest-timeout'],
+        # The SlapOS tests run the real `slapos node format` and slapproxy:
+        # on Python 3.11, slapos.core 1.26 loses its `node` commands
+        # (reference/slapos-internals.md 7), 1.24.1 with setuptools<81 keeps
+        # them; slapproxy needs slapos.libnetworkcache, undeclared.
+        'test': ['pytest', 'pytest-timeout',
+                 'slapos.core==1.24.1; python_version < "3.12"',
+                 'setuptools<81; python_version < "3.12"',
+                 'slapos.core>=1.26.1; python_version >= "3.12"',
+                 'slapos.libnetworkcache'],
     },
     entry_points={
         'console_scripts': [

@@ -228,6 +228,58 @@ _action('freeze', help='the agents neither start nor stop the service')
 _action('thaw', help='undo freeze')
 
 
+def _node(args):
+    from slaposha.slapos.node import NodeError, load_node
+    try:
+        return load_node(args.slapos_cfg)
+    except NodeError as e:
+        raise UserError(str(e))
+
+
+_SLAPOS_CFG = (('--slapos-cfg',), dict(
+    metavar='FILE', help='the node\'s slapos.cfg (default'
+    ' /etc/opt/slapos/slapos.cfg or $SLAPOS_CONFIGURATION)'))
+
+
+@command('slapos fingerprint', 'print, as JSON, what a standby of this node'
+         ' must have the same (paths, uids, software releases, interfaces)',
+         [_SLAPOS_CFG])
+def slapos_fingerprint(args):
+    import json
+    from slaposha.slapos.node import fingerprint
+    print(json.dumps(fingerprint(_node(args)), indent=2, sort_keys=True))
+    return 0
+
+
+@command('slapos check', 'check that this host may be a standby of the node'
+         ' described by a fingerprint: one line per thing to fix', [
+             _SLAPOS_CFG,
+             (('--reference',), dict(metavar='FILE', required=True,
+                                     help='the owner\'s fingerprint (JSON, from'
+                                     ' `slaposha slapos fingerprint`)')),
+         ])
+def slapos_check(args):
+    import json
+    from slaposha.slapos.node import compare, local_facts
+    node = _node(args)
+    try:
+        with open(args.reference) as f:
+            reference = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError('%s: cannot read the fingerprint: %s'
+                        % (args.reference, e))
+    problems = compare(reference, local_facts(node, reference))
+    for line in problems:
+        print('- %s' % line)
+    if problems:
+        print('%s: not eligible as a standby of %s (%d problem(s))' % (
+            node.config_path, reference.get('computer_id'), len(problems)))
+        return 1
+    print('%s: eligible as a standby of %s' % (
+        node.config_path, reference.get('computer_id')))
+    return 0
+
+
 @command('version', 'print the version of slaposha')
 def version(args):
     print('slaposha %s' % __version__)

@@ -30,6 +30,8 @@ DRIVERS = {
     'fs': 'slaposha.resources.fs',
     'app': 'slaposha.resources.app',
     'task': 'slaposha.resources.task',
+    'btrfs': 'slaposha.resources.btrfs',
+    'slapos': 'slaposha.resources.slapos',
 }
 
 _CLASSES = {}

@@ -1,0 +1,1 @@
+"""The SlapOS side: the node as slapgrid leaves it on disk (``node``)."""

@@ -1,0 +1,277 @@
+"""A SlapOS compute node as slapgrid left it on disk, read from slapos.cfg.
+
+What a takeover needs to know without asking the master, and without
+running buildout (reference/slapos-internals.md, sections 1 to 3):
+
+- the roots (instance_root, software_root) and the node's identity
+  (computer_id, its certificate and key, the partitions' certificates);
+- each partition: its folder, owner (uid/gid: slapgrid takes them from the
+  folder), addresses from ``.slapos-resource`` (written by ``slapos node
+  format``), the software release it runs (the ``software_release``
+  symlink) and whether it is started (only started partitions have a
+  program file in ``instance_root/etc/supervisord.conf.d``);
+- the interfaces that carry the partitions' IPv4 and IPv6 addresses.
+
+:func:`fingerprint` condenses what must be the same on a standby (paths,
+numeric ids, completed software releases, interfaces) and :func:`compare`
+says, one line per mismatch, what to fix on the standby.
+"""
+
+import configparser
+import ipaddress
+import json
+import os
+import pwd
+
+__all__ = ['Node', 'Partition', 'NodeError', 'load_node', 'fingerprint',
+           'compare', 'local_facts', 'DEFAULT_SLAPOS_CFG']
+
+DEFAULT_SLAPOS_CFG = '/etc/opt/slapos/slapos.cfg'
+
+
+class NodeError(Exception):
+    """The node cannot be read, as one line naming the file and key."""
+
+
+class Partition(object):
+    """One partition folder of instance_root."""
+
+    def __init__(self, node, name):
+        self.node = node
+        self.id = name
+        self.path = os.path.join(node.instance_root, name)
+        st = os.stat(self.path)
+        self.uid, self.gid = st.st_uid, st.st_gid
+        self.resource = self._read_resource()
+        user = self.resource.get('user')
+        if isinstance(user, dict):  # format writes the User object's dict
+            user = user.get('name')
+        self.user = user or _user_name(self.uid)
+
+    def __repr__(self):
+        return '<Partition %s>' % self.id
+
+    def _read_resource(self):
+        path = os.path.join(self.path, '.slapos-resource')
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            raise NodeError('%s: unreadable (%s)' % (path, e))
+
+    @property
+    def addresses(self):
+        """[(address, prefix length)] from .slapos-resource."""
+        found = []
+        for entry in self.resource.get('address_list') or []:
+            addr, mask = entry.get('addr'), entry.get('netmask')
+            if not addr:
+                continue
+            try:
+                found.append((addr, _prefix(addr, mask)))
+            except ValueError:
+                raise NodeError('%s/.slapos-resource: bad address %r/%r'
+                                % (self.path, addr, mask))
+        return found
+
+    @property
+    def software_path(self):
+        """The software release folder it runs, or None."""
+        link = os.path.join(self.path, 'software_release')
+        return os.path.realpath(link) if os.path.islink(link) else None
+
+    @property
+    def supervisord_conf(self):
+        path = os.path.join(self.node.instance_root, 'etc',
+                            'supervisord.conf.d', '%s.conf' % self.id)
+        return path if os.path.exists(path) else None
+
+    @property
+    def started(self):
+        return self.supervisord_conf is not None
+
+    @property
+    def certificate_files(self):
+        repo = self.node.certificate_repository_path
+        if not repo:
+            return []
+        return [p for p in (os.path.join(repo, self.id + '.crt'),
+                            os.path.join(repo, self.id + '.key'))
+                if os.path.exists(p)]
+
+
+def _prefix(addr, mask):
+    """Prefix length of a netmask as format writes it: a length, or a
+    mask address (255.255.255.255, ffff:ffff:ffff:ffff::)."""
+    ip = ipaddress.ip_address(addr)
+    if not mask:
+        return ip.max_prefixlen
+    if str(mask).isdigit():
+        return int(mask)
+    bits = bin(int(ipaddress.ip_address(mask))).count('1')
+    if ipaddress.ip_address(mask).version != ip.version:
+        raise ValueError(mask)
+    return bits
+
+
+def _user_name(uid):
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
+class Node(object):
+    """The node described by a slapos.cfg, as it is on this host's disk."""
+
+    def __init__(self, path, config):
+        self.config_path = path
+        slapos = dict(config['slapos']) if config.has_section('slapos') \
+            else {}
+        fmt = dict(config['slapformat']) if config.has_section(
+            'slapformat') else {}
+        for key in ('computer_id', 'instance_root', 'software_root'):
+            if not slapos.get(key):
+                raise NodeError('%s: [slapos] %s: required by slapgrid, is'
+                                ' missing' % (path, key))
+        self.computer_id = slapos['computer_id']
+        self.master_url = slapos.get('master_url')
+        self.instance_root = os.path.normpath(slapos['instance_root'])
+        self.software_root = os.path.normpath(slapos['software_root'])
+        self.cert_file = slapos.get('cert_file')
+        self.key_file = slapos.get('key_file')
+        self.certificate_repository_path = slapos.get(
+            'certificate_repository_path')
+        self.interface = fmt.get('interface_name') or 'lo'
+        self.ipv6_interface = fmt.get('ipv6_interface') or self.interface
+        self.software_user = fmt.get('software_user') or 'slapsoft'
+        self.partition_base = fmt.get('partition_base_name') or 'slappart'
+
+    @property
+    def supervisord_conf(self):
+        return os.path.join(self.instance_root, 'etc', 'supervisord.conf')
+
+    @property
+    def supervisord_socket(self):
+        return os.path.join(self.instance_root, 'sv.sock')
+
+    def partitions(self):
+        """Partition folders (``slappartN``) of instance_root, in order."""
+        try:
+            names = os.listdir(self.instance_root)
+        except OSError as e:
+            raise NodeError('%s: [slapos] instance_root %s: %s' % (
+                self.config_path, self.instance_root, e.strerror or e))
+        base = self.partition_base
+        found = [n for n in names if n.startswith(base) and
+                 n[len(base):].isdigit() and
+                 os.path.isdir(os.path.join(self.instance_root, n))]
+        found.sort(key=lambda n: int(n[len(base):]))
+        return [Partition(self, n) for n in found]
+
+    def software_releases(self):
+        """Software release folders in use by partitions."""
+        return sorted({p.software_path for p in self.partitions()
+                       if p.software_path})
+
+    def addresses(self):
+        """[(address, prefix, interface)] of every partition."""
+        out = []
+        for part in self.partitions():
+            for addr, prefix in part.addresses:
+                dev = self.ipv6_interface if ':' in addr else self.interface
+                out.append((addr, prefix, dev))
+        return out
+
+
+def load_node(path=None):
+    """Read slapos.cfg (default /etc/opt/slapos/slapos.cfg or
+    $SLAPOS_CONFIGURATION, as the slapos command does)."""
+    path = path or os.environ.get('SLAPOS_CONFIGURATION') or \
+        DEFAULT_SLAPOS_CFG
+    config = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path) as f:
+            config.read_file(f, source=path)
+    except OSError as e:
+        raise NodeError('%s: cannot read: %s' % (path, e.strerror or e))
+    except configparser.Error as e:
+        raise NodeError('%s: not a slapos.cfg: %s' % (
+            path, str(e).splitlines()[0]))
+    return Node(path, config)
+
+
+def _ids(name):
+    try:
+        entry = pwd.getpwnam(name)
+        return [entry.pw_uid, entry.pw_gid]
+    except KeyError:
+        return None
+
+
+def fingerprint(node):
+    """What a standby must have the same, as JSON-able data."""
+    users = {node.software_user: _ids(node.software_user)}
+    for part in node.partitions():
+        if part.user:
+            users[part.user] = [part.uid, part.gid]
+    return {
+        'computer_id': node.computer_id,
+        'instance_root': node.instance_root,
+        'software_root': node.software_root,
+        'users': users,
+        'software_releases': [os.path.relpath(p, node.software_root)
+                              for p in node.software_releases()],
+        'interfaces': sorted({node.interface, node.ipv6_interface}),
+    }
+
+
+def local_facts(node, reference):
+    """The facts of this host for what ``reference`` names."""
+    users = {name: _ids(name) for name in reference.get('users', {})}
+    releases = {}
+    for rel in reference.get('software_releases', []):
+        folder = os.path.join(node.software_root, rel)
+        releases[rel] = ('completed' if os.path.exists(
+            os.path.join(folder, '.completed')) else
+            'present' if os.path.isdir(folder) else 'missing')
+    interfaces = {dev: os.path.exists('/proc/sys/net/ipv4/conf/%s' % dev)
+                  for dev in reference.get('interfaces', [])}
+    return {'instance_root': node.instance_root,
+            'software_root': node.software_root, 'users': users,
+            'software_releases': releases, 'interfaces': interfaces}
+
+
+def compare(reference, facts):
+    """One line per thing a standby must fix before it may take over."""
+    problems = []
+    for key in ('instance_root', 'software_root'):
+        if reference.get(key) != facts.get(key):
+            problems.append('%s is %s here but %s on the owner: use the same'
+                            ' path' % (key, facts.get(key),
+                                       reference.get(key)))
+    for user, ids in sorted(reference.get('users', {}).items()):
+        mine = facts['users'].get(user)
+        if ids is None:
+            continue
+        if mine is None:
+            problems.append('user %s is missing: create it with uid %d and'
+                            ' gid %d (as on the owner)' % (user, ids[0],
+                                                            ids[1]))
+        elif list(mine) != list(ids):
+            problems.append('user %s has uid %d gid %d here but uid %d gid'
+                            ' %d on the owner: give it the same ids' % (
+                                user, mine[0], mine[1], ids[0], ids[1]))
+    for rel, state in sorted(facts['software_releases'].items()):
+        if state != 'completed':
+            problems.append('software release %s is %s here (not'
+                            ' .completed): copy it from the owner' % (
+                                rel, state))
+    for dev, present in sorted(facts['interfaces'].items()):
+        if not present:
+            problems.append('interface %s for the partition addresses is'
+                            ' missing' % dev)
+    return problems
+
