@@ -16,7 +16,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
@@ -24,7 +23,7 @@ import pytest
 from slaposha.lab import wait_for
 
 from conftest import TOP
-from test_resources import Failed, drive
+from test_resources import drive
 
 pytestmark = pytest.mark.lab
 
