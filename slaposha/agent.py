@@ -78,6 +78,9 @@ class ServiceSlot(object):
         self.fenced = False
         self.resources = []        # [(rid, state, message)] last checked
         self.published = None
+        self.facts = None          # what the owner last published of them
+        self.ineligible = []       # why this host may not take it over
+        self.next_eligibility = 0.0
 
 
 class Agent(object):
@@ -295,6 +298,8 @@ class Agent(object):
             'pid': os.getpid(), 'version': __version__,
             'failed': sorted(n for n, s in self.slots.items()
                              if s.failed_until > now),
+            'ineligible': {n: s.ineligible[0] for n, s in self.slots.items()
+                           if s.ineligible},
             'services': {n: {'state': s.state, 'decision': s.decision}
                          for n, s in self.slots.items()},
         }
@@ -387,7 +392,8 @@ class Agent(object):
                         ' (startup grace %gs)' % (
                             host, self.cluster.agent.startup_grace)
                 continue
-            if slot.service.name in health.get('failed', ()):
+            if slot.service.name in health.get('failed', ()) or \
+                    slot.service.name in health.get('ineligible', {}):
                 continue
             return host, '%s is the preferred live host' % host
         return None, 'no live host can run it'
@@ -396,6 +402,8 @@ class Agent(object):
         slot.view = view
         owner_kv = view.owner
         slot.owner = owner_kv.value if owner_kv else None
+        if not slot.token:
+            self._check_eligibility(slot, view)
         if slot.token:
             if owner_kv is None or owner_kv.create_revision != slot.token:
                 self.decide(slot, 'stop', 'the owner key is no longer ours'
@@ -415,7 +423,8 @@ class Agent(object):
                 self.decide(slot, 'stop', 'it is owned by %s' % slot.owner)
                 self._stop_service(slot, release=False)
             elif not slot.decision or slot.decision[1] not in (
-                    'failed', 'switch', 'stop', 'fence', 'refuse'):
+                    'failed', 'switch', 'stop', 'fence', 'refuse',
+                    'ineligible'):
                 self.decide(slot, 'standby', '%s owns it' % slot.owner,
                             once=True)
             return
@@ -428,7 +437,7 @@ class Agent(object):
             self.decide(slot, 'stopped', 'not started: stopped by %s'
                         % intents.who(view.target), once=True)
             return
-        if slot.failed_until > time.monotonic():
+        if slot.failed_until > time.monotonic() or slot.ineligible:
             return  # the failure stays the decision shown, for its hold
         host, reason = self._chosen_host(slot, view, alive)
         if host != self.host:
@@ -448,6 +457,26 @@ class Agent(object):
         if slot.state == RUNNING and view.switch and \
                 view.switch.get('to') == self.host:
             intents.clear(self.client, self.keys, slot.service.name, 'switch')
+
+    def _check_eligibility(self, slot, view):
+        """A standby compares itself with what the owner published (same
+        paths, uids, software releases): a host that differs never takes
+        the service over, and says why."""
+        now = time.monotonic()
+        if now < slot.next_eligibility:
+            return
+        slot.next_eligibility = now + self.cluster.agent.monitor_interval
+        problems = slot.service.problems(view.facts) if view.facts else []
+        if problems != slot.ineligible:
+            slot.ineligible = problems
+            if problems:
+                self.decide(slot, 'ineligible', 'this host may not take it'
+                            ' over: %s%s' % (problems[0], ' (and %d more)'
+                                             % (len(problems) - 1)
+                                             if len(problems) > 1 else ''))
+            else:
+                self.decide(slot, 'eligible', 'this host matches the owner'
+                            ' and may take it over')
 
     def _owned(self, slot, view):
         name = slot.service.name
@@ -499,6 +528,8 @@ class Agent(object):
         slot.state = RUNNING
         slot.failures = 0
         slot.next_check = 0.0
+        slot.facts = None  # published again from this host
+        slot.ineligible = []
         self._check(slot)
 
     def _check(self, slot):
@@ -510,10 +541,18 @@ class Agent(object):
         """The owner's view of the service, written under its token."""
         state = {'host': self.host, 'state': slot.state,
                  'resources': slot.resources}
-        if state == slot.published:
-            return
-        if slot.ownership.write('state', json.dumps(state)):
+        if state != slot.published and \
+                slot.ownership.write('state', json.dumps(state)):
             slot.published = state
+        if slot.facts is None and slot.state == RUNNING:
+            try:
+                facts = slot.service.facts()
+            except Exception as e:  # a driver's bad day is not the loop's
+                logger.warning('service %s: cannot publish facts: %s',
+                               slot.service.name, e)
+                return
+            if facts and slot.ownership.write('facts', json.dumps(facts)):
+                slot.facts = facts
 
     def _monitor(self, slot):
         now = time.monotonic()
@@ -650,6 +689,10 @@ class Agent(object):
                     if to not in alive:
                         raise ActionError('%s is not alive (no agent holds a'
                                           ' lease there)' % to)
+                    why = (alive[to].get('ineligible') or {}).get(name)
+                    if why:
+                        raise ActionError('%s may not run %s: %s'
+                                          % (to, name, why))
                 if verb == 'start':
                     intents.set_target(self.client, self.keys, name,
                                        'started', host=to, by=by)

@@ -4,6 +4,8 @@ Keys under ``services/<name>/`` (see :mod:`slaposha.cluster.lease`):
 
 - ``owner``: the owner host; its create revision is the fencing token;
 - ``state``: what the owner publishes (guarded by its token);
+- ``facts``: what the owner's resources say a standby must match (the
+  SlapOS node's paths, uids, software releases), guarded likewise;
 - ``frozen``: present while frozen: the agents neither start nor stop it;
 - ``target``: ``{"state": "started" | "stopped", "host": ...}``: an
   operator's start (optionally on a host) or stop;
@@ -25,14 +27,15 @@ __all__ = ['View', 'read', 'set_frozen', 'set_target', 'set_switch', 'clear',
            'who']
 
 
-class View(namedtuple('View', 'name owner state frozen target switch')):
+class View(namedtuple('View',
+                      'name owner state frozen target switch facts')):
     """Everything etcd holds about one service. ``owner`` is the KeyValue of
     the owner key (or None); the others are decoded JSON (or None)."""
 
     def __new__(cls, name, owner=None, state=None, frozen=None, target=None,
-                switch=None):
+                switch=None, facts=None):
         return super().__new__(cls, name, owner, state, frozen, target,
-                               switch)
+                               switch, facts)
 
 
 def _decode(text):

@@ -93,6 +93,21 @@ class Service(object):
         """[(rid, Status)] of every resource."""
         return [(res.rid, res.status()) for res in self.resources]
 
+    def facts(self):
+        """{rid: what the resource publishes} for resources that do."""
+        return {res.rid: res.publish() for res in self.resources
+                if res.publish is not None}
+
+    def problems(self, facts):
+        """Why this host cannot take the service over: one line per
+        problem, each naming its resource."""
+        lines = []
+        for res in self.resources:
+            if res.publish is not None and res.rid in (facts or {}):
+                lines += ['%s: %s' % (res.rid, p)
+                          for p in res.problems(facts[res.rid])]
+        return lines
+
     def fence_targets(self):
         cgroups, addresses = [self.cgroup.path], []
         for res in self.resources:

@@ -135,6 +135,14 @@ def copy_node(lab, src, dst):
 @pytest.fixture
 def node(make_lab):
     lab = make_lab(['hA', 'hB', 'hM', 'hO'])
+    proxy = prepare_node(lab)
+    yield lab
+    proxy.terminate()
+
+
+def prepare_node(lab):
+    """hM runs slapproxy; hA is a formatted node whose slappart0 is
+    started (program file in supervisord.conf.d) and serves its data."""
     master = lab['hM'].address
     for name in ('hA', 'hB', 'hM'):
         host = lab[name]
@@ -170,8 +178,7 @@ def node(make_lab):
     a.run([sys.executable, '-c', MAKE_SUPERVISOR_FILES], env=env)
     subprocess.run(['chown', '-R', '65534:65534', part], check=True)
     os.chmod(part, 0o750)
-    yield lab
-    proxy.terminate()
+    return proxy
 
 
 def test_node_model_from_a_formatted_node(node):
@@ -247,3 +254,59 @@ def test_check_names_the_user_whose_uid_differs(node, tmp_path):
     assert 'user nobody has uid 65534 gid 65534 here but uid 4242 gid 4242' \
         ' on the owner' in bad.stdout
     assert 'not eligible' in bad.stdout
+
+
+def test_agents_refuse_a_standby_with_another_uid_then_take_over(make_lab):
+    """The node as a service of the agents: a standby whose slapuser has
+    another uid is not eligible (status names the user) and does not take
+    over when the owner crashes; once fixed, it takes over and the
+    partition answers on the same address with its data, no buildout."""
+    from slaposha.lab import HOST_PATHS
+    from slaposha.lab.cluster import LabCluster
+    lab = make_lab(['hA', 'hB', 'hW', 'hM', 'hO'],
+                   paths=HOST_PATHS + ('/etc/passwd',))
+    proxy = prepare_node(lab)
+    passwd = lab['hB'].path('/etc/passwd')
+    with open(passwd) as f:
+        good = f.read()
+    with open(passwd, 'w') as f:
+        f.write(good.replace('nobody:x:65534:65534', 'nobody:x:4242:4242'))
+    lc = LabCluster(lab, ['hA', 'hB'], ['hW'], services={'node': """
+        [service]
+        hosts = hA hB
+        [slapos#node]
+    """}, settings="""
+        [agent]
+        monitor_interval = 0.5
+    """).start()
+    try:
+        wait_for(lambda: answer(lab) == 'partition data', 30,
+                 what='partition answering from hA')
+        copy_node(lab, 'hA', 'hB')
+
+        def hb_ineligible():
+            out = lc.cli('hB', 'status', check=False).stdout
+            return 'not eligible: node' in out and out
+        tree = wait_for(hb_ineligible, 15, interval=0.3,
+                        what='hB shown as not eligible')
+        assert 'user nobody has uid 4242 gid 4242 here but uid 65534 gid' \
+            ' 65534 on the owner' in tree
+        refused = lc.cli('hB', 'takeover', 'node', check=False)
+        assert refused.returncode == 2
+        assert 'hB may not run node' in refused.stderr
+        lab.crash('hA')
+        time.sleep(5)
+        assert answer(lab) is None, 'an ineligible host took over'
+        with open(passwd, 'w') as f:
+            f.write(good)
+        fixed = time.monotonic()
+        wait_for(lambda: answer(lab) == 'partition data', 30,
+                 what='partition answering from hB')
+        print('hB took over %.2f s after it was fixed'
+              % (time.monotonic() - fixed))
+        assert PART4 in lab['hB'].run(['ip', 'addr']).stdout
+        assert not os.path.exists(
+            lab['hB'].path('/srv/slapgrid/slappart0/.installed.cfg'))
+    finally:
+        lc.stop_agent('hB')
+        proxy.terminate()

@@ -57,11 +57,13 @@ def render(status, only=None):
                 lines.append('    %-8s witness  (runs only an etcd member)'
                              % name)
                 continue
-            lines.append('    %-8s %-8s %s%s' % (
+            lines.append('    %-8s %-8s %s%s%s' % (
                 name, 'alive' if h.get('alive') else 'DOWN',
                 h.get('address', ''),
                 '  failed: %s' % ' '.join(h['failed'])
-                if h.get('failed') else ''))
+                if h.get('failed') else '',
+                '  not eligible: %s' % ' '.join(sorted(h['ineligible']))
+                if h.get('ineligible') else ''))
     services = status.get('services')
     if services is None:
         # etcd out of reach: what this agent alone knows.

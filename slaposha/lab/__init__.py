@@ -177,7 +177,9 @@ class Host(object):
         """Where a path of the host's own (/srv/slapgrid/...) lives in the
         root namespace, to read or prepare its files from outside."""
         for own in self.lab.paths:
-            if inside == own or inside.startswith(own + '/'):
+            if inside == own:
+                return os.path.join(self.root, own.strip('/'))
+            if inside.startswith(own + '/'):
                 return os.path.join(self.root, own.strip('/'),
                                     os.path.relpath(inside, own))
         raise LabError('%s is not one of the host paths (%s)'
@@ -202,7 +204,14 @@ class Host(object):
         binds = []
         for own in self.lab.paths:
             src = os.path.join(self.root, own.strip('/'))
-            os.makedirs(src, exist_ok=True)
+            if os.path.isfile(own):
+                # A file of the host's own (/etc/passwd): a copy of the
+                # machine's, which a test may then change for this host.
+                if not os.path.exists(src):
+                    os.makedirs(os.path.dirname(src), exist_ok=True)
+                    shutil.copy2(own, src)
+            else:
+                os.makedirs(src, exist_ok=True)
             binds.append('mount --bind %s %s' % (src, own))
         script = ' && '.join(binds + ['hostname %s' % self.name])
         _sh(['unshare', '--mount=%s' % self.mnt_path,
@@ -395,7 +404,7 @@ class Lab(object):
         _sh(['mount', '--bind', self.rundir, self.rundir])
         _sh(['mount', '--make-private', self.rundir])
         for own in self.paths:
-            if not os.path.isdir(own):
+            if not os.path.exists(own):
                 self._record('mountpoints', own)
                 os.makedirs(own)
         mount = cgroup2_mount()

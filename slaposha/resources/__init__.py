@@ -109,6 +109,15 @@ class Resource(object):
         """Stop at once, without waiting for anything: the lease is gone."""
         self.cgroup.kill()
 
+    # Drivers whose standbys must match the owner (same paths, same uids)
+    # define both: publish() on the owner, problems() on each standby.
+    publish = None
+
+    def problems(self, published):
+        """Lines saying why this host cannot take over, given what the
+        owner published; [] when it can."""
+        return []
+
     def fence_targets(self):
         """(cgroups, addresses) that the watchdog kills and drops for this
         resource if the agent cannot."""

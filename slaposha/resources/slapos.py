@@ -26,7 +26,8 @@ import xmlrpc.client
 from slaposha.config import Key
 from slaposha.resources import (
     DOWN, UP, WARN, Resource, ResourceError, Status, announce, register)
-from slaposha.slapos.node import NodeError, load_node
+from slaposha.slapos.node import (
+    NodeError, compare, fingerprint, load_node, local_facts)
 
 __all__ = ['Slapos']
 
@@ -179,6 +180,17 @@ class Slapos(Resource):
         except ResourceError:
             addresses = []
         return [self.cgroup.path], addresses
+
+    def publish(self):
+        """What a standby must have the same (DESIGN.md 4)."""
+        return fingerprint(self.node())
+
+    def problems(self, published):
+        try:
+            node = self.node()
+        except ResourceError as e:
+            return [str(e)]
+        return compare(published, local_facts(node, published))
 
     def status(self):
         try:
