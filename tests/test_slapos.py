@@ -259,8 +259,9 @@ def test_check_names_the_user_whose_uid_differs(node, tmp_path):
 def test_agents_refuse_a_standby_with_another_uid_then_take_over(make_lab):
     """The node as a service of the agents: a standby whose slapuser has
     another uid is not eligible (status names the user) and does not take
-    over when the owner crashes; once fixed, it takes over and the
-    partition answers on the same address with its data, no buildout."""
+    over when the owner crashes; once fixed, it takes over, with the master
+    stopped, and the partition answers on the same address with its data,
+    no buildout."""
     from slaposha.lab import HOST_PATHS
     from slaposha.lab.cluster import LabCluster
     lab = make_lab(['hA', 'hB', 'hW', 'hM', 'hO'],
@@ -294,6 +295,9 @@ def test_agents_refuse_a_standby_with_another_uid_then_take_over(make_lab):
         refused = lc.cli('hB', 'takeover', 'node', check=False)
         assert refused.returncode == 2
         assert 'hB may not run node' in refused.stderr
+        # The master is gone too during the takeover: nothing needs it.
+        proxy.terminate()
+        proxy.wait(10)
         lab.crash('hA')
         time.sleep(5)
         assert answer(lab) is None, 'an ineligible host took over'
