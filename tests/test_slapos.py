@@ -314,3 +314,39 @@ def test_agents_refuse_a_standby_with_another_uid_then_take_over(make_lab):
     finally:
         lc.stop_agent('hB')
         proxy.terminate()
+
+
+def test_parameters_saved_by_the_owner_are_readable_without_the_master(
+        node):
+    lab = node
+    env = dict(os.environ, PYTHONPATH=TOP)
+    m = lab['hM']
+    slapos_cmd(m, 'supply', '/opt/sr/recordsrv/software.cfg', 'COMP-LAB')
+    slapos_cmd(m, 'request', 'records', '/opt/sr/recordsrv/software.cfg',
+               '--parameters', 'greeting=Bonjour', 'port=8080')
+    save = lab['hA'].run([sys.executable, '-m', 'slaposha.cli.main',
+                          'slapos', 'save-parameters'], env=env)
+    assert 'saved the parameters of COMP-LAB' in save.stdout
+    saved = lab['hA'].path('/srv/slapgrid/.slaposha/parameters.json')
+    assert oct(os.stat(saved).st_mode & 0o777) == '0o600'
+    copy_node(lab, 'hA', 'hB')
+    lab.crash('hM')  # the master is gone
+    out = lab['hB'].run([sys.executable, '-m', 'slaposha.cli.main',
+                         'slapos', 'partitions', '--json'], env=env).stdout
+    part = json.loads(out)['partitions'][0]
+    assert part['id'] == 'slappart0' and part['title'] == 'records'
+    assert part['parameters'] == {'greeting': 'Bonjour', 'port': '8080'}
+    assert part['software_release'] == '/opt/sr/recordsrv/software.cfg'
+    assert '%s/32' % PART4 in part['addresses']
+    text = lab['hB'].run([sys.executable, '-m', 'slaposha.cli.main',
+                          'slapos', 'partitions'], env=env).stdout
+    assert '    greeting = Bonjour' in text
+    # Saving needs the master: one line, the saved copy is kept.
+    failed = lab['hB'].run([sys.executable, '-m', 'slaposha.cli.main',
+                            'slapos', 'save-parameters'], env=env,
+                           check=False, timeout=120)
+    assert failed.returncode == 2
+    assert failed.stderr.count('\n') == 1
+    assert 'the parameters saved before are kept' in failed.stderr
+    assert json.loads(open(lab['hB'].path(
+        '/srv/slapgrid/.slaposha/parameters.json')).read())['partitions']

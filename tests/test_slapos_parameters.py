@@ -1,0 +1,23 @@
+"""Parameters as the master sends them: plain, JSON in XML, instance XML."""
+
+from slaposha.slapos.parameters import parse_instance_xml, user_parameters
+
+
+def test_plain_parameters_without_the_masters_own_keys():
+    raw = {'greeting': 'hi', 'ip_list': [('lab0', '10.0.0.1')],
+           'timestamp': '1.2', 'slap_software_type': 'default'}
+    assert user_parameters(raw) == {'greeting': 'hi'}
+
+
+def test_json_in_xml_is_unwrapped():
+    raw = {'_': '{"port": 8080, "tags": ["a", "b"]}', 'timestamp': '1'}
+    assert user_parameters(raw) == {'port': 8080, 'tags': ['a', 'b']}
+
+
+def test_instance_xml_is_parsed_with_repeated_ids_joined():
+    xml = ('<?xml version="1.0" encoding="utf-8"?><instance>'
+           '<parameter id="a">1</parameter><parameter id="b">x</parameter>'
+           '<parameter id="b">y</parameter></instance>')
+    assert parse_instance_xml(xml) == {'a': '1', 'b': 'x y'}
+    assert user_parameters({'slave': xml}) == {'slave': {'a': '1',
+                                                          'b': 'x y'}}
