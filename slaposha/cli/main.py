@@ -280,6 +280,65 @@ def slapos_check(args):
     return 0
 
 
+@command('slapos save-parameters', 'save each partition\'s instance'
+         ' parameters from the master into the node\'s data (run by the'
+         ' owner, e.g. as a task)', [_SLAPOS_CFG])
+def slapos_save_parameters(args):
+    from slaposha.slapos.parameters import ParametersError, fetch, save
+    node = _node(args)
+    try:
+        path = save(node, fetch(node))
+    except ParametersError as e:
+        raise UserError('%s; the parameters saved before are kept' % e)
+    print('saved the parameters of %s in %s' % (node.computer_id, path))
+    return 0
+
+
+@command('slapos partitions', 'each partition of the node: state, addresses,'
+         ' software release and the parameters it was deployed with', [
+             _SLAPOS_CFG,
+             (('--json',), dict(action='store_true', help='print JSON')),
+         ])
+def slapos_partitions(args):
+    import json
+    import time
+    from slaposha.slapos.parameters import ParametersError, load
+    node = _node(args)
+    try:
+        saved = load(node) or {}
+    except ParametersError as e:
+        raise UserError(str(e))
+    kept = saved.get('partitions', {})
+    rows = []
+    for part in node.partitions():
+        info = kept.get(part.id, {})
+        rows.append({'id': part.id, 'started': part.started,
+                     'user': part.user, 'uid': part.uid,
+                     'addresses': ['%s/%d' % a for a in part.addresses],
+                     'software_release': info.get('software_release'),
+                     'state': info.get('state'), 'title': info.get('title'),
+                     'parameters': info.get('parameters')})
+    if args.json:
+        print(json.dumps({'saved': saved.get('saved'), 'partitions': rows},
+                         indent=2, sort_keys=True))
+        return 0
+    print('%s: %d partition(s); parameters saved %s' % (
+        node.computer_id, len(rows), time.strftime(
+            '%Y-%m-%d %H:%M:%S', time.localtime(saved['saved']))
+        if saved.get('saved') else 'never (run `slaposha slapos'
+        ' save-parameters` on the owner)'))
+    for row in rows:
+        print('%-10s %-8s %-8s %s' % (
+            row['id'], 'started' if row['started'] else 'stopped',
+            row['user'], ' '.join(row['addresses'])))
+        if row['software_release']:
+            print('    %s (%s) %s' % (row['title'], row['state'],
+                                      row['software_release']))
+        for key, value in sorted((row['parameters'] or {}).items()):
+            print('    %s = %s' % (key, value))
+    return 0
+
+
 @command('version', 'print the version of slaposha')
 def version(args):
     print('slaposha %s' % __version__)

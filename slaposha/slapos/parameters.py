@@ -60,7 +60,8 @@ def user_parameters(raw):
         except ValueError:
             return user
     for key, value in list(user.items()):
-        if isinstance(value, str) and value.lstrip().startswith('<instance'):
+        if isinstance(value, str) and '<instance' in value[:100] and \
+                value.lstrip().startswith('<'):
             try:
                 user[key] = parse_instance_xml(value)
             except etree.XMLSyntaxError:
