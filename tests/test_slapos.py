@@ -1,26 +1,25 @@
 """A SlapOS node's partitions restarted on a peer without buildout: the
 node model read from what a real `slapos node format` wrote (against a real
-slapproxy master), the preflight check of a standby, and the `slapos`
-driver moving addresses, the instance supervisord and the partition's
-programs from hA to hB.
+slapproxy master), the preflight check of a standby, the `slapos` driver
+moving addresses, the instance supervisord and the partition's programs,
+and the agents doing it on a crash (see slaposha.lab.slapos for the node).
 
-Until the replication driver is wired in, this test keeps the data in step
-itself (rsync -aHAX --numeric-ids, which keeps the mtimes of .timestamp).
-The instance supervisord configuration is written by slapos.core's own
-createSupervisordConfiguration and the partition's program file from
-slapos.core's own template, as `slapos node instance` would after a
-buildout; a test that has slapgrid deploy a software release comes with the
-rest of the SlapOS node work."""
+Until the replication driver is wired in, the tests keep the data in step
+themselves (rsync -aHAX --numeric-ids, which keeps the mtimes of
+.timestamp). A test where slapgrid itself deploys a software release (`slapos
+node software` and `instance`) is still to come."""
 
 import json
 import os
-import subprocess
 import sys
 import time
 
 import pytest
 
 from slaposha.lab import wait_for
+from slaposha.lab.slapos import (
+    answer, copy_node, make_node, partition_address, route_partitions,
+    slapos_command as slapos_cmd)
 
 from conftest import TOP
 from test_resources import drive
@@ -30,155 +29,17 @@ pytestmark = pytest.mark.lab
 slapos_core = pytest.importorskip('slapos.grid.svcbackend',
                                   reason='slapos.core is not installed')
 
-PART4, PART6 = '10.213.0.101', 'fd42:213::101'
-
-SLAPOS_CFG = '''\
-[slapos]
-computer_id = COMP-LAB
-software_root = /opt/slapgrid
-instance_root = /srv/slapgrid
-master_url = http://{master}:18080
-root_check = False
-pidfile_software = /srv/slapgrid/var/run/slapgrid-sr.pid
-pidfile_instance = /srv/slapgrid/var/run/slapgrid-cp.pid
-pidfile_report = /srv/slapgrid/var/run/slapgrid-ur.pid
-certificate_repository_path = /etc/opt/slapos/ssl/partition_pki
-
-[slapformat]
-input_definition_file = /etc/opt/slapos/slapformat-definition.cfg
-computer_xml = /etc/opt/slapos/slapos.xml
-partition_amount = 1
-alter_user = false
-alter_network = true
-interface_name = lab0
-ipv6_interface = lab0
-ipv4_local_network = 10.213.0.96/27
-create_tap = false
-create_tun = false
-
-[slapproxy]
-host = {master}
-port = 18080
-database_uri = /var/lib/slaposha/proxy.db
-'''
-
-DEFINITION = '''\
-[computer]
-address = {host6}/ffff:ffff:ffff:ffff::
-software_user = nobody
-
-[partition_0]
-address = %s/255.255.255.255 %s/ffff:ffff:ffff:ffff::
-user = nobody
-pathname = slappart0
-network_interface = lab0
-''' % (PART4, PART6)
-
+PART4, PART6 = partition_address(0), partition_address(0, 6)
 SERVICE = '[slapos#node]\n'
-
-# Written as slapgrid's Partition.updateSupervisorConfiguration would, from
-# slapos.core's own templates.
-MAKE_SUPERVISOR_FILES = '''
-import logging, os, pkg_resources
-from slapos.grid.svcbackend import createSupervisordConfiguration
-createSupervisordConfiguration('/srv/slapgrid', logging.getLogger(),
-                               watchdog_command='/bin/true')
-part = '/srv/slapgrid/slappart0'
-group = pkg_resources.resource_string('slapos.grid',
-    'templates/group_partition_supervisord.conf.in').decode()
-program = pkg_resources.resource_string('slapos.grid',
-    'templates/program_partition_supervisord.conf.in').decode()
-text = group % {'instance_id': 'slappart0',
-                'program_list': 'slappart0_http-on-watch'}
-text += '\\n' + program % {
-    'program_id': 'slappart0_http-on-watch', 'program_directory': part,
-    'program_command': part + '/etc/service/http',
-    'program_name': 'http-on-watch', 'instance_path': part,
-    'user_id': 65534, 'group_id': 65534, 'USER': 'nobody',
-    'HOME': '/nonexistent'}
-with open('/srv/slapgrid/etc/supervisord.conf.d/slappart0.conf', 'w') as f:
-    f.write(text)
-'''
-
-HTTP_SERVICE = '''#!/bin/sh
-exec python3 -m http.server --bind %s 8080 --directory %s
-'''
-
-
-def answer(lab, via='hO'):
-    p = lab[via].run(['python3', '-c', '''
-import urllib.request
-try:
-    print(urllib.request.urlopen("http://%s:8080/who", timeout=1).read().decode())
-except Exception:
-    print("")
-''' % PART4], check=False)
-    return p.stdout.strip() or None
-
-
-def slapos_cmd(host, *args):
-    env = dict(os.environ, PYTHONPATH=TOP)
-    return host.run([os.path.join(os.path.dirname(sys.executable), 'slapos')]
-                    + list(args) + ['--cfg', '/etc/opt/slapos/slapos.cfg'],
-                    env=env, timeout=120)
-
-
-def copy_node(lab, src, dst):
-    """Keep the standby's data in step, as the data resource will."""
-    for path in ('/srv/slapgrid', '/opt/slapgrid', '/etc/opt/slapos'):
-        subprocess.run(['rsync', '-aHAX', '--numeric-ids', '--delete',
-                        '--exclude', 'sv.sock',
-                        lab[src].path(path) + '/', lab[dst].path(path) + '/'],
-                       check=True)
 
 
 @pytest.fixture
 def node(make_lab):
     lab = make_lab(['hA', 'hB', 'hM', 'hO'])
-    proxy = prepare_node(lab)
+    proxy = make_node(lab, 'hA', 'hM')
+    route_partitions(lab['hO'])
     yield lab
     proxy.terminate()
-
-
-def prepare_node(lab):
-    """hM runs slapproxy; hA is a formatted node whose slappart0 is
-    started (program file in supervisord.conf.d) and serves its data."""
-    master = lab['hM'].address
-    for name in ('hA', 'hB', 'hM'):
-        host = lab[name]
-        with open(host.path('/etc/opt/slapos/slapos.cfg'), 'w') as f:
-            f.write(SLAPOS_CFG.format(master=master))
-        with open(host.path('/etc/opt/slapos/slapformat-definition.cfg'),
-                  'w') as f:
-            f.write(DEFINITION.format(host6=host.address6))
-    env = dict(os.environ, PYTHONPATH=TOP)
-    proxy = lab['hM'].spawn([os.path.join(os.path.dirname(sys.executable),
-                                          'slapos'), 'proxy', 'start',
-                             '--cfg', '/etc/opt/slapos/slapos.cfg'],
-                            name='slapproxy', env=env)
-    a = lab['hA']
-    wait_for(lambda: a.run(['python3', '-c', 'import urllib.request;'
-                            'urllib.request.urlopen("http://%s:18080/")'
-                            % master], check=False).returncode == 0, 30,
-             what='slapproxy answering')
-    a.run(['mkdir', '-p', '/srv/slapgrid/var/run'])
-    slapos_cmd(a, 'node', 'format', '--now')
-    part = a.path('/srv/slapgrid/slappart0')
-    os.makedirs(os.path.join(part, 'etc', 'service'))
-    os.makedirs(os.path.join(part, 'srv'))
-    with open(os.path.join(part, 'srv', 'who'), 'w') as f:
-        f.write('partition data\n')
-    service = os.path.join(part, 'etc', 'service', 'http')
-    with open(service, 'w') as f:
-        f.write(HTTP_SERVICE % (PART4, '/srv/slapgrid/slappart0/srv'))
-    os.chmod(service, 0o755)
-    with open(os.path.join(part, '.timestamp'), 'w') as f:
-        f.write('1700000000.1\n')
-    os.utime(os.path.join(part, '.timestamp'), (1700000000, 1700000000))
-    a.run([sys.executable, '-c', MAKE_SUPERVISOR_FILES], env=env)
-    subprocess.run(['chown', '-R', '65534:65534', part], check=True)
-    os.chmod(part, 0o750)
-    return proxy
 
 
 def test_node_model_from_a_formatted_node(node):
@@ -266,7 +127,8 @@ def test_agents_refuse_a_standby_with_another_uid_then_take_over(make_lab):
     from slaposha.lab.cluster import LabCluster
     lab = make_lab(['hA', 'hB', 'hW', 'hM', 'hO'],
                    paths=HOST_PATHS + ('/etc/passwd',))
-    proxy = prepare_node(lab)
+    proxy = make_node(lab, 'hA', 'hM')
+    route_partitions(lab['hO'])
     passwd = lab['hB'].path('/etc/passwd')
     with open(passwd) as f:
         good = f.read()
