@@ -89,6 +89,14 @@ def test_partitions_move_to_the_peer_without_buildout(node):
     assert not os.path.exists(b.path('/srv/slapgrid/slappart0/.installed.cfg'))
     assert os.stat(b.path('/srv/slapgrid/slappart0/.timestamp')).st_mtime \
         == stamp
+    # The new owner's scheduled `slapos node format` keeps the partitions'
+    # addresses (pinned definition, IPv6 in the interface's prefix).
+    resource = b.path('/srv/slapgrid/slappart0/.slapos-resource')
+    with open(resource) as f:
+        before = json.load(f)['address_list']
+    slapos_cmd(b, 'node', 'format', '--now')
+    with open(resource) as f:
+        assert json.load(f)['address_list'] == before
     assert drive(b, SERVICE, 'slapos#node', 'stop') is None
 
 
