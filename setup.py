@@ -22,10 +22,14 @@ setup(
     + ['slaposha.recipes'],
     package_dir={'slaposha.recipes': 'recipes'},
     include_package_data=True,
+    # The OpenAPI description the HTTPS API serves.
+    package_data={'slaposha.api': ['openapi.json']},
     install_requires=[
         'requests',
         'lxml',
         'supervisor',
+        # The cluster's PKI (slaposha.pki); 38 is Debian 12's.
+        'cryptography>=38',
     ],
     extras_require={
         # The `slapos ha` commands plug into the slapos CLI of slapos.core.
@@ -38,7 +42,10 @@ setup(
                  'slapos.core==1.24.1; python_version < "3.12"',
                  'setuptools<81; python_version < "3.12"',
                  'slapos.core>=1.26.1; python_version >= "3.12"',
-                 'slapos.libnetworkcache'],
+                 'slapos.libnetworkcache',
+                 # Fuzzes the HTTPS API from its OpenAPI description
+                 # (tests/test_api.py); version 4 needs Python 3.11.
+                 'schemathesis>=4,<5; python_version >= "3.11"'],
     },
     entry_points={
         'console_scripts': [

@@ -226,6 +226,7 @@ _action('switch', with_to=True, help='planned move of a service to a host:'
 _action('takeover', help='move a service to this host')
 _action('freeze', help='the agents neither start nor stop the service')
 _action('thaw', help='undo freeze')
+from slaposha.cli import pki as _pki  # noqa: E402,F401 (cluster, cert)
 
 
 def _node(args):
