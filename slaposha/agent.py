@@ -131,6 +131,7 @@ class Agent(object):
             self.slots[conf.name] = ServiceSlot(
                 svc, Ownership(self.client, self.keys, conf.name, self.host))
         self.api = None
+        self.https_api = None
 
     # -- decisions ----------------------------------------------------------
 
@@ -148,6 +149,10 @@ class Agent(object):
         for d in (self.cluster.cluster.run_dir, self.cluster.cluster.state_dir,
                   self.log_dir):
             os.makedirs(d, exist_ok=True)
+        # First: a broken PKI or a busy port stops the agent before it has
+        # started anything that would then be left running.
+        from slaposha.api.https import HttpsApi
+        self.https_api = HttpsApi(self, self.cluster, self.host).start()
         self.cgroup_root.create()
         # Nothing can legitimately run before we hold a lease: what a
         # previous agent left (processes, addresses, mounts) is fenced.
@@ -194,6 +199,8 @@ class Agent(object):
         """Stop services here, hand ownership back, leave the cluster."""
         if self.api is not None:
             self.api.stop()
+        if self.https_api is not None:
+            self.https_api.stop()
         for slot in self.slots.values():
             if slot.state != STOPPED or slot.token:
                 self.decide(slot, 'stop', 'the agent is shutting down')

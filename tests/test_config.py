@@ -69,8 +69,8 @@ def test_units_of_durations_and_sizes():
 def test_example_files_are_valid():
     c = config.load_cluster(os.path.join(EXAMPLES, 'cluster.cfg'))
     services = config.load_services(c)
-    assert [s.name for s in services] == ['slapos-node']
-    assert services[0].service.hosts == ['hA', 'hB']
+    assert [s.name for s in services] == ['comp-lab', 'web']
+    assert services[1].service.hosts == ['hA', 'hB']
 
 
 @pytest.mark.parametrize('text, section, key, words', [
@@ -202,7 +202,7 @@ def test_cli_config_check(tmp_path, slaposha_cmd):
             'config', 'check')
     assert p.returncode == 0, p.stderr
     assert 'cluster lab, hosts hA hB, witnesses hW' in p.stdout
-    assert '1 service(s): slapos-node' in p.stdout
+    assert '2 service(s): comp-lab web' in p.stdout
 
 
 @pytest.mark.parametrize('text, expected', [
