@@ -233,12 +233,14 @@ def test_bad_partition_requests_are_refused(make_lab):
     assert state['owner'][0] == os.getpid()
 
 
-def test_demo_placeholder_runs():
+def test_demo_runs_and_leaves_nothing():
     p = subprocess.run([sys.executable, '-m', 'slaposha.demo'],
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                       universal_newlines=True, timeout=120, cwd=TOP)
-    assert p.returncode == 0, p.stderr
-    assert 'partition hA away: hA reaches hB: False' in p.stdout
-    assert 'crash hB: processes left on hB: 0' in p.stdout
+                       universal_newlines=True, timeout=300, cwd=TOP)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert 'comp-lab   up       on hA' in p.stdout
+    assert 'the partition answers again from hB' in p.stdout
+    assert 'no buildout ran on hB: True' in p.stdout
+    assert 'comp-lab   up       on hB' in p.stdout
     lab_id = p.stdout.split('lab ', 1)[1].split(':', 1)[0]
     assert leftovers(lab_id) == {}

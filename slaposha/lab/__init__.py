@@ -375,7 +375,7 @@ class Lab(object):
             'workdir': self.workdir, 'rundir': self.rundir,
             'bridges': [], 'netns': [], 'ns_files': [], 'loops': [],
             'pids': [], 'mountpoints': [], 'rundir_mounted': False,
-            'cgroup': None,
+            'cgroup': None, 'veths': [],
         }
         self._save()
         self._install_sigterm()
@@ -428,6 +428,7 @@ class Lab(object):
             self._record('ns_files', host.uts_path)
             _sh(['ip', 'netns', 'add', host.netns])
             peer = 'sha%sn%d' % (self.id, index)
+            self._record('veths', host.veth)
             _sh(['ip', 'link', 'add', host.veth, 'type', 'veth', 'peer',
                  'name', peer])
             _sh(['ip', 'link', 'set', peer, 'netns', host.netns])
@@ -604,6 +605,11 @@ def _teardown(state):
     for path in state.get('ns_files', []):
         if os.path.exists(path):
             step(_sh, ['umount', '--lazy', path], False)
+    # Deleting one end of a veth pair removes both at once; a deleted
+    # namespace would only take its end away later, asynchronously.
+    for veth in state.get('veths', []):
+        if os.path.exists('/sys/class/net/%s' % veth):
+            step(_sh, ['ip', 'link', 'del', veth], False)
     for netns in state.get('netns', []):
         if os.path.exists('/run/netns/%s' % netns):
             step(_sh, ['ip', 'netns', 'del', netns])
