@@ -21,6 +21,11 @@ for pair in ip:iproute2 ping:iputils-ping nsenter:util-linux losetup:mount \
     PATH="$PATH:/usr/sbin:/sbin" command -v "$cmd" >/dev/null 2>&1 || missing="$missing $pkg"
 done
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing="$missing python3-venv"
+# slapos.core needs netifaces, which PyPI has only as source: a C compiler
+# and the Python headers build it.
+command -v gcc >/dev/null 2>&1 || missing="$missing gcc"
+python3 -c 'import os, sysconfig; assert os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))' \
+    2>/dev/null || missing="$missing python3-dev"
 if [ -n "$missing" ]; then
     echo "setup: installing Debian packages:$missing"
     apt-get update -q
