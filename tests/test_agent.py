@@ -396,3 +396,68 @@ def test_frozen_agent_address_is_dropped_by_its_watchdog(web_ip):
         assert 'dropped %s/32' % VIP in lc.log('hA')
     finally:
         os.kill(agent, signal.SIGCONT)
+
+
+def test_on_failure_stop_and_freeze(make_lab):
+    """on_failure = stop leaves the service stopped everywhere; on_failure =
+    freeze leaves it where it is, frozen, for an operator to look at."""
+    import os
+    import signal
+    lab = make_lab(['hA', 'hB', 'hW'])
+    base = 86400 + int(lab.id, 16)
+    lc = LabCluster(lab, ['hA', 'hB'], ['hW'], services={
+        'stopper': '''
+            [service]
+            hosts = hA hB
+            on_failure = stop
+            [app#main]
+            command = exec sleep %d
+        ''' % base,
+        'freezer': '''
+            [service]
+            hosts = hA hB
+            on_failure = freeze
+            [app#main]
+            command = exec sleep %d
+        ''' % (base + 1)}, settings='''
+        [agent]
+        monitor_interval = 0.3
+    ''').start()
+    stopper = Observer(lab, str(base)).start()
+    freezer = Observer(lab, str(base + 1)).start()
+    try:
+        stopper.wait_running('hA', 30)
+        freezer.wait_running('hA', 30)
+        wait_for(lambda: all(status_of(lc, 'hA', s)['resources']
+                             for s in ('stopper', 'freezer')), 10,
+                 what='both started and checked')
+        for pid in lab['hA'].pids():
+            with open('/proc/%d/cmdline' % pid, 'rb') as f:
+                if str(base).encode() in f.read():
+                    os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: (status_of(lc, 'hB', 'stopper')['target'] or {})
+                 .get('state') == 'stopped', 10, what='stopper stopped')
+        time.sleep(2)
+        assert stopper.where() == []
+        svc = status_of(lc, 'hB', 'stopper')
+        assert svc['owner'] is None
+        assert svc['target']['by'] == 'agent on hA'
+        assert 'app#main is down' in svc['target']['reason']
+        # The freezer is untouched by the other's failure; then it fails.
+        assert freezer.where() == ['hA']
+        for pid in lab['hA'].pids():
+            with open('/proc/%d/cmdline' % pid, 'rb') as f:
+                if str(base + 1).encode() in f.read():
+                    os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: status_of(lc, 'hB', 'freezer')['frozen'], 10,
+                 what='freezer frozen')
+        time.sleep(2)
+        svc = status_of(lc, 'hB', 'freezer')
+        assert svc['owner'] == 'hA', 'a frozen service stays where it is'
+        assert freezer.where() == []
+        assert 'FROZEN by agent on hA' in lc.cli('hB', 'status').stdout
+    finally:
+        stopper.stop()
+        freezer.stop()
+        for host in ('hA', 'hB'):
+            lc.stop_agent(host)
