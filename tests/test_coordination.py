@@ -108,6 +108,11 @@ def test_partitioned_owner_stops_before_the_other_side_starts(cluster):
     # The owner fenced itself by its deadline, before its lease expired.
     assert stopped_a - cut < TTL
     assert lc.owner('web', 'hW')[0] == 'hB'
+    # Cut off, hA's status says it has no quorum and why web stopped there.
+    cut_off = lc.cli('hA', 'status').stdout
+    assert 'etcd cannot read the cluster' in cut_off, cut_off
+    assert 'cluster view unavailable' in cut_off
+    assert 'lease lost' in cut_off
     lc.lab.heal()
     healed = time.monotonic()
     while time.monotonic() - healed < 5:
