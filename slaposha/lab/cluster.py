@@ -312,30 +312,21 @@ def check_no_overlap(observer):
 
 
 def make_test_pki(folder, hosts):
-    """A throw-away CA and a certificate per host (``{name: address}``), as
-    ``ca.crt``, ``<name>.crt`` and ``<name>.key``: for lab clusters only
-    (issue: the cluster's PKI gives real clusters theirs)."""
+    """A CA and a certificate per host (``{name: address}``), as ``ca.crt``,
+    ``<name>.crt`` and ``<name>.key``, made with the cluster's own PKI
+    (slaposha.pki), host role included; the CA key stays in the folder."""
+    from slaposha import pki
     os.makedirs(folder, mode=0o700, exist_ok=True)
-
-    def openssl(*args):
-        subprocess.run(('openssl',) + args, check=True, cwd=folder,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ec = ('-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1',
-          '-nodes')
-    openssl('req', '-x509', *ec, '-keyout', 'ca.key', '-out', 'ca.crt',
-            '-days', '30', '-subj', '/CN=slaposha lab CA')
+    ca_key, ca_cert = pki.create_ca('lab', days=30)
+    pki.write_key(os.path.join(folder, 'ca.key'), ca_key, overwrite=True)
+    pki.write_cert(os.path.join(folder, 'ca.crt'), ca_cert)
     for name, address in hosts.items():
-        openssl('req', *ec, '-keyout', name + '.key', '-out', name + '.csr',
-                '-subj', '/CN=%s' % name)
-        ext = os.path.join(folder, name + '.ext')
-        with open(ext, 'w') as f:
-            f.write('subjectAltName=IP:%s,DNS:%s\n'
-                    'extendedKeyUsage=serverAuth,clientAuth\n'
-                    % (address, name))
-        openssl('x509', '-req', '-in', name + '.csr', '-CA', 'ca.crt',
-                '-CAkey', 'ca.key', '-CAcreateserial', '-out', name + '.crt',
-                '-days', '30', '-extfile', ext)
-        os.chmod(os.path.join(folder, name + '.key'), 0o600)
+        key = pki.new_key()
+        cert = pki.issue(ca_key, ca_cert, key.public_key(), name,
+                         pki.HOST_ROLE, address=address, days=30)
+        pki.write_key(os.path.join(folder, name + '.key'), key,
+                      overwrite=True)
+        pki.write_cert(os.path.join(folder, name + '.crt'), cert)
 
 
 def holds_address(address):
