@@ -244,3 +244,45 @@ def test_external_etcd_cluster(make_lab):
     finally:
         observer.stop()
         lc.stop_agent('hB')
+
+
+def test_operators_act_through_the_https_api_with_their_role(make_lab,
+                                                             tmp_path):
+    """The CLI over HTTPS with an operator's certificate: an operator may
+    switch, a guest may only look."""
+    import subprocess
+    import sys
+    lab = make_lab(['hA', 'hB', 'hW'])
+    marker = str(86400 + int(lab.id, 16))
+    lc = LabCluster(lab, ['hA', 'hB'], ['hW'], services=service(marker),
+                    tls=True).start()
+    try:
+        assert lc.wait_owner('web', 'hW')[0] == 'hA'
+        folders = {}
+        for name, role in (('alice', 'operator'), ('bob', 'guest')):
+            folders[name] = str(tmp_path / name)
+            subprocess.run(lc.command('cert', 'issue', name, '--role', role,
+                                      '--dir', folders[name]),
+                           env=lc.env(), check=True, stdout=subprocess.PIPE)
+
+        def cli(who, *args):
+            env = dict(lc.env(), SLAPOSHA_CERT_DIR=folders[who])
+            return lab['hW'].run([sys.executable, '-m', 'slaposha.cli.main',
+                                  '-c', lc.cluster_file, '--api', 'hA']
+                                 + list(args), env=env, check=False,
+                                 timeout=120)
+        tree = wait_for(lambda: (lambda p: p.returncode == 0 and
+                                 'on hA' in p.stdout and p.stdout)(
+                                     cli('bob', 'status')), 20,
+                        interval=0.5, what='status over HTTPS')
+        assert '(seen from hA)' in tree
+        refused = cli('bob', 'switch', 'web', '--to', 'hB')
+        assert refused.returncode == 2
+        assert refused.stderr.count('\n') == 1 and '403' in refused.stderr
+        moved = cli('alice', 'switch', 'web', '--to', 'hB')
+        assert moved.returncode == 0, moved.stderr
+        assert 'runs on hB' in moved.stdout
+        assert lc.owner('web', 'hW')[0] == 'hB'
+    finally:
+        for host in ('hA', 'hB'):
+            lc.stop_agent(host)

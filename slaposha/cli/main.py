@@ -119,9 +119,14 @@ def witness(args):
 
 
 def _agent_call(args, method, route, body=None):
-    """Ask the agent of this host; one line and exit 2 when it cannot."""
+    """Ask an agent; one line and exit 2 when it cannot. With --api (or
+    $SLAPOSHA_API), over HTTPS with the operator's certificate; else the
+    agent of this host over its unix socket (root only)."""
     import os
     from slaposha.api.local import AgentUnreachable, call
+    api = getattr(args, 'api', None) or os.environ.get('SLAPOSHA_API')
+    if api:
+        return _api_call(args, api, method, route, body)
     cluster = _cluster(args)
     path = os.path.join(cluster.cluster.run_dir, 'agent.sock')
     try:
@@ -131,6 +136,24 @@ def _agent_call(args, method, route, body=None):
     if status >= 400:
         raise UserError(answer.get('error', 'agent answered %d' % status))
     return answer
+
+
+def _api_call(args, api, method, route, body):
+    from slaposha.api.client import ApiClient, ApiError, url_for
+    if '://' not in api:
+        # A host name of the cluster: its address, as its certificate says.
+        cluster = _cluster(args)
+        if api not in cluster.hosts:
+            raise UserError('--api %s: neither a URL nor a host of the'
+                            ' cluster (%s)' % (api, ' '.join(cluster.hosts)))
+        api = url_for(cluster, api)
+    try:
+        client = getattr(args, '_api_client', None)
+        if client is None:
+            client = args._api_client = ApiClient(api)
+        return client.request(method, route, body)
+    except ApiError as e:
+        raise UserError('%s: %s' % (api, e))
 
 
 @command('status', 'the cluster as a tree: hosts, services, owners, each'
@@ -356,6 +379,11 @@ def build_parser():
                         version='slaposha %s' % __version__)
     parser.add_argument('-c', '--cluster', metavar='FILE',
                         help='cluster file')
+    parser.add_argument('--api', metavar='URL|HOST',
+                        help='talk to this agent\'s HTTPS API with the'
+                        ' operator certificate of $SLAPOSHA_CERT_DIR or'
+                        ' ~/.slaposha (default: the agent of this host, on'
+                        ' its unix socket)')
     sub = parser.add_subparsers(dest='command', metavar='COMMAND')
     groups = {}
     for name, help, arguments, func in _COMMANDS:
