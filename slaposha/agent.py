@@ -24,6 +24,7 @@ When the agent refuses to act (frozen, no quorum, a stop that failed), the
 decision says which and why, and ``slaposha status`` shows it.
 """
 
+import collections
 import json
 import logging
 import os
@@ -45,6 +46,9 @@ from slaposha.watchdog import Watchdog
 __all__ = ['Agent', 'ActionError', 'default_host', 'run_witness']
 
 logger = logging.getLogger('slaposha.agent')
+
+# Decisions kept for the API's decision log.
+DECISIONS_KEPT = 500
 
 # Seconds raft must have kept its term before an owner moves the leader.
 LEADER_SETTLE = 10.0
@@ -132,6 +136,8 @@ class Agent(object):
                 svc, Ownership(self.client, self.keys, conf.name, self.host))
         self.api = None
         self.https_api = None
+        # Every decision, for the API's decision log (bounded).
+        self.decision_log = collections.deque(maxlen=DECISIONS_KEPT)
 
     # -- decisions ----------------------------------------------------------
 
@@ -141,6 +147,9 @@ class Agent(object):
         if once and slot.decision and slot.decision[1:] == (action, reason):
             return
         slot.decision = (time.time(), action, reason)
+        self.decision_log.append({'service': slot.service.name,
+                                  'time': slot.decision[0], 'action': action,
+                                  'reason': reason})
         logger.info('service %s: %s: %s', slot.service.name, action, reason)
 
     # -- life cycle -----------------------------------------------------------

@@ -283,6 +283,10 @@ def test_operators_act_through_the_https_api_with_their_role(make_lab,
         assert moved.returncode == 0, moved.stderr
         assert 'runs on hB' in moved.stdout
         assert lc.owner('web', 'hW')[0] == 'hB'
+        # The decision log of hA, read by a guest over HTTPS.
+        log = cli('bob', 'log').stdout
+        assert 'hA web: start: took the owner key' in log
+        assert 'hA web: switch: moving it to hB, as operator alice' in log
     finally:
         for host in ('hA', 'hB'):
             lc.stop_agent(host)

@@ -5,6 +5,7 @@ Routes (JSON in, JSON out):
 
 - ``GET /status``: the cluster as etcd knows it, and this agent's view;
 - ``GET /local``: this agent's view only (works without etcd);
+- ``GET /decisions``: every decision of this agent, oldest first;
 - ``POST /services/<name>/<action>``: start, stop, switch, takeover,
   freeze, thaw; body ``{"to": host}`` for switch and start.
 
@@ -56,6 +57,9 @@ def dispatch(agent, method, path, raw_body=b''):
             return 200, agent.cluster_status()
         if path == '/local' and method == 'GET':
             return 200, agent.local_status()
+        if path == '/decisions' and method == 'GET':
+            return 200, {'host': agent.host,
+                         'decisions': list(agent.decision_log)}
         m = _SERVICE_ACTION.match(path)
         if m:
             if method != 'POST':

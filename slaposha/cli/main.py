@@ -176,6 +176,23 @@ def status(args):
     return 0
 
 
+@command('log', 'the decisions of an agent, oldest first: what it did and'
+         ' why', [(('--json',), dict(action='store_true',
+                                       help='print JSON'))])
+def log(args):
+    import json
+    import time
+    answer = _agent_call(args, 'GET', '/decisions')
+    if args.json:
+        print(json.dumps(answer, indent=2, sort_keys=True))
+        return 0
+    for d in answer.get('decisions', []):
+        print('%s %s %s: %s: %s' % (
+            time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(d['time'])),
+            answer.get('host'), d['service'], d['action'], d['reason']))
+    return 0
+
+
 def _done(answer, name, verb, to, here):
     svc = (answer.get('services') or {}).get(name)
     if svc is None:
