@@ -1,0 +1,349 @@
+"""``btrfs``: a btrfs subvolume copied to the standbys by snapshots.
+
+The service's data (e.g. /srv/slapgrid, a btrfs subvolume) follows the
+service: its owner snapshots it every ``interval`` and sends each snapshot
+to the standbys, incrementally; at takeover the new owner makes its newest
+complete copy the writable volume. The copies are crash-consistent (what a
+power cut would leave) and a crash loses about the last two intervals of
+writes (reference/replication.md; :mod:`slaposha.replication.btrfs` for
+the engine)::
+
+    [btrfs#slapgrid]
+    volume = /srv/slapgrid
+    interval = 1s
+    keep = 3
+    max_lag = 10s
+
+Put it first in the service, so that it starts (promotes) before the
+resources that use the data and stops (sends a last snapshot) after them.
+
+What the agent does with it (the interface)
+-------------------------------------------
+
+1. **On every host**, one receiver for the volumes of every ``btrfs``
+   resource of the services that may run there, started with the agent and
+   kept running whether the host owns them or not::
+
+       from slaposha.replication.btrfs import Receiver
+       receiver = Receiver(address, port, tls, volumes,
+                           hosts=cluster.cluster.hosts).start()  # a thread
+       ...
+       receiver.stop()
+
+   ``address``: the host's address; ``port``: the resources' ``port``
+   (1216 by default); ``tls``: ``cluster.tls_files(host)`` = (ca, cert,
+   key), required (``crl.pem`` beside ``ca.crt`` is honoured); ``volumes``:
+   their ``volume`` paths; ``hosts``: the only senders served (host
+   certificates only, in any case). (Or as a process: ``python -m
+   slaposha.replication receiver --host H --listen A --ssl-dir D
+   VOLUME...``.) A receiver refuses streams of an epoch older than the
+   newest it has seen, and streams into a volume whose service runs here.
+
+2. **On the owner, before** ``start()``: ``res.configure(token, peers,
+   tls, host)``: the owner key's fencing token, the standbys as ``{name:
+   (address, port)}`` (or ``{name: address}``: the ``port`` key), the TLS
+   files, this host's name. Call it again when the peers change; a new
+   token needs a stop and a start.
+
+3. **Every agent cycle** (about 0.1 s) on the owner: ``res.tick()``. It
+   never blocks: a replication cycle runs in a background thread, one at a
+   time, every ``interval``. Nothing is replicated without it.
+
+4. **On standbys**, for the status tree and the takeover decision:
+   ``res.standby_status()`` (how old this host's copy is, whether a
+   diverged copy was kept aside) and ``res.lag()`` (seconds, snapshot).
+
+``start`` refuses (names the newer token) when this host's copy was written
+by a newer owner than ``token``: the agent's token is stale. ``stop`` sends
+a last snapshot when the standbys answer, within ``stop_timeout``.
+``status`` is ``up`` with the standbys' lag and the last cycle, ``warn``
+when a standby did not get the last snapshot, or its copy is older than
+``max_lag``.
+"""
+
+import logging
+import threading
+import time
+
+from slaposha.config import REQUIRED, Key
+from slaposha.replication import Peer, ReplicationError, human_bytes
+from slaposha.replication.btrfs import DEFAULT_PORT, Sender, Volume
+from slaposha.resources import (
+    DOWN, UP, WARN, Resource, ResourceError, Status, register)
+
+__all__ = ['Btrfs']
+
+logger = logging.getLogger(__name__)
+
+
+def _seconds(value):
+    return '%.1f s' % value if value < 10 else '%d s' % round(value)
+
+
+@register
+class Btrfs(Resource):
+    """a btrfs subvolume copied to the standbys by snapshots every interval"""
+
+    kind = 'btrfs'
+    keys = (
+        Key('volume', 'path', REQUIRED, 'the btrfs subvolume to replicate,'
+            ' e.g. /srv/slapgrid; its snapshots are kept in .slaposha/ at the'
+            ' root of its file system'),
+        Key('port', 'integer', DEFAULT_PORT, 'TCP port of the receivers'
+            ' (every host runs one)', minimum=1, maximum=65535),
+        Key('interval', 'duration', 1.0, 'a snapshot is taken and sent this'
+            ' often; a crash loses about two intervals of writes',
+            minimum=0.1),
+        Key('keep', 'integer', 3, 'snapshots kept on each host, besides the'
+            ' newest one each peer has (kept so that the next send to it is'
+            ' incremental)', minimum=1),
+        Key('max_lag', 'duration', None, 'status warns when a standby\'s'
+            ' copy is older than this'),
+        Key('timeout', 'duration', 30.0, 'a transfer that makes no progress'
+            ' for this long is given up (the next cycle retries)',
+            minimum=1.0),
+        Key('stop_timeout', 'duration', 30.0, 'time stop gives the last'
+            ' snapshot to reach the standbys', minimum=0.0),
+    )
+
+    @classmethod
+    def validate(cls, section):
+        if section.volume == '/':
+            return 'volume: must be a subvolume below a file system root,' \
+                ' not /'
+        return None
+
+    def __init__(self, section, context):
+        super().__init__(section, context)
+        self.volume = Volume(section.volume)
+        self.token = None
+        self.peers = []
+        self.tls = None
+        self.host = None
+        self.sender = None
+        self.running = False
+        self.started = None       # wall clock of start
+        self.last = None          # the last Cycle
+        self.failure = None       # why the last cycle could not even begin
+        self._thread = None
+        self._next = 0.0
+        self._said = None         # the last problem logged, said once
+
+    # -- what the agent gives -------------------------------------------------
+
+    def configure(self, token, peers, tls, host):
+        """The owner's fencing ``token``, the standbys ``{name: (address,
+        port)}`` or ``{name: address}``, this host's TLS files (ca, cert,
+        key) and name. Before start; again when the peers change."""
+        listed = []
+        for name, where in sorted(peers.items()):
+            if isinstance(where, str):
+                where = (where, self.conf.port)
+            listed.append(Peer(name, where[0], int(where[1])))
+        self.token, self.peers, self.tls, self.host = \
+            int(token), listed, tuple(tls) if tls else None, host
+        if self.sender is not None:
+            self.sender.peers = listed
+
+    # -- verbs ----------------------------------------------------------------
+
+    def start(self):
+        if self.token is None or self.host is None:
+            raise ResourceError('%s: no fencing token: the agent calls'
+                                ' configure(token, peers, tls, host) before'
+                                ' start' % self.rid)
+        if not self.tls:
+            raise ResourceError('%s: replication needs the cluster\'s TLS'
+                                ' certificates ([cluster] tls = true)'
+                                % self.rid)
+        try:
+            done = self.volume.activate(self.token, self.host)
+        except ReplicationError as e:
+            raise ResourceError('%s: %s' % (self.rid, e))
+        logger.info('%s: %s', self.rid, done)
+        self.sender = Sender(self.volume, self.token, self.peers, self.tls,
+                             self.host, keep=self.conf.keep,
+                             timeout=self.conf.timeout)
+        self.running = True
+        self.started = time.time()
+        self.last = self.failure = None
+        self._next = time.monotonic()
+
+    def tick(self):
+        """Begin a replication cycle when one is due and none is running.
+        Never blocks."""
+        if not self.running or (self._thread is not None and
+                                self._thread.is_alive()):
+            return
+        now = time.monotonic()
+        if now < self._next:
+            return
+        # From the start of a cycle: a long one is followed at once.
+        self._next = now + self.conf.interval
+        self._thread = threading.Thread(target=self._cycle,
+                                        name='%s cycle' % self.rid,
+                                        daemon=True)
+        self._thread.start()
+
+    def _cycle(self):
+        try:
+            cycle = self.sender.cycle()
+        except ReplicationError as e:
+            self.failure = e
+            self._say(str(e))
+            return
+        except Exception as e:  # a thread's error must reach status
+            self.failure = ReplicationError(self.volume.path, 'cycle failed:'
+                                            ' %s' % e)
+            logger.exception('%s: cycle failed', self.rid)
+            return
+        self.failure = None
+        self.last = cycle
+        self._say('; '.join(str(e) for e in cycle.errors.values()) or None)
+
+    def _say(self, problem):
+        """Log a problem once, not every cycle, and its end."""
+        if problem != self._said:
+            if problem:
+                logger.warning('%s: %s', self.rid, problem)
+            elif self._said:
+                logger.info('%s: replicating again', self.rid)
+            self._said = problem
+
+    def stop(self):
+        """End the cycles, then send a last snapshot (the applications were
+        stopped before: it is the final state) when the standbys answer,
+        within stop_timeout. Never fails for a standby that did not answer:
+        status says it."""
+        was_running, self.running = self.running, False
+        deadline = time.monotonic() + self.conf.stop_timeout
+        if self._thread is not None:
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+            if self._thread.is_alive():
+                self.sender.abort()
+                self._thread.join(5)
+        left = deadline - time.monotonic()
+        if was_running and self.peers and left > 0 and self.volume.exists():
+            self.sender.timeout = min(self.conf.timeout, left)
+            self.sender.connect_timeout = min(3.0, left)
+            self._thread = threading.Thread(target=self._cycle,
+                                            name='%s last' % self.rid,
+                                            daemon=True)
+            self._thread.start()
+            self._thread.join(left)
+            if self._thread.is_alive():
+                self.sender.abort()
+                self._thread.join(5)
+            if self.last is not None and not self.last.errors:
+                logger.info('%s: last snapshot %s sent to %s', self.rid,
+                            self.last.snapshot.name,
+                            ', '.join(self.last.results) or 'nobody')
+        self._deactivate()
+
+    def _deactivate(self):
+        # Not a failed stop: with its file system gone, nothing can be
+        # received here anyway, and the senders say why they are refused.
+        try:
+            self.volume.deactivate()
+        except (ReplicationError, OSError) as e:
+            logger.warning('%s: cannot mark the volume free: %s',
+                           self.rid, e)
+
+    def fence(self):
+        """Stop at once: the transfer going on is cut (the standby drops
+        it), no last snapshot. The volume is marked free in the background:
+        that takes a lock, and fencing waits for nothing."""
+        self.running = False
+        if self.sender is not None:
+            self.sender.abort()
+        threading.Thread(target=self._deactivate, daemon=True).start()
+
+    def fence_targets(self):
+        return [], []
+
+    def provision(self):
+        """Create the volume (an empty subvolume) when it is missing and no
+        snapshot could make it."""
+        try:
+            if not self.volume.exists() and self.volume.newest() is None:
+                self.volume._run(['subvolume', 'create', self.volume.path],
+                                 'cannot create the volume')
+        except ReplicationError as e:
+            raise ResourceError('%s: %s' % (self.rid, e))
+
+    # -- what it says ---------------------------------------------------------
+
+    def progress(self):
+        """The transfer going on or the last one (a Progress), or None."""
+        return self.sender.progress if self.sender is not None else None
+
+    def lag(self):
+        """(seconds, snapshot) of this host's newest complete copy: on a
+        standby, how old its data is."""
+        return self.volume.freshness()
+
+    def status(self):
+        if not self.running:
+            return Status(DOWN, 'not replicating on this host')
+        if not self.volume.exists():
+            return Status(WARN, '%s is missing' % self.volume.path)
+        if self.failure is not None:
+            return Status(WARN, str(self.failure))
+        if not self.peers:
+            return Status(WARN, 'no standby to send %s to'
+                          % self.volume.path)
+        warn, parts = False, []
+        for peer in self.peers:
+            lag, name = self.sender.lag(peer.name)
+            last = self.sender.last.get(peer.name)
+            if isinstance(last, ReplicationError):
+                warn = True
+                parts.append('%s: %s' % (peer.name, last.message))
+                if lag is not None:
+                    parts[-1] += ' (its copy %s is %s old)' % (
+                        name, _seconds(lag))
+                continue
+            if lag is None:
+                warn = warn or (self.last is not None)
+                parts.append('%s: no copy yet' % peer.name)
+                continue
+            if self.conf.max_lag is not None and lag > self.conf.max_lag:
+                warn = True
+                parts.append('%s: copy %s is %s old (max_lag %s)' % (
+                    peer.name, name, _seconds(lag),
+                    _seconds(self.conf.max_lag)))
+            else:
+                parts.append('%s: %s, %s old' % (peer.name, name,
+                                                 _seconds(lag)))
+        progress = self.sender.progress
+        if progress is not None and progress.ended is None:
+            parts.append('sending %s' % progress)
+        elif self.last is not None:
+            sent = sum(t.bytes for t in self.last.results.values())
+            parts.append('last cycle %s, %s' % (_seconds(self.last.seconds),
+                                                 human_bytes(sent)))
+        return Status(WARN if warn else UP, '; '.join(parts))
+
+    def standby_status(self):
+        """On a host where the service does not run: the age of its copy
+        and what diverged copies were kept aside."""
+        try:
+            lag, name = self.volume.freshness()
+            diverged = self.volume.diverged()
+        except (ReplicationError, OSError) as e:
+            return Status(WARN, str(e))
+        if name is None:
+            state, text = WARN, 'no copy of %s here' % self.volume.path
+        elif lag is None:
+            state, text = UP, 'copy %s (age unknown)' % name
+        elif self.conf.max_lag is not None and lag > self.conf.max_lag:
+            state, text = WARN, 'copy %s is %s old (max_lag %s)' % (
+                name, _seconds(lag), _seconds(self.conf.max_lag))
+        else:
+            state, text = UP, 'copy %s is %s old' % (name, _seconds(lag))
+        if diverged:
+            state = WARN
+            text += '; diverged: %d cop%s kept aside (%s)' % (
+                len(diverged), 'y' if len(diverged) == 1 else 'ies',
+                ', '.join(d['path'] for d in diverged))
+        return Status(state, text)
