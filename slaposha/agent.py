@@ -38,7 +38,7 @@ from slaposha.cgroup import Cgroup, own_cgroup
 from slaposha.cluster.etcd import Client, EtcdError
 from slaposha.cluster.lease import HostLease, Membership, Ownership, keys
 from slaposha.cluster.member import EtcdMember
-from slaposha.config import load_services
+from slaposha.config import ConfigError, load_services
 from slaposha.resources import DOWN, NA
 from slaposha.service import Service, ServiceError
 from slaposha.watchdog import Watchdog
@@ -80,9 +80,11 @@ class ServiceSlot(object):
         self.failed_until = 0.0
         self.next_check = 0.0
         self.fenced = False
+        self.seen_owner = False    # an owner was seen since the agent began
         self.resources = []        # [(rid, state, message)] last checked
         self.published = None
         self.facts = None          # what the owner last published of them
+        self.lags = {}             # rid: age of this host's copy (standby)
         self.ineligible = []       # why this host may not take it over
         self.next_eligibility = 0.0
 
@@ -136,6 +138,7 @@ class Agent(object):
                 svc, Ownership(self.client, self.keys, conf.name, self.host))
         self.api = None
         self.https_api = None
+        self.receivers = []
         # Every decision, for the API's decision log (bounded).
         self.decision_log = collections.deque(maxlen=DECISIONS_KEPT)
 
@@ -174,6 +177,7 @@ class Agent(object):
                 self.decide(slot, 'fence', 'left by a previous agent (%s),'
                             ' before any lease is held'
                             % (' '.join(left) or 'processes'))
+        self._start_receivers()
         if self.cluster.etcd.mode == 'embedded':
             self.member = EtcdMember(self.cluster, self.host,
                                      tls=self.tls).start()
@@ -216,11 +220,72 @@ class Agent(object):
                 self._stop_service(slot, release=True)
         if self.lease is not None:
             self.lease.revoke()
+        for receiver in self.receivers:
+            receiver.stop()
         if self.watchdog is not None:
             self.watchdog.stop()
         if self.member is not None:
             self.member.stop()
         self.write_status()
+
+    # -- replicated data ---------------------------------------------------------
+
+    def _replicated(self, slot):
+        """The resources of a service whose data moves between hosts."""
+        return [res for res in slot.service.resources
+                if getattr(res, 'configure', None) is not None]
+
+    def _start_receivers(self):
+        """Every host receives the data of the services it may run, owner
+        or not: one receiver per port, over TLS with the cluster's CA."""
+        volumes = {}
+        for slot in self.slots.values():
+            for res in self._replicated(slot):
+                volumes.setdefault(res.conf.port, []).append(res.volume.path)
+        if not volumes:
+            return
+        if self.tls is None:
+            raise ConfigError(self.cluster.path, 'cluster', 'tls', 'btrfs'
+                              ' resources replicate over TLS: set tls = true'
+                              ' and give each host its certificate')
+        from slaposha.replication.btrfs import Receiver
+        address = self.cluster.hosts[self.host].address
+        for port, paths in sorted(volumes.items()):
+            self.receivers.append(Receiver(
+                address, port, self.tls, paths,
+                hosts=self.cluster.cluster.hosts).start())
+
+    def _configure_replication(self, slot):
+        """Tell the data resources the owner's token and its standbys."""
+        peers = {h: self.cluster.hosts[h].address for h in slot.conf.hosts
+                 if h != self.host}
+        for res in self._replicated(slot):
+            res.configure(slot.token, peers, self.tls, self.host)
+
+    def _data_problems(self, slot, owner_alive):
+        """Why this standby's copy is too old to take over by itself
+        (``[service] max_lag``). The lag that counts is the one measured
+        while the owner was alive: after its loss the copy cannot get
+        fresher, and a short outage must not make it ineligible."""
+        max_lag = slot.conf.max_lag
+        if max_lag is None:
+            return []
+        problems = []
+        for res in self._replicated(slot):
+            if owner_alive or res.rid not in slot.lags:
+                seconds, snapshot = res.lag()
+                slot.lags[res.rid] = seconds
+            seconds = slot.lags[res.rid]
+            if seconds is None:
+                problems.append('%s: no copy of %s here yet' % (
+                    res.rid, res.volume.path))
+            elif seconds > max_lag:
+                problems.append('%s: data too stale: the copy of %s here was'
+                                ' %.1f s old (max_lag %gs); `slaposha takeover'
+                                ' --force` overrides' % (
+                                    res.rid, res.volume.path, seconds,
+                                    max_lag))
+        return problems
 
     # -- the lease ------------------------------------------------------------
 
@@ -329,7 +394,8 @@ class Agent(object):
     def _after_lease_loss(self):
         for slot in self.slots.values():
             if slot.state != STOPPED or slot.token or slot.fenced:
-                reason = self.lease.lost_reason if self.lease else 'no lease'
+                reason = (self.lease.lost_reason or 'its self-fence deadline'
+                          ' passed') if self.lease else 'no lease'
                 self.decide(slot, 'stop', 'lease lost (%s): services'
                             ' fenced, cleaning up' % reason)
                 with self._lock:
@@ -398,8 +464,10 @@ class Agent(object):
                 % target['host']
         if slot.conf.orchestrate != 'ha':
             return None, 'orchestrate = manual: started only by an operator'
-        starting = time.monotonic() - self.started < \
-            self.cluster.agent.startup_grace
+        # The grace is for a cluster starting up: once an owner was seen,
+        # a lost owner is taken over at once.
+        starting = not slot.seen_owner and time.monotonic() - \
+            self.started < self.cluster.agent.startup_grace
         for host in hosts:
             health = alive.get(host)
             if health is None:
@@ -418,6 +486,7 @@ class Agent(object):
         slot.view = view
         owner_kv = view.owner
         slot.owner = owner_kv.value if owner_kv else None
+        slot.seen_owner = slot.seen_owner or owner_kv is not None
         if not slot.token:
             self._check_eligibility(slot, view)
         if slot.token:
@@ -453,7 +522,10 @@ class Agent(object):
             self.decide(slot, 'stopped', 'not started: stopped by %s'
                         % intents.who(view.target), once=True)
             return
-        if slot.failed_until > time.monotonic() or slot.ineligible:
+        forced = (view.switch or {}).get('to') == self.host and \
+            (view.switch or {}).get('force')
+        if slot.failed_until > time.monotonic() or \
+                (slot.ineligible and not forced):
             return  # the failure stays the decision shown, for its hold
         host, reason = self._chosen_host(slot, view, alive)
         if host != self.host:
@@ -483,6 +555,7 @@ class Agent(object):
             return
         slot.next_eligibility = now + self.cluster.agent.monitor_interval
         problems = slot.service.problems(view.facts) if view.facts else []
+        problems += self._data_problems(slot, view.owner is not None)
         if problems != slot.ineligible:
             slot.ineligible = problems
             if problems:
@@ -529,6 +602,7 @@ class Agent(object):
     def _start_service(self, slot, reason):
         self.decide(slot, 'start', reason)
         self._update_fence_targets()
+        self._configure_replication(slot)
         try:
             slot.service.start(may_go_on=lambda: self.lease.valid)
         except ServiceError as e:
@@ -706,7 +780,7 @@ class Agent(object):
                         raise ActionError('%s is not alive (no agent holds a'
                                           ' lease there)' % to)
                     why = (alive[to].get('ineligible') or {}).get(name)
-                    if why:
+                    if why and not params.get('force'):
                         raise ActionError('%s may not run %s: %s'
                                           % (to, name, why))
                 if verb == 'start':
@@ -720,7 +794,8 @@ class Agent(object):
                     return '%s already runs on %s' % (name, to)
                 intents.set_target(self.client, self.keys, name, 'started',
                                    by=by)
-                intents.set_switch(self.client, self.keys, name, to, by=by)
+                intents.set_switch(self.client, self.keys, name, to, by=by,
+                                   force=bool(params.get('force')))
                 return '%s: moving to %s' % (name, to)
         except EtcdError as e:
             raise ActionError('etcd: %s' % e)

@@ -77,8 +77,13 @@ def set_target(client, keys, name, state, by, host=None, reason=None):
                _intent(by, state=state, host=host, reason=reason))
 
 
-def set_switch(client, keys, name, to, by):
-    client.put(keys.service(name, 'switch'), _intent(by, to=to))
+def set_switch(client, keys, name, to, by, force=False):
+    """``force``: the target takes it even if it is not eligible (its data
+    too stale, for instance): an operator's decision, recorded as such."""
+    values = {'to': to}
+    if force:
+        values['force'] = True
+    client.put(keys.service(name, 'switch'), _intent(by, **values))
 
 
 def clear(client, keys, name, field):

@@ -19,7 +19,7 @@ import re
 __all__ = ['dispatch', 'ACTIONS', 'MAX_BODY']
 
 ACTIONS = ('start', 'stop', 'switch', 'takeover', 'freeze', 'thaw')
-ACTION_FIELDS = {'to': str, 'by': str}
+ACTION_FIELDS = {'to': str, 'by': str, 'force': bool}
 MAX_BODY = 64 * 1024
 
 _SERVICE_ACTION = re.compile(r'^/services/([A-Za-z0-9_.-]+)/([a-z]+)$')
@@ -45,7 +45,8 @@ def _body(raw):
             raise ApiError(400, 'unknown field %r (known: %s)'
                            % (key, ', '.join(ACTION_FIELDS)))
         if value is not None and not isinstance(value, ACTION_FIELDS[key]):
-            raise ApiError(400, 'field %r must be a string' % key)
+            raise ApiError(400, 'field %r must be a %s' % (
+                key, 'boolean' if ACTION_FIELDS[key] is bool else 'string'))
     return body
 
 

@@ -218,6 +218,10 @@ def _action(verb, with_to=False, help=''):
                  (('--no-wait',), dict(action='store_true',
                                        help='return once the request is'
                                             ' recorded'))]
+    if verb in ('switch', 'takeover'):
+        arguments.append((('--force',), dict(
+            action='store_true', help='move it even to a host that is not'
+            ' eligible (for instance its data is older than max_lag)')))
     if with_to:
         arguments.append((('--to',) if verb == 'switch' else ('--on',),
                           dict(dest='to', metavar='HOST',
@@ -228,6 +232,8 @@ def _action(verb, with_to=False, help=''):
         import time
         began = time.monotonic()
         body = {'to': args.to} if with_to and args.to else {}
+        if getattr(args, 'force', False):
+            body['force'] = True
         answer = _agent_call(args, 'POST', '/services/%s/%s'
                              % (args.service, verb), body)
         print(answer['message'])
