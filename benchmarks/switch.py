@@ -19,24 +19,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
 
-from slaposha.lab import Lab  # noqa: E402
+from slaposha.lab import Lab, web  # noqa: E402
 from slaposha.lab.cluster import (  # noqa: E402
     LabCluster, Observer, check_no_overlap, holds_address)
 
-VIP = '10.213.0.100'
-SERVICE = '''
-    [service]
-    hosts = hA hB
-    [ip#vip]
-    address = %s/32
-    dev = lab0
-    [fs#data]
-    device = /var/lib/slaposha/web-data
-    type = bind
-    mount_point = /srv/slapgrid/web
-    [app#http]
-    command = exec python3 -m http.server --bind %s 8080 --directory /srv/slapgrid/web
-''' % (VIP, VIP)
+VIP = web.VIP
 
 CLIENT = '''
 import sys, time, urllib.request
@@ -61,14 +48,9 @@ def main():
     args = parser.parse_args()
     times = []
     with Lab(['hA', 'hB', 'hW', 'hO']) as lab:
-        for host in ('hA', 'hB'):
-            data = lab[host].path('/var/lib/slaposha') + '/web-data'
-            os.makedirs(data)
-            with open(os.path.join(data, 'who'), 'w') as f:
-                f.write('served by %s\n' % host)
-            lab[host].run(['mkdir', '-p', '/srv/slapgrid/web'])
+        web.prepare(lab)
         lc = LabCluster(lab, ['hA', 'hB'], ['hW'],
-                        services={'web': SERVICE}).start()
+                        services={'web': web.SERVICE}).start()
         observer = Observer(lab, probe=holds_address(VIP),
                             hosts=['hA', 'hB']).start()
         try:

@@ -648,6 +648,8 @@ class Agent(object):
         now = time.monotonic()
         if now < slot.next_check:
             return
+        if slot.fenced or not self.lease.valid:
+            return  # killed by a fence, not failed: the lease loss decides
         slot.next_check = now + self.cluster.agent.monitor_interval
         optional = {res.rid for res in slot.service.resources
                     if res.conf.optional}

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from slaposha.lab import wait_for
+from slaposha.lab import web as webservice
 from slaposha.lab.cluster import LabCluster, Observer, check_no_overlap
 
 pytestmark = pytest.mark.lab
@@ -283,34 +284,8 @@ def test_a_stop_that_fails_is_refused_and_shown(make_lab):
             lc.stop_agent(host)
 
 
-VIP = '10.213.0.100'
-
-WEB_SERVICE = '''
-    [service]
-    hosts = hA hB
-    [ip#vip]
-    address = %s/32
-    dev = lab0
-    [fs#data]
-    device = /var/lib/slaposha/web-data
-    type = bind
-    mount_point = /srv/slapgrid/web
-    [app#http]
-    command = exec python3 -m http.server --bind %s 8080 --directory /srv/slapgrid/web
-''' % (VIP, VIP)
-
-
-def fetch(lab, via='hO'):
-    """What the service answers at its address, seen from a host outside
-    the cluster; None when nothing answers."""
-    p = lab[via].run(['python3', '-c', '''
-import urllib.request, sys
-try:
-    print(urllib.request.urlopen("http://%s:8080/who", timeout=1).read().decode())
-except Exception:
-    print("")
-''' % VIP], check=False)
-    return p.stdout.strip() or None
+VIP = webservice.VIP
+fetch = webservice.fetch
 
 
 @pytest.fixture
@@ -318,15 +293,9 @@ def web_ip(make_lab):
     """ip + fs (bind) + app on hA and hB; a witness; hO outside the
     cluster, as a client."""
     lab = make_lab(['hA', 'hB', 'hW', 'hO'])
-    for host in ('hA', 'hB'):
-        data = lab[host].path('/var/lib/slaposha') + '/web-data'
-        import os
-        os.makedirs(data)
-        with open(os.path.join(data, 'who'), 'w') as f:
-            f.write('served by %s\n' % host)
-        lab[host].run(['mkdir', '-p', '/srv/slapgrid/web'])
+    webservice.prepare(lab)
     lc = LabCluster(lab, ['hA', 'hB'], ['hW'],
-                    services={'web': WEB_SERVICE}).start()
+                    services={'web': webservice.SERVICE}).start()
     from slaposha.lab.cluster import holds_address
     lc.observer = Observer(lab, probe=holds_address(VIP),
                            hosts=['hA', 'hB']).start()

@@ -90,9 +90,39 @@ class FaultSuite(object):
             return wait_for(one, timeout, interval=0.1,
                             what='the service on one host')
         except LabError:
+            members = self.healthy_members()
+            if members < 2:
+                # No host could hold a lease: absent is what must happen.
+                self.say('  not settled: only %d etcd member(s) answer, no'
+                         ' quorum' % members)
+                return None
             self.violation('absent', 'not settled on one host within %gs'
-                           ' (running on %s)' % (timeout, self.running()))
+                           ' (running on %s, %d etcd members answer)'
+                           % (timeout, self.running(), members))
+            for host in ('hA', 'hB'):
+                tail = self.lc.log(host).splitlines()[-12:]
+                self.say('  last lines of the agent of %s:\n    %s'
+                         % (host, '\n    '.join(tail)))
             return None
+
+    def healthy_members(self):
+        """How many etcd members answer, asked from a host that reaches
+        the most of them."""
+        best = 0
+        for via in ('hW', 'hA', 'hB'):
+            try:
+                best = max(best, self.lc.query(via, '''
+                    result = 0
+                    for url in client.endpoints:
+                        try:
+                            client.status(url, timeout=1)
+                            result += 1
+                        except Exception:
+                            pass
+                '''))
+            except LabError:
+                continue
+        return best
 
     def violation(self, kind, text):
         self.violations[kind] += 1
