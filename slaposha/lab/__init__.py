@@ -483,6 +483,18 @@ class Lab(object):
         (runtime mounts are gone), only its base addresses, link up."""
         host = self.hosts[name]
         _kill_all(host.pids)
+        # /run is a tmpfs on a real host: a boot starts it empty (stale
+        # sockets and pid files of the dead agent go).
+        for own in self.paths:
+            if own == '/run' or own.startswith('/run/'):
+                folder = host.path(own)
+                if os.path.isdir(folder):
+                    for entry in os.listdir(folder):
+                        path = os.path.join(folder, entry)
+                        if os.path.isdir(path) and not os.path.islink(path):
+                            shutil.rmtree(path, True)
+                        else:
+                            os.unlink(path)
         host._mount_namespace()
         batch = '\n'.join([
             'addr flush dev %s' % IFNAME,

@@ -16,6 +16,7 @@ lab, so what the tests read from etcd they read from inside a host.
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -132,7 +133,15 @@ class LabCluster(object):
             if self.agents[host].poll() is not None:
                 raise LabError('agent of %s exited: %s' % (
                     host, self.log(host)[-1000:]))
-            return os.path.exists(sock)
+            # Answering, not just there: a file may be left from before.
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(sock)
+                return True
+            except OSError:
+                return False
+            finally:
+                probe.close()
         wait_for(ready, timeout, what='agent of %s answering' % host)
 
     def cli(self, host, *args, check=True, timeout=120):
