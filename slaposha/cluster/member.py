@@ -28,6 +28,10 @@ logger = logging.getLogger(__name__)
 
 SAFE_VERSION = (3, 5, 13)
 
+# A member that ran this many seconds is restarted again after 1 s when it
+# dies; quicker deaths double the wait, up to 10 s.
+STABLE = 30.0
+
 
 class MemberError(Exception):
     """The member cannot be run, as one line."""
@@ -206,8 +210,11 @@ class EtcdMember(object):
 
     def _supervise(self):
         delay = 1.0
+        since = time.monotonic()
         while not self._stop.wait(0.5):
             if self.running():
+                if time.monotonic() - since > STABLE:
+                    delay = 1.0  # an old crash does not slow the next start
                 continue
             code = self.proc.returncode if self.proc else None
             logger.warning('etcd member %s: exited (%s); restarting in %.0f s'
@@ -218,6 +225,7 @@ class EtcdMember(object):
             try:
                 self._spawn()
                 self.restarts += 1
+                since = time.monotonic()
             except MemberError as e:
                 logger.error('etcd member %s: %s', self.host, e)
             delay = min(delay * 2, 10.0)
