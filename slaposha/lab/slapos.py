@@ -16,9 +16,9 @@ instance` does after a buildout.
 import os
 import subprocess
 import sys
-import textwrap
 
 from slaposha.lab import wait_for
+from slaposha.lab.web import get
 
 __all__ = ['make_node', 'copy_node', 'partition_address', 'slapos_command',
            'answer', 'route_partitions']
@@ -188,12 +188,5 @@ def copy_node(lab, src, dst):
 
 def answer(lab, via='hO', timeout=1):
     """What partition 0 answers at its address, seen from ``via``."""
-    p = lab[via].run(['python3', '-c', textwrap.dedent('''
-        import urllib.request
-        try:
-            print(urllib.request.urlopen("http://%s:%d/who",
-                                         timeout=%s).read().decode())
-        except Exception:
-            print("")
-    ''' % (partition_address(0), PORT, timeout))], check=False)
-    return p.stdout.strip() or None
+    return get(lab, via, 'http://%s:%d/who' % (partition_address(0), PORT),
+               timeout)

@@ -9,7 +9,7 @@ asks from a host outside the cluster.
 import os
 import textwrap
 
-__all__ = ['VIP', 'SERVICE', 'prepare', 'fetch']
+__all__ = ['VIP', 'SERVICE', 'prepare', 'fetch', 'get']
 
 VIP = '10.213.0.100'
 
@@ -38,15 +38,19 @@ def prepare(lab, hosts=('hA', 'hB')):
         lab[host].run(['mkdir', '-p', '/srv/slapgrid/web'])
 
 
-def fetch(lab, via='hO', timeout=1):
-    """What the service answers at its address, seen from ``via``; None
-    when nothing answers."""
+def get(lab, via, url, timeout=1):
+    """The text ``url`` answers, asked from inside host ``via``; None when
+    nothing answers."""
     p = lab[via].run(['python3', '-c', textwrap.dedent('''
         import urllib.request
         try:
-            print(urllib.request.urlopen("http://%s:8080/who",
-                                         timeout=%s).read().decode())
+            print(urllib.request.urlopen(%r, timeout=%s).read().decode())
         except Exception:
             print("")
-    ''' % (VIP, timeout))], check=False)
+    ''' % (url, timeout))], check=False)
     return p.stdout.strip() or None
+
+
+def fetch(lab, via='hO', timeout=1):
+    """What the service answers at its address, seen from ``via``."""
+    return get(lab, via, 'http://%s:8080/who' % VIP, timeout)
