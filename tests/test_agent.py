@@ -8,7 +8,8 @@ import pytest
 
 from slaposha.lab import wait_for
 from slaposha.lab import web as webservice
-from slaposha.lab.cluster import LabCluster, Observer, check_no_overlap
+from slaposha.lab.cluster import (
+    LabCluster, Observer, check_no_overlap, marked_pids)
 
 pytestmark = pytest.mark.lab
 
@@ -197,10 +198,8 @@ def test_restart_in_place_then_on_failure_switch(make_lab):
         def kill_on(host):
             import os
             import signal
-            for pid in lab[host].pids():
-                with open('/proc/%d/cmdline' % pid, 'rb') as f:
-                    if marker.encode() in f.read():
-                        os.kill(pid, signal.SIGKILL)
+            for pid in marked_pids(lab[host], marker):
+                os.kill(pid, signal.SIGKILL)
         first = observer.first['hA']
         kill_on('hA')
         wait_for(lambda: 'restart 1 of 1' in lc.log('hA'), 10,
@@ -400,10 +399,8 @@ def test_on_failure_stop_and_freeze(make_lab):
         wait_for(lambda: all(status_of(lc, 'hA', s)['resources']
                              for s in ('stopper', 'freezer')), 10,
                  what='both started and checked')
-        for pid in lab['hA'].pids():
-            with open('/proc/%d/cmdline' % pid, 'rb') as f:
-                if str(base).encode() in f.read():
-                    os.kill(pid, signal.SIGKILL)
+        for pid in marked_pids(lab['hA'], str(base)):
+            os.kill(pid, signal.SIGKILL)
         wait_for(lambda: (status_of(lc, 'hB', 'stopper')['target'] or {})
                  .get('state') == 'stopped', 10, what='stopper stopped')
         time.sleep(2)
@@ -414,10 +411,8 @@ def test_on_failure_stop_and_freeze(make_lab):
         assert 'app#main is down' in svc['target']['reason']
         # The freezer is untouched by the other's failure; then it fails.
         assert freezer.where() == ['hA']
-        for pid in lab['hA'].pids():
-            with open('/proc/%d/cmdline' % pid, 'rb') as f:
-                if str(base + 1).encode() in f.read():
-                    os.kill(pid, signal.SIGKILL)
+        for pid in marked_pids(lab['hA'], str(base + 1)):
+            os.kill(pid, signal.SIGKILL)
         wait_for(lambda: status_of(lc, 'hB', 'freezer')['frozen'], 10,
                  what='freezer frozen')
         time.sleep(2)

@@ -10,7 +10,8 @@ import time
 import pytest
 
 from slaposha.lab import wait_for
-from slaposha.lab.cluster import LabCluster, Observer, check_no_overlap
+from slaposha.lab.cluster import (
+    LabCluster, Observer, check_no_overlap, marked_pids)
 
 pytestmark = pytest.mark.lab
 
@@ -50,14 +51,8 @@ def cluster(make_lab):
 
 
 def service_pid(lc, host):
-    for pid in lc.lab[host].pids():
-        try:
-            with open('/proc/%d/cmdline' % pid, 'rb') as f:
-                if lc.marker.encode() in f.read():
-                    return pid
-        except OSError:
-            pass
-    return None
+    pids = marked_pids(lc.lab[host], lc.marker)
+    return pids[0] if pids else None
 
 
 def test_etcd_leader_loss_does_not_move_the_service(cluster):

@@ -25,7 +25,8 @@ import time
 
 from slaposha.lab import LabError, wait_for
 
-__all__ = ['LabCluster', 'Observer', 'make_test_pki', 'holds_address']
+__all__ = ['LabCluster', 'Observer', 'make_test_pki', 'holds_address',
+           'marked_pids']
 
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -271,14 +272,7 @@ class Observer(object):
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def running_on(self, host):
-        for pid in host.pids():
-            try:
-                with open('/proc/%d/cmdline' % pid, 'rb') as f:
-                    if self.marker in f.read():
-                        return True
-            except OSError:
-                continue
-        return False
+        return bool(marked_pids(host, self.marker))
 
     def _watched(self):
         return [h for h in self.lab if self.hosts is None or
@@ -311,6 +305,22 @@ class Observer(object):
         """Wait until the observer has seen the service on ``host``."""
         return wait_for(lambda: host in self.first, timeout, interval=0.02,
                         what='service running on %s' % host)
+
+
+def marked_pids(host, marker):
+    """PIDs of the host's processes whose command line contains
+    ``marker`` (str or bytes)."""
+    if isinstance(marker, str):
+        marker = marker.encode()
+    found = []
+    for pid in host.pids():
+        try:
+            with open('/proc/%d/cmdline' % pid, 'rb') as f:
+                if marker in f.read():
+                    found.append(pid)
+        except OSError:
+            continue
+    return found
 
 
 def check_no_overlap(observer):
