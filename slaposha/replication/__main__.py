@@ -5,6 +5,7 @@ The agent does all of this by itself; these commands are for operators
 side in a process inside that host::
 
     receiver --host hA --listen 10.0.0.1 --ssl-dir D VOLUME...   # foreground
+             [--tree PATH]... [--copy-root PATH]...   # rsync trees, copies
     status VOLUME                   # JSON: snapshots, lag, token, diverged
     promote VOLUME                  # newest snapshot -> writable volume
     cycle VOLUME --host hA --token 7 --ssl-dir D --peer hB=10.0.0.2[:1216]
@@ -58,7 +59,11 @@ def main(argv=None):
     p.add_argument('--ssl-dir', required=True)
     p.add_argument('--idle-timeout', type=float, default=10.0)
     p.add_argument('--hosts', nargs='*', help='serve only these hosts')
-    p.add_argument('volumes', nargs='+')
+    p.add_argument('--tree', action='append', default=[],
+                   help='a tree of an rsync resource to receive')
+    p.add_argument('--copy-root', action='append', default=None,
+                   help='where one-off copies may land (/opt/slapgrid)')
+    p.add_argument('volumes', nargs='*')
     p = sub.add_parser('status', help='what this host holds of a volume')
     p.add_argument('volume')
     p = sub.add_parser('promote', help='make the newest snapshot writable')
@@ -75,10 +80,14 @@ def main(argv=None):
                         format='%(asctime)s %(message)s')
     try:
         if args.command == 'receiver':
+            from slaposha.replication.rsync import COPY_ROOTS, TreeReceiver
+            trees = TreeReceiver(args.tree, args.copy_root or COPY_ROOTS,
+                                 idle_timeout=args.idle_timeout)
             receiver = Receiver(args.listen, args.port,
                                 tls_files(args.ssl_dir, args.host),
                                 args.volumes, args.idle_timeout,
-                                hosts=args.hosts).listen()
+                                hosts=args.hosts,
+                                handlers=trees.handlers).listen()
 
             def stop(signum, frame):
                 raise SystemExit(0)

@@ -1042,11 +1042,15 @@ class Receiver(object):
     """
 
     def __init__(self, address, port, tls, volumes, idle_timeout=10.0,
-                 hosts=None):
+                 hosts=None, handlers=None):
         self.address = address
         self.port = port
         self.tls = tls
         self.hosts = hosts
+        # Other engines' requests on the same port, after the same TLS
+        # check: {op: f(channel, request, sender) -> connection goes on}
+        # (rsync: slaposha.replication.rsync.TreeReceiver.handlers).
+        self.handlers = dict(handlers or {})
         self.volumes = {}
         for path in volumes:
             volume = path if isinstance(path, Volume) else Volume(path)
@@ -1166,6 +1170,9 @@ class Receiver(object):
                     channel.send_json(self._list(request))
                 elif op == 'receive':
                     if not self._receive(channel, request, sender):
+                        return
+                elif op in self.handlers:
+                    if not self.handlers[op](channel, request, sender):
                         return
                 else:
                     channel.send_json({'ok': False, 'error': 'unknown'
