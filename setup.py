@@ -43,6 +43,9 @@ setup(
                  'setuptools<81; python_version < "3.12"',
                  'slapos.core>=1.26.1; python_version >= "3.12"',
                  'slapos.libnetworkcache',
+                 # tests/test_packaging.py runs real buildouts offline with
+                 # the recipes and the software release.
+                 'zc.buildout', 'zc.recipe.egg', 'wheel',
                  # Fuzzes the HTTPS API from its OpenAPI description
                  # (tests/test_api.py); version 4 needs Python 3.11.
                  'schemathesis>=4,<5; python_version >= "3.11"'],
@@ -51,10 +54,23 @@ setup(
         'console_scripts': [
             'slaposha = slaposha.cli.main:main',
         ],
-        # `slapos ha ...` commands register here as they are written.
-        'slapos.cli': [],
-        # zc.buildout recipes register here as they are written.
-        'zc.buildout': [],
+        # `slapos ha ...`: the slaposha commands inside the slapos CLI.
+        'slapos.cli': [
+            'ha status = slaposha.cli.ha:StatusCommand',
+            'ha switch = slaposha.cli.ha:SwitchCommand',
+            'ha takeover = slaposha.cli.ha:TakeoverCommand',
+            'ha freeze = slaposha.cli.ha:FreezeCommand',
+            'ha thaw = slaposha.cli.ha:ThawCommand',
+            'ha check = slaposha.cli.ha:CheckCommand',
+        ],
+        # Recipes of software/slaposha (recipes/, as slaposha.recipes).
+        'zc.buildout': [
+            'agent = slaposha.recipes.agent:Recipe',
+            'witness = slaposha.recipes.agent:WitnessRecipe',
+            'slap-configuration = slaposha.recipes.slapconfiguration:Recipe',
+            'publish = slaposha.recipes.publish:Recipe',
+            'template = slaposha.recipes.template:Recipe',
+        ],
     },
     classifiers=[
         'Programming Language :: Python :: 3',
