@@ -427,19 +427,33 @@ def build_parser():
     return parser
 
 
+def find_command(name):
+    """(help, arguments, func) of the subcommand ``name`` (e.g. 'slapos
+    check'); `slapos ha` builds its commands from these."""
+    for cname, help, arguments, func in _COMMANDS:
+        if cname == name:
+            return help, arguments, func
+    raise KeyError(name)
+
+
+def run_command(func, args, prog='slaposha'):
+    """Run a subcommand: a user's mistake is one line on stderr, exit 2."""
+    try:
+        return func(args)
+    except (config.ConfigError, UserError) as e:
+        print('%s: %s' % (prog, e), file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, 'func', None) is None:
         parser.print_help()
         return EXIT_USAGE
-    try:
-        return args.func(args)
-    except (config.ConfigError, UserError) as e:
-        print('slaposha: %s' % e, file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        return 130
+    return run_command(args.func, args)
 
 
 if __name__ == '__main__':
