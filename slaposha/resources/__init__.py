@@ -31,6 +31,8 @@ DRIVERS = {
     'app': 'slaposha.resources.app',
     'task': 'slaposha.resources.task',
     'btrfs': 'slaposha.resources.btrfs',
+    'rsync': 'slaposha.resources.rsync',
+    'drbd': 'slaposha.resources.drbd',
     'slapos': 'slaposha.resources.slapos',
 }
 

@@ -1,0 +1,402 @@
+"""``rsync``: a folder copied to the standbys by rsync every interval.
+
+For hosts without btrfs (the ``btrfs`` driver is the default, DESIGN.md 3):
+the owner pushes the folder to every standby of the service, with the real
+rsync binary, over the cluster's TLS channel and tagged with its fencing
+token (:mod:`slaposha.replication.rsync` for the engine, the standby's two
+copies and what makes a copy complete)::
+
+    [rsync#data]
+    path = /srv/slapgrid/data
+    interval = 10s
+    source = auto
+
+Put it first in the service, so that it starts (takes over the newest
+complete copy) before the resources that use the data and stops (sends a
+last copy, the applications stopped) after them.
+
+Consistency (reference/replication.md section 1): ``source = auto`` copies
+from a read-only btrfs snapshot when ``path`` is a btrfs subvolume
+(crash-consistent, what a power cut would leave), else the live folder, and
+a live rsync is **not crash-consistent**: a database being written while it
+is copied can come out torn; ``status`` says so. ``source = stopped`` copies
+only while the applications are stopped (at ``stop``, after them): every
+copy is consistent, and a crash loses everything since the last stop. The
+last copy that ``stop`` sends is consistent in every mode.
+
+The agent uses it as the ``btrfs`` driver (same interface): its receiver on
+``port`` serves the tree (``tree``, here also ``volume``), ``configure``
+before ``start``, ``tick`` every cycle, ``lag`` and ``standby_status`` on
+the standbys; ``[service] max_lag`` makes a standby with an older copy
+ineligible, and ``slaposha takeover --force`` overrides it.
+"""
+
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+
+from slaposha.config import REQUIRED, Key
+from slaposha.replication import Peer, ReplicationError, StaleToken, trim
+from slaposha.replication.btrfs import DEFAULT_PORT
+from slaposha.replication.rsync import Transfer, Tree, is_subvolume, push
+from slaposha.resources import (
+    DOWN, UP, WARN, Resource, ResourceError, Status, register)
+
+__all__ = ['Rsync']
+
+logger = logging.getLogger(__name__)
+
+NOT_CONSISTENT = 'live rsync: not crash-consistent (a database written' \
+    ' during a copy can come out torn)'
+
+
+def _seconds(value):
+    return '%.1f s' % value if value < 10 else '%d s' % round(value)
+
+
+@register
+class Rsync(Resource):
+    """a folder copied to the standbys by rsync over TLS every interval"""
+
+    kind = 'rsync'
+    keys = (
+        Key('path', 'path', REQUIRED, 'the folder to replicate, e.g.'
+            ' /srv/slapgrid/data; not a mount point (takeover renames the'
+            ' newest copy to it)'),
+        Key('store', 'path', None, 'where a standby keeps its two copies'
+            ' (up to twice the folder\'s size); on the file system of'
+            ' path\'s parent; default <parent>/.slaposha-rsync/<name>'),
+        Key('port', 'integer', DEFAULT_PORT, 'TCP port of the receivers'
+            ' (every host runs one, shared with btrfs)', minimum=1,
+            maximum=65535),
+        Key('interval', 'duration', 10.0, 'a copy is sent this often (from'
+            ' the start of the previous one); a crash loses about two'
+            ' intervals of writes', minimum=0.5),
+        Key('source', 'choice', 'auto', 'auto: from a read-only snapshot'
+            ' when path is a btrfs subvolume, else live (not'
+            ' crash-consistent); snapshot: always (start fails without);'
+            ' live; stopped: only at stop, after the applications',
+            choices=['auto', 'snapshot', 'live', 'stopped']),
+        Key('max_lag', 'duration', None, 'status warns when a standby\'s'
+            ' copy is older than this'),
+        Key('timeout', 'duration', 60.0, 'a transfer that moves no byte for'
+            ' this long is given up (the next interval retries)',
+            minimum=1.0),
+        Key('stop_timeout', 'duration', 60.0, 'time stop gives the last copy'
+            ' to reach the standbys', minimum=0.0),
+    )
+
+    @classmethod
+    def validate(cls, section):
+        if section.path == '/':
+            return 'path: must be a folder below /, not /'
+        if section.store is not None and (
+                section.store == section.path or section.store.startswith(
+                    section.path + '/')):
+            return 'store: must be outside path (%s)' % section.path
+        return None
+
+    def __init__(self, section, context):
+        super().__init__(section, context)
+        self.tree = Tree(section.path, section.store)
+        self.volume = self.tree     # the agent names the data by .volume
+        self.token = None
+        self.peers = []
+        self.tls = None
+        self.host = None
+        self.running = False
+        self.mode = None            # snapshot | live | stopped, at start
+        self.last = {}              # peer: Transfer or ReplicationError
+        self.cycle_seconds = None
+        self.failure = None         # why the last cycle could not begin
+        self._thread = None
+        self._next = 0.0
+        self._abort = threading.Event()
+        self._procs = set()
+        self._lock = threading.Lock()
+        self._said = None
+
+    # -- what the agent gives -------------------------------------------------
+
+    def configure(self, token, peers, tls, host):
+        """The owner's fencing ``token``, the standbys ``{name: (address,
+        port)}`` or ``{name: address}``, this host's TLS files (ca, cert,
+        key) and name. Before start; again when the peers change."""
+        listed = []
+        for name, where in sorted(peers.items()):
+            if isinstance(where, str):
+                where = (where, self.conf.port)
+            listed.append(Peer(name, where[0], int(where[1])))
+        self.token, self.peers, self.tls, self.host = \
+            int(token), listed, tuple(tls) if tls else None, host
+
+    # -- verbs ----------------------------------------------------------------
+
+    def _mode(self):
+        source = self.conf.source
+        if source in ('auto', 'snapshot'):
+            if is_subvolume(self.tree.path):
+                return 'snapshot'
+            if source == 'snapshot':
+                raise ResourceError('%s: source = snapshot, but %s is not a'
+                                    ' btrfs subvolume' % (self.rid,
+                                                          self.tree.path))
+            return 'live'
+        return source
+
+    def start(self):
+        if self.token is None or self.host is None:
+            raise ResourceError('%s: no fencing token: the agent calls'
+                                ' configure(token, peers, tls, host) before'
+                                ' start' % self.rid)
+        if not self.tls:
+            raise ResourceError('%s: replication needs the cluster\'s TLS'
+                                ' certificates ([cluster] tls = true)'
+                                % self.rid)
+        try:
+            done = self.tree.activate(self.token, self.host)
+        except ReplicationError as e:
+            raise ResourceError('%s: %s' % (self.rid, e))
+        except OSError as e:
+            raise ResourceError('%s: cannot take over %s: %s' % (
+                self.rid, self.tree.path, e.strerror or e))
+        self.mode = self._mode()
+        logger.info('%s: %s; copies %s', self.rid, done, {
+            'snapshot': 'from read-only snapshots',
+            'live': 'live: not crash-consistent',
+            'stopped': 'at stop only'}[self.mode])
+        self._abort = threading.Event()
+        self.running = True
+        self.last, self.failure, self.cycle_seconds = {}, None, None
+        self._next = time.monotonic()
+
+    def tick(self):
+        """Begin a copy to the standbys when one is due and none is
+        running. Never blocks."""
+        if not self.running or self.mode == 'stopped' or (
+                self._thread is not None and self._thread.is_alive()):
+            return
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + self.conf.interval
+        self._thread = threading.Thread(target=self._cycle, args=(self.mode,),
+                                        name='%s cycle' % self.rid,
+                                        daemon=True)
+        self._thread.start()
+
+    def _cycle(self, mode):
+        started = time.monotonic()
+        try:
+            self._send_all(mode)
+            self.failure = None
+        except ReplicationError as e:
+            self.failure = e
+        except Exception as e:  # a thread's error must reach status
+            self.failure = ReplicationError(self.tree.path, 'cycle failed:'
+                                            ' %s' % e)
+            logger.exception('%s: cycle failed', self.rid)
+        self.cycle_seconds = time.monotonic() - started
+        problems = [str(e) for e in self.last.values()
+                    if isinstance(e, ReplicationError)]
+        if self.failure is not None:
+            problems.insert(0, str(self.failure))
+        self._say('; '.join(problems) or None)
+
+    def _send_all(self, mode):
+        """One copy to every standby; each one's result in ``last``."""
+        snapshot = None
+        created = time.time()
+        source = self.tree.path
+        if not os.path.isdir(source):
+            raise ReplicationError(source, 'missing: nothing to send')
+        if mode == 'snapshot':
+            snapshot = os.path.join(self.tree.store, '.snapshot-%d' % (
+                os.getpid()))
+            self._btrfs(['subvolume', 'delete', snapshot], check=False)
+            created = time.time()
+            self._btrfs(['subvolume', 'snapshot', '-r', source, snapshot])
+            source = snapshot
+        try:
+            for peer in self.peers:
+                if self._abort.is_set():
+                    break
+                try:
+                    self.last[peer.name] = push(
+                        self.tree, peer, self.tls, self.host, self.token,
+                        source, created, mode, self.conf.timeout,
+                        abort=self._abort, on_start=self._started)
+                except StaleToken as e:
+                    self.last[peer.name] = e
+                    logger.warning('%s: %s: this host is no longer the'
+                                   ' owner', self.rid, e)
+                except ReplicationError as e:
+                    self.last[peer.name] = e
+        finally:
+            if snapshot is not None:
+                self._btrfs(['subvolume', 'delete', snapshot], check=False)
+
+    def _btrfs(self, args, check=True):
+        p = subprocess.run(['btrfs'] + args, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                           universal_newlines=True)
+        if check and p.returncode:
+            raise ReplicationError(self.tree.path, 'btrfs %s: %s' % (
+                args[1], trim(p.stdout)))
+
+    def _started(self, proc):
+        with self._lock:
+            self._procs.add(proc)
+            if self._abort.is_set():
+                self._kill(proc)
+
+    @staticmethod
+    def _kill(proc):
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+    def _abort_transfers(self):
+        self._abort.set()
+        with self._lock:
+            procs, self._procs = list(self._procs), set()
+        for proc in procs:
+            self._kill(proc)
+
+    def _say(self, problem):
+        if problem != self._said:
+            if problem:
+                logger.warning('%s: %s', self.rid, problem)
+            elif self._said:
+                logger.info('%s: replicating again', self.rid)
+            self._said = problem
+
+    def stop(self):
+        """End the cycles, then send a last copy (the applications were
+        stopped before: it is consistent) when the standbys answer, within
+        stop_timeout. Never fails for a standby that did not answer: status
+        says it; only a stop whose last copy reached every standby lets
+        this host's folder be reused without keeping it aside."""
+        was_running, self.running = self.running, False
+        deadline = time.monotonic() + self.conf.stop_timeout
+        if self._thread is not None:
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+            if self._thread.is_alive():
+                self._abort_transfers()
+                self._thread.join(5)
+        clean = False
+        left = deadline - time.monotonic()
+        if was_running and self.peers and left > 0 and self.tree.exists():
+            self._abort = threading.Event()
+            self.last = {}
+            timer = threading.Timer(left, self._abort_transfers)
+            timer.start()
+            try:
+                self._cycle('stopped')
+            finally:
+                timer.cancel()
+            clean = all(isinstance(self.last.get(p.name), Transfer)
+                        for p in self.peers)
+            if clean:
+                logger.info('%s: last copy sent to %s', self.rid,
+                            ', '.join(p.name for p in self.peers))
+        self._deactivate(clean)
+
+    def _deactivate(self, clean=False):
+        try:
+            self.tree.deactivate(clean)
+        except (ReplicationError, OSError) as e:
+            logger.warning('%s: cannot mark the tree free: %s', self.rid, e)
+
+    def fence(self):
+        """Stop at once: the transfers going on are killed (the standbys
+        keep their complete copy), no last copy."""
+        self.running = False
+        self._abort_transfers()
+        threading.Thread(target=self._deactivate, daemon=True).start()
+
+    def fence_targets(self):
+        return [], []
+
+    def provision(self):
+        """Check that the store can hold the copies and make it."""
+        problem = self.tree.check_layout()
+        if problem:
+            raise ResourceError('%s: %s' % (self.rid, problem))
+
+    # -- what it says ---------------------------------------------------------
+
+    def lag(self):
+        """(seconds, label) of this host's newest complete copy: on a
+        standby, how old its data is."""
+        return self.tree.freshness()
+
+    def status(self):
+        if not self.running:
+            return Status(DOWN, 'not replicating on this host')
+        if not self.tree.exists():
+            return Status(WARN, '%s is missing' % self.tree.path)
+        if self.failure is not None:
+            return Status(WARN, str(self.failure))
+        tail = {'snapshot': 'from read-only snapshots',
+                'live': NOT_CONSISTENT,
+                'stopped': 'copies at stop only'}[self.mode]
+        if not self.peers:
+            return Status(WARN, 'no standby to send %s to; %s' % (
+                self.tree.path, tail))
+        warn, parts = False, []
+        for peer in self.peers:
+            last = self.last.get(peer.name)
+            if isinstance(last, ReplicationError):
+                warn = True
+                parts.append('%s: %s' % (peer.name, last.message))
+            elif last is None:
+                warn = warn or (self.mode != 'stopped' and
+                                self.cycle_seconds is not None)
+                parts.append('%s: no copy yet' % peer.name)
+            else:
+                lag = max(0.0, time.time() - last.created)
+                if self.conf.max_lag is not None and lag > self.conf.max_lag:
+                    warn = True
+                    parts.append('%s: copy is %s old (max_lag %s)' % (
+                        peer.name, _seconds(lag),
+                        _seconds(self.conf.max_lag)))
+                else:
+                    parts.append('%s: copy %s old' % (peer.name,
+                                                      _seconds(lag)))
+        if self.cycle_seconds is not None:
+            parts.append('last cycle %s' % _seconds(self.cycle_seconds))
+        parts.append(tail)
+        return Status(WARN if warn else UP, '; '.join(parts))
+
+    def standby_status(self):
+        """On a host where the service does not run: the age of its copy
+        and what was kept aside."""
+        try:
+            lag, label = self.tree.freshness()
+            name, record = self.tree.newest()
+            diverged = self.tree.diverged()
+        except (ReplicationError, OSError) as e:
+            return Status(WARN, str(e))
+        if record is None:
+            state, text = WARN, 'no complete copy of %s here' % self.tree.path
+        elif lag is None:
+            state, text = UP, '%s (age unknown)' % label
+        elif self.conf.max_lag is not None and lag > self.conf.max_lag:
+            state, text = WARN, '%s is %s old (max_lag %s)' % (
+                label, _seconds(lag), _seconds(self.conf.max_lag))
+        else:
+            state, text = UP, '%s is %s old' % (label, _seconds(lag))
+        if record is not None and record.get('mode') == 'live':
+            text += '; ' + NOT_CONSISTENT
+        if diverged:
+            state = WARN
+            text += '; diverged: %d cop%s kept aside (%s)' % (
+                len(diverged), 'y' if len(diverged) == 1 else 'ies',
+                ', '.join(d['path'] for d in diverged))
+        return Status(state, text)
