@@ -237,23 +237,31 @@ class Agent(object):
 
     def _start_receivers(self):
         """Every host receives the data of the services it may run, owner
-        or not: one receiver per port, over TLS with the cluster's CA."""
-        volumes = {}
+        or not: one receiver per port, over TLS with the cluster's CA; it
+        serves btrfs volumes and rsync trees (and one-off copies)."""
+        volumes, trees = {}, {}
         for slot in self.slots.values():
             for res in self._replicated(slot):
-                volumes.setdefault(res.conf.port, []).append(res.volume.path)
+                volumes.setdefault(res.conf.port, [])
+                if getattr(res, 'tree', None) is not None:
+                    trees.setdefault(res.conf.port, []).append(res.tree)
+                else:
+                    volumes[res.conf.port].append(res.volume.path)
         if not volumes:
             return
         if self.tls is None:
             raise ConfigError(self.cluster.path, 'cluster', 'tls', 'btrfs'
-                              ' resources replicate over TLS: set tls = true'
-                              ' and give each host its certificate')
+                              ' and rsync resources replicate over TLS: set'
+                              ' tls = true and give each host its'
+                              ' certificate')
         from slaposha.replication.btrfs import Receiver
+        from slaposha.replication.rsync import TreeReceiver
         address = self.cluster.hosts[self.host].address
         for port, paths in sorted(volumes.items()):
             self.receivers.append(Receiver(
                 address, port, self.tls, paths,
-                hosts=self.cluster.cluster.hosts).start())
+                hosts=self.cluster.cluster.hosts,
+                handlers=TreeReceiver(trees.get(port, ())).handlers).start())
 
     def _configure_replication(self, slot):
         """Tell the data resources the owner's token and its standbys."""

@@ -15,9 +15,9 @@ import pytest
 from slaposha import config
 from slaposha.cgroup import Cgroup
 from slaposha.config import ConfigError
-from slaposha.lab import LabError, wait_for
+from slaposha.lab import wait_for
 from slaposha.lab.cluster import TOP, make_test_pki
-from slaposha.resources import ResourceError, UP, WARN, driver
+from slaposha.resources import ResourceError, WARN, driver
 from slaposha.service import Context
 
 lab = pytest.mark.lab
