@@ -66,7 +66,6 @@ import re
 import select
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -81,7 +80,7 @@ from slaposha.replication import (
 from slaposha.replication import wire
 
 __all__ = ['Tree', 'TreeReceiver', 'push', 'copy_tree', 'Transfer',
-           'COPY_ROOTS', 'STORE_DIR', 'MODES']
+           'COPY_ROOTS', 'STORE_DIR', 'MODES', 'fstype', 'is_subvolume']
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +155,39 @@ def _remove_later(path):
     """Delete a tree in the background: a takeover waits for nothing."""
     threading.Thread(target=shutil.rmtree, args=(path, True),
                      name='rm %s' % path, daemon=True).start()
+
+
+def fstype(path):
+    """The type of the file system holding ``path`` (from mountinfo)."""
+    from slaposha.resources.fs import Mount
+    where = os.path.realpath(path)
+    best = None
+    with open('/proc/self/mountinfo') as f:
+        for mount in map(Mount, f):
+            point = mount.mount_point
+            if where == point or where.startswith(point.rstrip('/') + '/'):
+                if best is None or len(point) >= len(best.mount_point):
+                    best = mount
+    return best.fstype if best else None
+
+
+def is_subvolume(path):
+    """Whether ``path`` is a btrfs subvolume (a snapshot can be taken)."""
+    try:
+        return os.lstat(path).st_ino == 256 and os.path.isdir(path) and \
+            fstype(path) == 'btrfs'
+    except OSError:
+        return False
+
+
+def _make_folder(path, subvolume):
+    if subvolume:
+        p = subprocess.run(['btrfs', 'subvolume', 'create', path],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           universal_newlines=True)
+        if p.returncode == 0:
+            return
+    os.makedirs(path, exist_ok=True)
 
 
 def _seconds(value):
@@ -322,7 +354,11 @@ class Tree(object):
             target = 'b' if complete == 'a' else 'a'
             # Before a byte lands: this copy is not complete any more.
             state['records'][target] = None
-            os.makedirs(self.buffer(target), exist_ok=True)
+            if not os.path.isdir(self.buffer(target)):
+                # On btrfs, a copy is a subvolume: promoted, the tree
+                # stays one, and its new owner can send from snapshots.
+                _make_folder(self.buffer(target),
+                             fstype(self.store) == 'btrfs')
             return self.buffer(target), (self.buffer(complete)
                                          if complete else None)
 
