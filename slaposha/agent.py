@@ -338,6 +338,8 @@ class Agent(object):
                 c, a = slot.service.fence_targets()
                 cgroups += c
                 addresses += a
+        if (cgroups, addresses) == self._fence_targets:
+            return
         self._fence_targets = (cgroups, addresses)
         if self.lease is not None and self.lease.valid:
             self._on_renewed(self.lease.deadline)
@@ -624,6 +626,9 @@ class Agent(object):
             slot.state = STOPPED
             return
         slot.state = RUNNING
+        # What the fence kills and drops, now that the data is in place (a
+        # promoted volume brings the node's partitions and addresses).
+        self._update_fence_targets()
         slot.failures = 0
         slot.next_check = 0.0
         slot.facts = None  # published again from this host
@@ -659,6 +664,7 @@ class Agent(object):
         if slot.fenced or not self.lease.valid:
             return  # killed by a fence, not failed: the lease loss decides
         slot.next_check = now + self.cluster.agent.monitor_interval
+        self._update_fence_targets()  # e.g. partitions added by slapgrid
         optional = {res.rid for res in slot.service.resources
                     if res.conf.optional}
         down = [(rid, message) for rid, state, message in self._check(slot)

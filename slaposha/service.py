@@ -1,9 +1,12 @@
 """A service at run time: its resources, started in order, stopped in
 reverse, and fenced at once when the lease is lost."""
 
+import logging
 from collections import namedtuple
 
 from slaposha.resources import ResourceError, driver
+
+logger = logging.getLogger(__name__)
 
 __all__ = ['Service', 'ServiceError', 'Context']
 
@@ -111,6 +114,11 @@ class Service(object):
     def fence_targets(self):
         cgroups, addresses = [self.cgroup.path], []
         for res in self.resources:
-            c, a = res.fence_targets()
+            try:
+                c, a = res.fence_targets()
+            except Exception as e:  # a driver's bug must not stop the cycle
+                logger.warning('service %s: %s: fence targets unknown: %s',
+                               self.name, res.rid, e)
+                continue
             addresses.extend(a)
         return cgroups, addresses

@@ -155,6 +155,7 @@ class Host(object):
         # makes its services' groups below it, and a crash kills it whole.
         self.cgroup = lab.cgroup.child(name) if lab.cgroup else None
         self._procs = []
+        self.disks = []  # (device, mount point, options), as in its fstab
 
     def __repr__(self):
         return '<Host %s %s>' % (self.name, self.address)
@@ -213,6 +214,10 @@ class Host(object):
             else:
                 os.makedirs(src, exist_ok=True)
             binds.append('mount --bind %s %s' % (src, own))
+        for own, src in sorted(self.lab.shared.items()):
+            binds.append('mount --bind %s %s' % (src, own))
+        for device, target, options in self.disks:
+            binds.append('mount -o %s %s %s' % (options, device, target))
         script = ' && '.join(binds + ['hostname %s' % self.name])
         _sh(['unshare', '--mount=%s' % self.mnt_path,
              '--uts=%s' % self.uts_path, '--propagation', 'private',
@@ -297,13 +302,17 @@ class Lab(object):
     :meth:`start` and :meth:`teardown` (also on failure)."""
 
     def __init__(self, hosts=('hA', 'hB'), paths=HOST_PATHS,
-                 run_root=RUN_ROOT, work_root=WORK_ROOT):
+                 run_root=RUN_ROOT, work_root=WORK_ROOT, shared=None):
         if len(set(hosts)) != len(hosts) or not hosts:
             raise LabError('host names must be given and distinct: %r'
                            % (hosts,))
         if len(hosts) > 200:
             raise LabError('at most 200 hosts in a lab')
         self.paths = tuple(paths)
+        # {path in every host: folder of the machine}: the same software at
+        # the same path on every host, as identical installs of the peers
+        # (the SlapOS node's /opt/slapos), without its real parents.
+        self.shared = dict(shared or {})
         self.run_root = run_root
         self.work_root = work_root
         self.id = None
@@ -403,7 +412,7 @@ class Lab(object):
         self._save()
         _sh(['mount', '--bind', self.rundir, self.rundir])
         _sh(['mount', '--make-private', self.rundir])
-        for own in self.paths:
+        for own in self.paths + tuple(self.shared):
             if not os.path.exists(own):
                 self._record('mountpoints', own)
                 os.makedirs(own)
@@ -559,6 +568,15 @@ class Lab(object):
                 pass
 
     # -- disks --------------------------------------------------------------------
+
+    def mount_disk(self, name, device, target, options='noatime'):
+        """Mount ``device`` at ``target`` in host ``name``, now and after
+        every restart (its fstab). Only in the host's mount namespace: a
+        mount in the root one would be copied into the namespaces that
+        other labs create meanwhile and keep the loop device busy."""
+        host = self.hosts[name]
+        host.run(['mount', '-o', options, device, target])
+        host.disks.append((device, target, options))
 
     def add_disk(self, name, size='256M', label='disk'):
         """A loop device backed by a sparse file of the host's: its disk,

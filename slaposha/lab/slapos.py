@@ -13,20 +13,42 @@ partition's program file from slapos.core's own template, as `slapos node
 instance` does after a buildout.
 """
 
+import fcntl
+import hashlib
 import os
+import shutil
 import subprocess
 import sys
 
-from slaposha.lab import wait_for
+from slaposha.lab import HOST_PATHS, LabError, wait_for
 from slaposha.lab.web import get
 
 __all__ = ['make_node', 'copy_node', 'partition_address', 'slapos_command',
-           'answer', 'route_partitions']
+           'answer', 'route_partitions', 'node_install', 'deploy_node',
+           'slapgrid', 'NODE', 'SR_URL', 'post_record', 'records',
+           'BTRFS_PATHS', 'btrfs_srv']
 
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
 COMPUTER = 'COMP-LAB'
 PORT = 8080
+
+# The node's own SlapOS install, at the same path on every host as on real
+# peers (a real node has it at /opt/slapos too). slapgrid runs buildout as
+# the partition's user with the Python that runs slapgrid, so that Python
+# must be readable by that user: a virtualenv of the machine's python3 in a
+# folder of this checkout, bind-mounted at NODE in every lab host (the
+# Lab's ``shared``). Pins: reference/slapos-internals.md sections 7 and 8
+# (slapos.core 1.24.1 keeps `slapos node software/instance` on Python 3.11;
+# recipes in the node's Python are found by upstream zc.buildout).
+NODE = '/opt/slapos'
+NODE_SOURCE = os.path.join(TOP, '.lab', 'slapos-node')
+NODE_PYTHON = '/usr/bin/python3'
+NODE_REQUIREMENTS = ('slapos.core==1.24.1', 'setuptools<81',
+                     'slapos.libnetworkcache==0.30', 'zc.buildout==4.2.0',
+                     'slapos.recipe.template==5.1')
+SR_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'sr')
+SR_URL = NODE + '/sr/recordstore/software.cfg'
 
 SLAPOS_CFG = '''\
 [slapos]
@@ -39,6 +61,9 @@ pidfile_software = /srv/slapgrid/var/run/slapgrid-sr.pid
 pidfile_instance = /srv/slapgrid/var/run/slapgrid-cp.pid
 pidfile_report = /srv/slapgrid/var/run/slapgrid-ur.pid
 certificate_repository_path = /etc/opt/slapos/ssl/partition_pki
+# the lab's disks are small (MB)
+software_min_free_space = 16
+instance_min_free_space = 16
 
 [slapformat]
 input_definition_file = /etc/opt/slapos/slapformat-definition.cfg
@@ -127,10 +152,9 @@ def route_partitions(host):
     host.run(['ip', 'route', 'replace', '10.213.1.0/24', 'dev', 'lab0'])
 
 
-def make_node(lab, node='hA', master='hM', partitions=1, others=('hB',)):
-    """Start slapproxy in ``master`` and format ``node`` with
-    ``partitions`` started partitions; write the same slapos.cfg on the
-    ``others`` (standbys). Returns the proxy's Popen."""
+def _prepare(lab, node, master, partitions, others, slapos):
+    """slapos.cfg and the pinned definition on every host, slapproxy
+    started in ``master`` with ``slapos``, ``node`` formatted."""
     m = lab[master]
     for name in (node, master) + tuple(others):
         host = lab[name]
@@ -140,16 +164,27 @@ def make_node(lab, node='hA', master='hM', partitions=1, others=('hB',)):
         with open(host.path('/etc/opt/slapos/slapformat-definition.cfg'),
                   'w') as f:
             f.write(_definition(host, partitions))
-    proxy = m.spawn([os.path.join(os.path.dirname(sys.executable), 'slapos'),
-                     'proxy', 'start', '--cfg', '/etc/opt/slapos/slapos.cfg'],
-                    name='slapproxy', env=_env())
+    proxy = m.spawn([slapos, 'proxy', 'start', '--cfg',
+                     '/etc/opt/slapos/slapos.cfg'], name='slapproxy',
+                    env=_env())
     a = lab[node]
     wait_for(lambda: a.run(['python3', '-c', 'import urllib.request;'
                             'urllib.request.urlopen("http://%s:18080/")'
                             % m.address], check=False).returncode == 0, 30,
              what='slapproxy answering')
     a.run(['mkdir', '-p', '/srv/slapgrid/var/run'])
-    slapos_command(a, 'node', 'format', '--now')
+    a.run([slapos, 'node', 'format', '--now', '--cfg',
+           '/etc/opt/slapos/slapos.cfg'], env=_env(), timeout=300)
+    return proxy
+
+
+def make_node(lab, node='hA', master='hM', partitions=1, others=('hB',)):
+    """Start slapproxy in ``master`` and format ``node`` with
+    ``partitions`` started partitions; write the same slapos.cfg on the
+    ``others`` (standbys). Returns the proxy's Popen."""
+    proxy = _prepare(lab, node, master, partitions, others, os.path.join(
+        os.path.dirname(sys.executable), 'slapos'))
+    a = lab[node]
     for n in range(partitions):
         part = a.path('/srv/slapgrid/slappart%d' % n)
         os.makedirs(os.path.join(part, 'etc', 'service'))
@@ -190,3 +225,140 @@ def answer(lab, via='hO', timeout=1):
     """What partition 0 answers at its address, seen from ``via``."""
     return get(lab, via, 'http://%s:%d/who' % (partition_address(0), PORT),
                timeout)
+
+
+# -- the real slapgrid ---------------------------------------------------------
+
+def node_install():
+    """Build the node's SlapOS install once (about 30 s; again only when
+    the pins change) and refresh the lab's software releases in it; returns
+    the folder to share at NODE (``Lab(..., shared={NODE:
+    node_install()})``). Concurrent callers wait for one build."""
+    want = hashlib.sha256(repr((NODE_REQUIREMENTS, NODE_PYTHON)).encode(
+        )).hexdigest()[:16]
+    os.makedirs(os.path.dirname(NODE_SOURCE), exist_ok=True)
+    with open(NODE_SOURCE + '.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        stamp = os.path.join(NODE_SOURCE, '.slaposha-node')
+        try:
+            with open(stamp) as f:
+                have = f.read().strip()
+        except OSError:
+            have = None
+        if have != want:
+            _build_node_install(want, stamp)
+        shutil.copytree(SR_SOURCE, os.path.join(NODE_SOURCE, 'sr'),
+                        dirs_exist_ok=True, ignore=shutil.ignore_patterns(
+                            '__pycache__', '*.pyc'))
+        subprocess.run(['chmod', '-R', 'go+rX', os.path.join(
+            NODE_SOURCE, 'sr')], check=True)
+    return NODE_SOURCE
+
+
+def _build_node_install(want, stamp):
+    if not os.access(NODE_PYTHON, os.X_OK):
+        raise LabError('%s is missing: the SlapOS node install needs the'
+                       ' machine\'s python3 (apt-get install python3-venv)'
+                       % NODE_PYTHON)
+    shutil.rmtree(NODE_SOURCE, True)
+    os.makedirs(NODE_SOURCE)
+    os.chmod(NODE_SOURCE, 0o755)
+    # Built where it runs (the scripts' first line names NODE), in a mount
+    # namespace of its own: the machine's NODE is left as it was.
+    made = not os.path.exists(NODE)
+    if made:
+        os.makedirs(NODE)
+    try:
+        script = ('umask 022 && mount --bind %s %s && %s -m venv %s && '
+                  '%s/bin/pip install -q --disable-pip-version-check %s' % (
+                      NODE_SOURCE, NODE, NODE_PYTHON, NODE, NODE,
+                      ' '.join("'%s'" % r for r in NODE_REQUIREMENTS)))
+        p = subprocess.run(['unshare', '--mount', '--propagation', 'private',
+                            'sh', '-c', script], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, universal_newlines=True)
+    finally:
+        if made:
+            try:
+                os.rmdir(NODE)
+            except OSError:
+                pass
+    if p.returncode:
+        raise LabError('cannot build the SlapOS node install in %s: %s' % (
+            NODE_SOURCE, p.stdout.strip()[-800:]))
+    with open(stamp, 'w') as f:
+        f.write(want + '\n')
+
+
+def slapgrid(host, *args, timeout=300, check=True):
+    """Run the node's own `slapos` (NODE/bin/slapos) in ``host``, as cron
+    would: a plain environment."""
+    env = {'PATH': '/usr/sbin:/usr/bin:/sbin:/bin', 'HOME': '/root',
+           'LANG': 'C.UTF-8'}
+    return host.run([NODE + '/bin/slapos'] + list(args) + [
+        '--cfg', '/etc/opt/slapos/slapos.cfg'], env=env, timeout=timeout,
+        check=check)
+
+
+def deploy_node(lab, node='hA', master='hM', others=('hB',), partitions=1,
+                title='records'):
+    """A SlapOS node deployed by SlapOS itself: slapproxy in ``master``, the
+    real `slapos node format`, then recordstore (SR_URL) supplied and
+    requested as ``title`` and built and instantiated by the real `slapos
+    node software` and `slapos node instance` (buildout runs as the
+    partition's user). The lab must share NODE (:func:`node_install`).
+    Returns the proxy's Popen."""
+    if not lab.shared.get(NODE):
+        raise LabError('deploy_node: the lab must share %s (Lab(...,'
+                       ' shared={NODE: node_install()}))' % NODE)
+    proxy = _prepare(lab, node, master, partitions, others,
+                     NODE + '/bin/slapos')
+    a = lab[node]
+    # slapgrid refuses to run buildout as root: the software user and the
+    # partitions' user is nobody in the lab (the hosts share /etc/passwd).
+    a.run(['chown', '65534:65534', '/opt/slapgrid'])
+    for n in range(partitions):
+        a.run(['chown', '65534:65534', '/srv/slapgrid/slappart%d' % n])
+    m = lab[master]
+    slapgrid(m, 'supply', SR_URL, COMPUTER)
+    slapgrid(m, 'request', title, SR_URL)
+    slapgrid(a, 'node', 'software', '--all')
+    # The first run builds the partition; slapgrid returns before its
+    # programs are up on a fresh supervisord, hence the wait of the callers.
+    slapgrid(a, 'node', 'instance')
+    return proxy
+
+
+def post_record(lab, record, via='hO', timeout=2):
+    """Store ``record`` in recordstore's partition (the answer, "ok N", or
+    None when it does not answer)."""
+    return get(lab, via, 'http://%s:%d/records' % (partition_address(0),
+                                                     PORT), timeout,
+               data=record)
+
+
+def records(lab, via='hO', timeout=2):
+    """The records the partition serves, or None."""
+    text = get(lab, via, 'http://%s:%d/records' % (partition_address(0),
+                                                     PORT), timeout)
+    return None if text is None else text.splitlines()
+
+
+# -- instance_root on btrfs ----------------------------------------------------
+
+# The hosts' own paths when /srv is each host's btrfs disk and instance_root
+# (/srv/slapgrid) a subvolume on it, replicated by the ``btrfs`` driver.
+# The disk is mounted in the host only: read its files from inside.
+BTRFS_PATHS = tuple(p for p in HOST_PATHS if p != '/srv/slapgrid')
+
+
+def btrfs_srv(lab, hosts, size='512M', first='hA'):
+    """Give each of ``hosts`` (of a lab made with ``paths=BTRFS_PATHS``) a
+    btrfs disk at /srv, mounted again after a restart (as from its fstab),
+    as an operator would prepare the peers; make /srv/slapgrid a subvolume
+    on ``first``."""
+    for name in hosts:
+        device = lab.add_disk(name, size, label='srv')
+        subprocess.run(['mkfs.btrfs', '-q', '-f', device], check=True,
+                       stdout=subprocess.DEVNULL)
+        lab.mount_disk(name, device, '/srv')
+    lab[first].run(['btrfs', 'subvolume', 'create', '/srv/slapgrid'])

@@ -38,16 +38,18 @@ def prepare(lab, hosts=('hA', 'hB')):
         lab[host].run(['mkdir', '-p', '/srv/slapgrid/web'])
 
 
-def get(lab, via, url, timeout=1):
-    """The text ``url`` answers, asked from inside host ``via``; None when
-    nothing answers."""
+def get(lab, via, url, timeout=1, data=None):
+    """The text ``url`` answers, asked from inside host ``via`` (a POST of
+    ``data`` when given); None when nothing answers."""
     p = lab[via].run(['python3', '-c', textwrap.dedent('''
         import urllib.request
+        data = %r
         try:
-            print(urllib.request.urlopen(%r, timeout=%s).read().decode())
+            print(urllib.request.urlopen(%r, timeout=%s, data=data and
+                                         data.encode()).read().decode())
         except Exception:
             print("")
-    ''' % (url, timeout))], check=False)
+    ''' % (data, url, timeout))], check=False)
     return p.stdout.strip() or None
 
 

@@ -170,14 +170,16 @@ class Slapos(Resource):
         self.cgroup.kill()
         try:
             self._ip_batch('del', self.node().addresses())
-        except ResourceError:
+        except (ResourceError, NodeError):
             pass
 
     def fence_targets(self):
+        # Before a takeover promotes the data, the node may not be there
+        # yet: nothing of it to drop then; asked again once started.
         try:
             addresses = [('%s/%d' % (a, p), d)
                          for a, p, d in self.node().addresses()]
-        except ResourceError:
+        except (ResourceError, NodeError):
             addresses = []
         return [self.cgroup.path], addresses
 

@@ -1,0 +1,155 @@
+"""A SlapOS node deployed by SlapOS itself and protected by the agents.
+
+The real slapproxy master, the real `slapos node format`, `slapos node
+software` and `slapos node instance` (buildout running as the partition's
+user) deploy recordstore, a small software release whose partition stores
+what it is sent (slaposha/lab/sr). instance_root is a btrfs subvolume that
+the ``btrfs`` driver replicates; the agents move the node between two hosts
+(a witness makes the quorum) and the partition must answer on the same
+address from the peer with every record it had acknowledged, without any
+buildout there."""
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from slaposha.lab import wait_for
+from slaposha.lab.cluster import LabCluster
+from slaposha.lab.slapos import (
+    BTRFS_PATHS, NODE, btrfs_srv, deploy_node, node_install, post_record,
+    records, route_partitions)
+
+pytestmark = pytest.mark.lab
+
+pytest.importorskip('slapos.grid.svcbackend',
+                    reason='slapos.core is not installed')
+
+INTERVAL = 0.5
+SERVICE = '''
+    [service]
+    hosts = hA hB
+    [btrfs#slapgrid]
+    volume = /srv/slapgrid
+    interval = %s
+    [slapos#node]
+''' % INTERVAL
+PART = '/srv/slapgrid/slappart0'
+
+
+FACTS = """
+import hashlib, json, os
+found = {}
+for name in ('.installed.cfg', '.timestamp', 'buildout.cfg',
+             'etc/service/recordsrv'):
+    path = os.path.join('%s', name)
+    with open(path, 'rb') as f:
+        found[name] = [hashlib.sha256(f.read()).hexdigest(),
+                       os.stat(path).st_mtime]
+print(json.dumps(found))
+""" % PART
+
+
+def facts(lab, host):
+    """What a buildout run would change: .installed.cfg (content, mtime),
+    .timestamp's mtime, the partition's buildout.cfg and program file
+    (read in the host: its /srv is its own disk)."""
+    return json.loads(lab[host].run(['python3', '-c', FACTS]).stdout)
+
+
+def write(lab, first, count):
+    """Post records first..first+count-1; returns the acknowledged ones."""
+    acked = []
+    for n in range(first, first + count):
+        answer = post_record(lab, 'record-%d' % n)
+        assert answer and answer.startswith('ok '), answer
+        acked.append('record-%d' % n)
+    return acked
+
+
+def answering(lab, lc, host):
+    """Wait for the partition to answer (from ``host``); on failure show
+    what ``host``'s agent says."""
+    try:
+        return wait_for(lambda: records(lab), 30, interval=0.1,
+                        what='the partition answering from %s' % host)
+    except Exception:
+        print(lc.cli(host, 'status', check=False).stdout)
+        with open(os.path.join(lab[host].root, 'log', 'agent.log'),
+                  errors='replace') as f:
+            print(''.join(f.readlines()[-40:]))
+        raise
+
+
+def test_slapgrid_deployed_partition_moves_with_its_data(make_lab):
+    lab = make_lab(['hA', 'hB', 'hW', 'hM', 'hO'], paths=BTRFS_PATHS,
+                   shared={NODE: node_install()})
+    btrfs_srv(lab, ['hA', 'hB'])
+    proxy = deploy_node(lab, 'hA', 'hM', others=('hB',))
+    route_partitions(lab['hO'])
+    # The software release and the node's identity are on the standby
+    # before it may take over (the peers are prepared alike).
+    for path in ('/opt/slapgrid', '/etc/opt/slapos'):
+        subprocess.run(['rsync', '-aHAX', '--numeric-ids', '--delete',
+                        lab['hA'].path(path) + '/',
+                        lab['hB'].path(path) + '/'], check=True)
+    lc = LabCluster(lab, ['hA', 'hB'], ['hW'], tls=True,
+                    services={'node': SERVICE}, settings='''
+                    [agent]
+                    monitor_interval = 0.5
+                    ''').start()
+    try:
+        wait_for(lambda: post_record(lab, 'record-0'), 30,
+                 what='the partition storing records on hA')
+        acked = ['record-0'] + write(lab, 1, 20)
+        before = facts(lab, 'hA')
+        # Acknowledged records reach the standby with the next snapshot.
+        time.sleep(4 * INTERVAL)
+
+        # 1. The owner crashes with the master up.
+        lab.crash('hA')
+        crashed = time.monotonic()
+        got = answering(lab, lc, 'hB')
+        took = time.monotonic() - crashed
+        assert lc.owner('node', 'hW')[0] == 'hB'
+        assert got[:len(acked)] == acked, 'acknowledged records lost: %s' % (
+            sorted(set(acked) - set(got)))
+        # No buildout ran on hB: what it would rewrite is as hA left it.
+        assert facts(lab, 'hB') == before
+        print('\npartition answered from hB %.2f s after hA crashed, with'
+              ' its %d acknowledged records' % (took, len(acked)))
+        acked += write(lab, 21, 10)
+
+        # 2. hA comes back as the standby: resynchronised from hB.
+        lab.restart('hA')
+        lc.start_agent('hA')
+
+        def ha_fresh():
+            out = lc.cli('hA', 'status', check=False).stdout
+            line = out.split('btrfs#slapgrid')[-1] if 'btrfs#slapgrid' in \
+                out else ''
+            return 'hA' in line and 'old' in line and out
+        wait_for(ha_fresh, 60, interval=0.5, what='hA a fresh standby')
+        acked += write(lab, 31, 5)
+        time.sleep(4 * INTERVAL)
+
+        # 3. The master is gone, then hB crashes: hA needs nothing from it.
+        proxy.terminate()
+        proxy.wait(10)
+        lab.crash('hB')
+        crashed = time.monotonic()
+        got = answering(lab, lc, 'hA')
+        took = time.monotonic() - crashed
+        assert lc.owner('node', 'hW')[0] == 'hA'
+        assert got[:len(acked)] == acked, 'acknowledged records lost: %s' % (
+            sorted(set(acked) - set(got)))
+        assert facts(lab, 'hA') == before
+        print('partition answered from hA %.2f s after hB crashed, master'
+              ' stopped, with its %d acknowledged records' % (took,
+                                                            len(acked)))
+    finally:
+        for host in ('hA', 'hB'):
+            lc.stop_agent(host)
+        proxy.terminate()
