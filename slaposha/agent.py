@@ -33,12 +33,14 @@ import socket
 import threading
 import time
 
-from slaposha import __version__, intents
+from slaposha import __version__, history, intents
 from slaposha.cgroup import Cgroup, own_cgroup
 from slaposha.cluster.etcd import Client, EtcdError
 from slaposha.cluster.lease import HostLease, Membership, Ownership, keys
 from slaposha.cluster.member import EtcdMember
+from slaposha.cluster.view import EtcdView
 from slaposha.config import ConfigError, load_services
+from slaposha.metrics import Metrics
 from slaposha.resources import DOWN, NA
 from slaposha.service import Service, ServiceError
 from slaposha.watchdog import Watchdog
@@ -87,6 +89,9 @@ class ServiceSlot(object):
         self.lags = {}             # rid: age of this host's copy (standby)
         self.ineligible = []       # why this host may not take it over
         self.next_eligibility = 0.0
+        self.owner_token = None    # the owner's token, wherever it runs
+        self.last_owner = None     # (host, wall time) the owner key was
+        #                            last seen held: a takeover's "from"
 
 
 class Agent(object):
@@ -122,6 +127,7 @@ class Agent(object):
         self._next_leader_check = 0.0
         self._raft_term = None
         self._term_seen = 0.0
+        self._renewals = 0
         run_dir = cluster.cluster.run_dir
         self.status_path = os.path.join(run_dir, 'agent.json')
         self.socket_path = os.path.join(run_dir, 'agent.sock')
@@ -138,9 +144,18 @@ class Agent(object):
                 svc, Ownership(self.client, self.keys, conf.name, self.host))
         self.api = None
         self.https_api = None
+        self.health_api = None
         self.receivers = []
         # Every decision, for the API's decision log (bounded).
         self.decision_log = collections.deque(maxlen=DECISIONS_KEPT)
+        self.metrics = Metrics()
+        names = cluster.members if cluster.etcd.mode == 'embedded' else \
+            cluster.etcd_endpoints()
+        self.etcd_view = EtcdView(
+            Client(cluster.etcd_endpoints(), **client_options),
+            cluster.etcd_endpoints(), names,
+            interval=cluster.agent.monitor_interval,
+            timeout=lease.request_timeout)
 
     # -- decisions ----------------------------------------------------------
 
@@ -153,6 +168,7 @@ class Agent(object):
         self.decision_log.append({'service': slot.service.name,
                                   'time': slot.decision[0], 'action': action,
                                   'reason': reason})
+        self.metrics.decided(slot.service.name, action)
         logger.info('service %s: %s: %s', slot.service.name, action, reason)
 
     # -- life cycle -----------------------------------------------------------
@@ -165,6 +181,8 @@ class Agent(object):
         # started anything that would then be left running.
         from slaposha.api.https import HttpsApi
         self.https_api = HttpsApi(self, self.cluster, self.host).start()
+        from slaposha.api.health import HealthApi
+        self.health_api = HealthApi(self, self.cluster, self.host).start()
         self.cgroup_root.create()
         # Nothing can legitimately run before we hold a lease: what a
         # previous agent left (processes, addresses, mounts) is fenced.
@@ -214,6 +232,9 @@ class Agent(object):
             self.api.stop()
         if self.https_api is not None:
             self.https_api.stop()
+        if self.health_api is not None:
+            self.health_api.stop()
+        self.etcd_view.stop()
         for slot in self.slots.values():
             if slot.state != STOPPED or slot.token:
                 self.decide(slot, 'stop', 'the agent is shutting down')
@@ -312,10 +333,16 @@ class Agent(object):
             return False
         self.lease = lease
         self._announced = None
+        self._renewals = 0
         logger.info('lease %x granted (ttl %ss)', lease.id, lease.ttl)
         return True
 
     def _on_renewed(self, deadline):
+        lease = self.lease
+        if lease is not None and lease.valid and \
+                lease.renewals > self._renewals:
+            self._renewals = lease.renewals
+            self.metrics.renewed(lease.latency)
         cgroups, addresses = self._fence_targets
         if self.watchdog is not None:
             self.watchdog.arm(deadline, cgroups, addresses)
@@ -496,6 +523,11 @@ class Agent(object):
         slot.view = view
         owner_kv = view.owner
         slot.owner = owner_kv.value if owner_kv else None
+        slot.owner_token = owner_kv.create_revision if owner_kv else None
+        if owner_kv is not None:
+            slot.last_owner = (owner_kv.value, time.time())
+        elif (view.target or {}).get('state') == 'stopped':
+            slot.last_owner = None  # stopped: a later start moves nothing
         slot.seen_owner = slot.seen_owner or owner_kv is not None
         if not slot.token:
             self._check_eligibility(slot, view)
@@ -550,11 +582,55 @@ class Agent(object):
             return
         slot.token = token
         slot.owner = self.host
+        slot.owner_token = token
         self._start_service(slot, 'took the owner key with token %d: %s'
                             % (token, reason))
         if slot.state == RUNNING and view.switch and \
                 view.switch.get('to') == self.host:
             intents.clear(self.client, self.keys, slot.service.name, 'switch')
+        if slot.state == RUNNING:
+            self._record_move(slot, view)
+
+    def _record_move(self, slot, view):
+        """A takeover or a switch ended here: count it and keep it in the
+        history (slaposha.history says what the duration covers)."""
+        switch = view.switch or {}
+        running = time.time()
+        if switch.get('to') == self.host and \
+                isinstance(switch.get('at'), (int, float)):
+            kind, since, by = 'switch', switch['at'], switch.get('by')
+        elif slot.last_owner is not None:
+            kind, since, by = 'takeover', slot.last_owner[1], None
+        else:
+            return  # a first start: nothing moved
+        entry = {'service': slot.service.name, 'kind': kind,
+                 'from': slot.last_owner[0] if slot.last_owner else None,
+                 'to': self.host, 'token': slot.token, 'since': since,
+                 'running': running,
+                 'duration': round(max(0.0, running - since), 3), 'by': by}
+        self.metrics.moved(slot.service.name, kind, entry['duration'])
+        logger.info('service %s: %s from %s to %s (token %d) took %.2f s',
+                    entry['service'], kind, entry['from'] or '-', self.host,
+                    slot.token, entry['duration'])
+        # In a thread: the loop has other services to look after.
+        threading.Thread(target=self._keep_move, name='history',
+                         args=(slot.ownership.guard(slot.token), entry),
+                         daemon=True).start()
+
+    def _keep_move(self, guard, entry):
+        try:
+            if not history.record(self.client, self.keys, guard, entry,
+                                  self.cluster.agent.history_kept):
+                logger.warning('service %s: %s not kept in the history:'
+                               ' no longer the owner', entry['service'],
+                               entry['kind'])
+        except EtcdError as e:
+            logger.warning('service %s: %s not kept in the history: %s',
+                           entry['service'], entry['kind'], e)
+
+    def history(self):
+        """The takeovers and switches kept in etcd, oldest first."""
+        return history.read(self.client, self.keys)
 
     def _check_eligibility(self, slot, view):
         """A standby compares itself with what the owner published (same
@@ -833,7 +909,12 @@ class Agent(object):
             'services': {
                 name: {'state': slot.state, 'owner': slot.owner,
                        'token': slot.token, 'decision': slot.decision,
-                       'resources': slot.resources}
+                       'resources': slot.resources,
+                       'owner_token': slot.owner_token,
+                       'ineligible': slot.ineligible,
+                       'failed': slot.failed_until > time.monotonic(),
+                       'lags': {rid: None if lag is None else round(lag, 3)
+                                for rid, lag in slot.lags.items()}}
                 for name, slot in self.slots.items()},
         }
 
@@ -870,6 +951,7 @@ class Agent(object):
                        for h in conf.service.hosts},
             }
         status['services'] = services
+        status['etcd_members'] = self.etcd_view.read()
         return status
 
     def write_status(self):

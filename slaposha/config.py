@@ -319,12 +319,21 @@ CLUSTER_SCHEMA = OrderedDict([
             ' each service on its preferred host', minimum=0.0),
         Key('failed_hold', 'duration', 60.0, 'how long a host that failed to'
             ' run a service leaves it to the other hosts', minimum=0.0),
+        Key('history_kept', 'integer', 50, 'takeovers and switches of each'
+            ' service kept in etcd for the status page and `slaposha mon`',
+            minimum=1, maximum=10000),
     )),
     ('api', _keys(
         Key('port', 'integer', 1215, 'HTTPS port of the agent API',
             minimum=1, maximum=65535),
         Key('listen', 'address', None, 'address the API listens on'
             ' (default: the host address)'),
+        Key('health_port', 'integer', None, 'plain-HTTP port for load'
+            ' balancers\' health checks (/health/owner/<service>,'
+            ' /health/standby/<service>: 200 or 503 and one line, nothing'
+            ' else); off when unset', minimum=1, maximum=65535),
+        Key('health_listen', 'address', None, 'address the health port'
+            ' listens on (default: the host address)'),
     )),
 ])
 

@@ -85,6 +85,7 @@ class HostLease(object):
         self.lost_reason = None
         self.renewals = 0
         self.failures = 0
+        self.latency = None        # seconds the last renewal took
         self._stop = threading.Event()
         self._thread = None
 
@@ -157,6 +158,7 @@ class HostLease(object):
             if self._stop.is_set():
                 return
             self.renewals += 1
+            self.latency = time.monotonic() - sent  # for the metrics
             self.deadline = max(self.deadline, sent + min(ttl, self.ttl)
                                 - self.fence_margin)
             next_send = sent + self.renew_interval

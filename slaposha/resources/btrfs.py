@@ -128,6 +128,9 @@ class Btrfs(Resource):
         self._thread = None
         self._next = 0.0
         self._said = None         # the last problem logged, said once
+        # {peer: [bytes, seconds, transfers]} sent since the agent began,
+        # for the metrics
+        self.sent = {}
 
     # -- what the agent gives -------------------------------------------------
 
@@ -199,6 +202,12 @@ class Btrfs(Resource):
             return
         self.failure = None
         self.last = cycle
+        for peer, transfer in cycle.results.items():
+            if not transfer.skipped:
+                total = self.sent.setdefault(peer, [0, 0.0, 0])
+                total[0] += transfer.bytes
+                total[1] += transfer.seconds
+                total[2] += 1
         self._say('; '.join(str(e) for e in cycle.errors.values()) or None)
 
     def _say(self, problem):

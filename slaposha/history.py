@@ -1,0 +1,66 @@
+"""Takeovers and switches of each service, kept in etcd for the operators
+(the status page, ``slaposha mon``, ``GET /history``).
+
+The host that ends up running the service writes one record, guarded by its
+fencing token (a deposed owner writes nothing), under
+``<root>history/<service>/<token, 20 digits>``: beside the service keys,
+not under them, so that the agents' reads of ``services/`` every cycle do
+not grow with it. Only the newest ``[agent] history_kept`` of each service
+are kept.
+
+A record::
+
+    {"service": "web", "kind": "takeover" | "switch", "from": "hA",
+     "to": "hB", "token": 1234, "since": <time>, "running": <time>,
+     "duration": 3.1, "by": "operator alice"}
+
+``since`` (wall clock) is, for a switch, when the operator asked for it
+(the switch intent's time); for a takeover, the last time the new owner's
+agent read the owner key still held by the previous owner, which is at most
+one ``loop_interval`` before that owner's lease expired or was given back.
+A crashed owner stopped up to ``[lease] ttl`` before: that part of the
+outage is the lease's, and is not in ``duration``. ``running`` is when the
+new owner's resources had all started.
+"""
+
+import json
+
+from slaposha.cluster.etcd import Op
+
+__all__ = ['record', 'read', 'prefix']
+
+
+def prefix(keys, service=None):
+    return keys.root + 'history/' + ('%s/' % service if service else '')
+
+
+def record(client, keys, guard, entry, kept):
+    """Write ``entry`` if ``guard`` (``Ownership.guard(token)``: the owner
+    key still has our token) holds, else return False; then drop the records
+    beyond the newest ``kept``."""
+    service = entry['service']
+    key = prefix(keys, service) + '%020d' % entry['token']
+    result = client.txn(compare=guard,
+                        success=[Op.put(key, json.dumps(entry,
+                                                        sort_keys=True))])
+    if not result.succeeded:
+        return False
+    old = sorted(kv.key for kv in client.get_prefix(prefix(keys, service)))
+    drop = old[:-kept] if len(old) > kept else []
+    if drop:
+        client.txn(compare=[], success=[Op.delete(k) for k in drop])
+    return True
+
+
+def read(client, keys, service=None, timeout=None):
+    """Every record kept (of ``service``, or of all), oldest first."""
+    entries = []
+    for kv in client.get_prefix(prefix(keys, service), timeout=timeout):
+        try:
+            entry = json.loads(kv.value)
+        except ValueError:
+            continue
+        if isinstance(entry, dict):
+            entries.append(entry)
+    entries.sort(key=lambda e: (e.get('running') or 0, e.get('token') or 0))
+    return entries
