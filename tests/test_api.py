@@ -505,7 +505,10 @@ def test_openapi_file_lists_every_route_and_only_those(env):
         route = path.replace('{name}', 'web').replace('{action}', 'freeze')
         r = env.request('root', method, route, json={} if method == 'POST'
                         else None, stream=route == '/events')
-        assert r.status_code == 200, (method, route, r.text[:200])
+        # A health check answers 503 where it fails (the standby check on
+        # the owner): an answer too.
+        ok = (200, 503) if route.startswith('/health/') else (200,)
+        assert r.status_code in ok, (method, route, r.text[:200])
         r.close()
     # Each status code the server answers is documented for the route.
     for path, item in spec['paths'].items():
@@ -554,6 +557,10 @@ def test_fuzz_from_the_openapi_description_finds_no_5xx(env, caplog):
             variants.append((GenerationMode.POSITIVE, {'name': 'web'}))
             if body or len(params) > 1:
                 variants.append((GenerationMode.NEGATIVE, {'name': 'web'}))
+        # The health checks answer 503 by design where they fail (as
+        # Patroni's do); the description documents it.
+        op_checks = [c for c in checks if c is not not_a_server_error] \
+            if operation.path.startswith('/health/') else checks
         for mode, fixed in variants:
             @settings(max_examples=30, deadline=None, database=None,
                       suppress_health_check=list(HealthCheck))
@@ -564,7 +571,7 @@ def test_fuzz_from_the_openapi_description_finds_no_5xx(env, caplog):
                                      verify=env.ca, cert=env.certs['root'],
                                      timeout=10)
                 count[0] += 1
-                case.validate_response(response, checks=checks + (
+                case.validate_response(response, checks=op_checks + (
                     [negative_data_rejection]
                     if mode == GenerationMode.NEGATIVE else []))
             run()

@@ -6,6 +6,8 @@ Routes (JSON in, JSON out):
 - ``GET /status``: the cluster as etcd knows it, and this agent's view;
 - ``GET /local``: this agent's view only (works without etcd);
 - ``GET /decisions``: every decision of this agent, oldest first;
+- ``GET /history``: the takeovers and switches kept in etcd
+  (:mod:`slaposha.history`);
 - ``POST /services/<name>/<action>``: start, stop, switch, takeover,
   freeze, thaw; body ``{"to": host}`` for switch and start.
 
@@ -61,6 +63,13 @@ def dispatch(agent, method, path, raw_body=b''):
         if path == '/decisions' and method == 'GET':
             return 200, {'host': agent.host,
                          'decisions': list(agent.decision_log)}
+        if path == '/history' and method == 'GET':
+            from slaposha.cluster.etcd import EtcdError
+            try:
+                return 200, {'host': agent.host, 'history': agent.history()}
+            except EtcdError as e:
+                raise ApiError(503, 'cannot read the history from etcd: %s'
+                               % ' '.join(str(e).split()))
         m = _SERVICE_ACTION.match(path)
         if m:
             if method != 'POST':

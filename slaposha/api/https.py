@@ -48,8 +48,9 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from slaposha import pki
-from slaposha.api import ApiError, MAX_BODY, _body, dispatch
+from slaposha import metrics, pki
+from slaposha.api import ApiError, MAX_BODY, _body, dispatch, health
+from slaposha.cluster.etcd import EtcdError
 from slaposha.config import CLUSTER_SCHEMA, ConfigError
 
 __all__ = ['HttpsApi', 'ROUTES', 'PERMISSIONS', 'OPENAPI_PATH']
@@ -58,6 +59,9 @@ logger = logging.getLogger(__name__)
 
 OPENAPI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                             'openapi.json')
+# The status page: one HTML file, its script and style inline.
+UI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                       'ui.html')
 
 # What each role may do: 'read' (GET), 'act' (service actions), 'config'.
 PERMISSIONS = {
@@ -103,6 +107,11 @@ ROUTES = (
     Route('GET', '/decisions', 'read', 'decisions'),
     Route('GET', '/events', 'read', 'events'),
     Route('GET', '/config', 'config', 'config'),
+    Route('GET', '/history', 'read', 'history'),
+    Route('GET', '/metrics', 'read', 'metrics'),
+    Route('GET', '/ui', 'read', 'ui'),
+    Route('GET', '/health/owner/{name}', 'read', 'health_owner'),
+    Route('GET', '/health/standby/{name}', 'read', 'health_standby'),
 )
 
 
@@ -151,6 +160,14 @@ def _stable(value):
     return value
 
 
+class _Text(object):
+    """An answer that is not JSON: its text and Content-Type."""
+
+    def __init__(self, data, ctype):
+        self.data = data
+        self.ctype = ctype
+
+
 class _ClientGone(Exception):
     """The client stopped sending mid-request: nobody to answer."""
 
@@ -193,6 +210,16 @@ class _Handler(BaseHTTPRequestHandler):
         data = (json.dumps(answer, default=str) + '\n').encode()
         self.send_response(status)
         self.send_header('Content-Type', 'application/json')
+        self.send_header('Content-Length', str(len(data)))
+        self.send_header('Cache-Control', 'no-store')
+        self.end_headers()
+        if self.command != 'HEAD':
+            self.wfile.write(data)
+
+    def _send_text(self, status, text):
+        data = text.data.encode()
+        self.send_response(status)
+        self.send_header('Content-Type', text.ctype)
         self.send_header('Content-Length', str(len(data)))
         self.send_header('Cache-Control', 'no-store')
         self.end_headers()
@@ -251,6 +278,10 @@ class _Handler(BaseHTTPRequestHandler):
             if answer is None:  # streamed
                 return
             status, answer = answer
+            if isinstance(answer, _Text):
+                logger.debug('api: %s %s %s: %d', who, method, path, status)
+                self._send_text(status, answer)
+                return
         except ApiError as e:
             status, answer = e.status, {'error': _one_line(e)}
         except _ClientGone as e:
@@ -325,6 +356,37 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route_config(self, who, params, raw):
         return 200, self.server.api.config()
+
+    def _route_history(self, who, params, raw):
+        api = self.server.api
+        read = getattr(api.agent, 'history', None)
+        try:
+            entries = read() if read is not None else []
+        except EtcdError as e:
+            raise ApiError(503, 'cannot read the history from etcd: %s'
+                           % _one_line(e))
+        return 200, {'host': api.host, 'history': entries}
+
+    def _route_metrics(self, who, params, raw):
+        return 200, _Text(metrics.exposition(self.server.api.agent),
+                          metrics.CONTENT_TYPE)
+
+    def _route_ui(self, who, params, raw):
+        return 200, _Text(self.server.api.ui, 'text/html; charset=utf-8')
+
+    def _health(self, kind, name):
+        try:
+            ok, reason = health.check(self.server.api.agent, kind, name)
+        except health.UnknownService as e:
+            raise ApiError(404, str(e))
+        return (200 if ok else 503), _Text(reason + '\n',
+                                           health.CONTENT_TYPE)
+
+    def _route_health_owner(self, who, params, raw):
+        return self._health('owner', params['name'])
+
+    def _route_health_standby(self, who, params, raw):
+        return self._health('standby', params['name'])
 
     def _route_events(self, who, params, raw):
         self.send_response(200)
@@ -416,6 +478,7 @@ class HttpsApi(object):
         self.context = None
         self.revocations = None
         self.openapi = None
+        self.ui = None
         self._lock = threading.Lock()
         self._connections = 0
         self._closing = threading.Event()
@@ -472,6 +535,8 @@ class HttpsApi(object):
         self.context = self._context()
         with open(OPENAPI_PATH) as f:
             self.openapi = json.load(f)
+        with open(UI_PATH) as f:
+            self.ui = f.read()
         cls = _Server6 if ':' in self.listen else _Server
         try:
             self.server = cls((self.listen, self.port), _Handler)
