@@ -138,8 +138,8 @@ def _agent_call(args, method, route, body=None):
     return answer
 
 
-def _api_call(args, api, method, route, body):
-    from slaposha.api.client import ApiClient, ApiError, url_for
+def _api_url(args, api):
+    from slaposha.api.client import url_for
     if '://' not in api:
         # A host name of the cluster: its address, as its certificate says.
         cluster = _cluster(args)
@@ -147,13 +147,28 @@ def _api_call(args, api, method, route, body):
             raise UserError('--api %s: neither a URL nor a host of the'
                             ' cluster (%s)' % (api, ' '.join(cluster.hosts)))
         api = url_for(cluster, api)
+    return api
+
+
+def _api_client(args, api):
+    from slaposha.api.client import ApiClient, ApiError
+    api = _api_url(args, api)
     try:
         client = getattr(args, '_api_client', None)
         if client is None:
             client = args._api_client = ApiClient(api)
-        return client.request(method, route, body)
+        return client
     except ApiError as e:
         raise UserError('%s: %s' % (api, e))
+
+
+def _api_call(args, api, method, route, body):
+    from slaposha.api.client import ApiError
+    client = _api_client(args, api)
+    try:
+        return client.request(method, route, body)
+    except ApiError as e:
+        raise UserError('%s: %s' % (client.url, e))
 
 
 @command('status', 'the cluster as a tree: hosts, services, owners, each'
@@ -174,6 +189,38 @@ def status(args):
     else:
         print('\n'.join(render(answer, args.service)))
     return 0
+
+
+@command('mon', 'the cluster on one screen, redrawn as it changes: hosts,'
+         ' etcd members, owners and tokens, standbys, last decisions and'
+         ' takeovers', [
+             (('--once',), dict(action='store_true',
+                                help='print one frame and exit (for'
+                                ' scripts)')),
+         ])
+def mon(args):
+    import os
+    from slaposha.cli.mon import main_loop
+    api = getattr(args, 'api', None) or os.environ.get('SLAPOSHA_API')
+
+    def history():
+        try:
+            return _agent_call(args, 'GET', '/history').get('history')
+        except UserError:
+            return None  # etcd out of reach: the frame says so already
+    if args.once:
+        status = _agent_call(args, 'GET', '/status')
+        from slaposha.cli.mon import frame
+        print('\n'.join(frame(status, history())))
+        return 0
+    if api:
+        client = _api_client(args, api)
+        statuses = client.events
+    else:
+        statuses = None
+    from slaposha.api.client import ApiError
+    return main_loop(lambda: _agent_call(args, 'GET', '/status'), history,
+                     statuses, (UserError, ApiError))
 
 
 @command('log', 'the decisions of an agent, oldest first: what it did and'
