@@ -15,7 +15,8 @@ fi
 missing=""
 for pair in ip:iproute2 ping:iputils-ping nsenter:util-linux losetup:mount \
             etcd:etcd-server etcdctl:etcd-client mkfs.btrfs:btrfs-progs \
-            rsync:rsync supervisord:supervisor openssl:openssl; do
+            rsync:rsync supervisord:supervisor openssl:openssl \
+            chromium:chromium; do
     cmd=${pair%%:*}
     pkg=${pair#*:}
     PATH="$PATH:/usr/sbin:/sbin" command -v "$cmd" >/dev/null 2>&1 || missing="$missing $pkg"
