@@ -329,3 +329,57 @@ def test_copy_tree_for_software_releases(pair):
         'built\n'
     assert b.run(['ls', '-a', '/opt/slapgrid']).stdout.split() == \
         ['.', '..', 'abc']
+
+
+@lab
+def test_from_a_btrfs_snapshot_and_the_copy_stays_a_subvolume(make_lab):
+    from slaposha.replication.lab import (
+        LAB_PATHS, VOL, ReplicationLab, remove_mount_point)
+    lab = make_lab(['hA', 'hB'], paths=LAB_PATHS)
+    try:
+        rl = ReplicationLab(lab, disk_size='128M')
+        b = lab['hB']
+        receiver = b.spawn([
+            sys.executable, '-m', 'slaposha.replication', 'receiver',
+            '--host', 'hB', '--listen', b.address, '--ssl-dir', rl.ssl_dir,
+            '--tree', VOL], name='tree-receiver', env=rl.env())
+        wait_for(lambda: 'listening on' in open(receiver.log_path).read(),
+                 10, what='the receiver of hB')
+        lab['hA'].run('echo snap > %s/file' % VOL)
+        result = rl.py('hA', '''
+            import os
+            from slaposha import config
+            from slaposha.cgroup import Cgroup
+            from slaposha.resources import driver
+            from slaposha.service import Context
+            with open('/tmp/svc.cfg', 'w') as f:
+                f.write('[rsync#data]\\npath = %(vol)s\\n')
+            section, = config.load_service('/tmp/svc.cfg').resources
+            res = driver('rsync')(section, Context('svc', Cgroup('/tmp'),
+                                                   '/tmp'))
+            res.configure(30, {'hB': %(address)r}, %(tls)r, 'hA')
+            res.start()
+            res._cycle(res.mode)
+            result = [res.mode, list(res.status())]
+            res.stop()
+            result.append(list(res.status()))
+        ''' % {'vol': VOL, 'address': b.address, 'tls': rl.tls('hA')})
+        assert result[0] == 'snapshot'
+        assert result[1][0] == 'up' and result[1][1].startswith(
+            'hB: copy ') and 'from read-only snapshots' in result[1][1], \
+            result
+        assert 'not crash-consistent' not in result[1][1]
+        status = rl.py('hB', '''
+            from slaposha.replication.rsync import Tree, is_subvolume
+            tree = Tree(%r)
+            result = tree.status()
+            result['subvolume'] = is_subvolume(
+                tree.buffer(tree.state()['complete']))
+        ''' % VOL)
+        # The last copy is the one stop sent, the applications stopped.
+        assert status['newest']['mode'] == 'stopped'
+        assert status['subvolume'] is True
+        receiver.terminate()
+        receiver.wait(5)
+    finally:
+        remove_mount_point()

@@ -157,8 +157,8 @@ def _remove_later(path):
                      name='rm %s' % path, daemon=True).start()
 
 
-def fstype(path):
-    """The type of the file system holding ``path`` (from mountinfo)."""
+def _mount(path):
+    """The mount (of /proc/self/mountinfo) holding ``path``."""
     from slaposha.resources.fs import Mount
     where = os.path.realpath(path)
     best = None
@@ -168,7 +168,18 @@ def fstype(path):
             if where == point or where.startswith(point.rstrip('/') + '/'):
                 if best is None or len(point) >= len(best.mount_point):
                     best = mount
-    return best.fstype if best else None
+    return best
+
+
+def _mount_of(path):
+    mount = _mount(path)
+    return mount.mount_point if mount else None
+
+
+def fstype(path):
+    """The type of the file system holding ``path`` (from mountinfo)."""
+    mount = _mount(path)
+    return mount.fstype if mount else None
 
 
 def is_subvolume(path):
@@ -228,7 +239,9 @@ class Tree(object):
         """Why the store cannot hold this tree's copies, or None: takeover
         renames a copy to the path, so both must be on one file system, and
         the path cannot be a mount point."""
-        if os.path.ismount(self.path):
+        # Not os.path.ismount: a btrfs subvolume has a device of its own
+        # and is no mount point (renaming it is fine).
+        if _mount_of(self.path) == os.path.realpath(self.path):
             return '%s is a mount point: replicate a folder below it' \
                 % self.path
         parent = os.path.dirname(self.path)
