@@ -290,6 +290,9 @@ class Agent(object):
                  if h != self.host}
         for res in self._replicated(slot):
             res.configure(slot.token, peers, self.tls, self.host)
+        for res in slot.service.resources:
+            if getattr(res, 'configure_peers', None) is not None:
+                res.configure_peers(slot.token, peers, self.tls, self.host)
 
     def _data_problems(self, slot, owner_alive):
         """Why this standby's copy is too old to take over by itself

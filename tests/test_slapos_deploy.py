@@ -89,12 +89,6 @@ def test_slapgrid_deployed_partition_moves_with_its_data(make_lab):
     btrfs_srv(lab, ['hA', 'hB'])
     proxy = deploy_node(lab, 'hA', 'hM', others=('hB',))
     route_partitions(lab['hO'])
-    # The software release and the node's identity are on the standby
-    # before it may take over (the peers are prepared alike).
-    for path in ('/opt/slapgrid', '/etc/opt/slapos'):
-        subprocess.run(['rsync', '-aHAX', '--numeric-ids', '--delete',
-                        lab['hA'].path(path) + '/',
-                        lab['hB'].path(path) + '/'], check=True)
     lc = LabCluster(lab, ['hA', 'hB'], ['hW'], tls=True,
                     services={'node': SERVICE}, settings='''
                     [agent]
@@ -103,6 +97,14 @@ def test_slapgrid_deployed_partition_moves_with_its_data(make_lab):
     try:
         wait_for(lambda: post_record(lab, 'record-0'), 30,
                  what='the partition storing records on hA')
+        # hB has no software release at first: not eligible until the
+        # owner copied it (and the identity went with the data).
+        def hb_ready():
+            out = lc.cli('hB', 'status', check=False).stdout
+            return 'btrfs#slapgrid' in out and 'not eligible' not in out \
+                and 'hB' in out.split('btrfs#slapgrid')[-1].split('\n')[0] \
+                and out
+        wait_for(hb_ready, 60, interval=0.5, what='hB an eligible standby')
         acked = ['record-0'] + write(lab, 1, 20)
         before = facts(lab, 'hA')
         # Acknowledged records reach the standby with the next snapshot.
@@ -118,6 +120,11 @@ def test_slapgrid_deployed_partition_moves_with_its_data(make_lab):
             sorted(set(acked) - set(got)))
         # No buildout ran on hB: what it would rewrite is as hA left it.
         assert facts(lab, 'hB') == before
+        # The software release was copied, not built, and the node's
+        # identity came with the data.
+        sr = lab['hB'].run('ls /opt/slapgrid/*/.completed /opt/slapgrid/*/'
+                           '.installed.cfg /etc/opt/slapos/slapos.xml').stdout
+        assert sr.count('/opt/slapgrid/') == 2, sr
         print('\npartition answered from hB %.2f s after hA crashed, with'
               ' its %d acknowledged records' % (took, len(acked)))
         acked += write(lab, 21, 10)

@@ -15,11 +15,31 @@ No buildout, no ``slapos node boot`` (it deletes every ``.timestamp``), no
 ``slapos node instance`` (with the master reachable it would leave the
 programs stopped). ``.timestamp`` files and their mtimes are not touched.
 Stop does the reverse; fence kills the cgroup and drops the addresses.
+
+An instance supervisord already running when the node is first put under
+the agent (started by slapgrid) is adopted: it and its programs join the
+resource's cgroup, so that a fence kills them too.
+
+While it owns the node, the driver also keeps the standbys ready
+(configured by the agent with ``configure_peers``, worked in ``tick``, in a
+thread of its own, never blocking the agent's cycle):
+
+- the node's identity, ``identity`` (/etc/opt/slapos: slapos.cfg, the
+  node's certificate and key, the partitions' certificates), is copied
+  into the replicated data (``instance_root/.slaposha/identity``, 0700)
+  every ``identity_interval``; a new owner installs it before it starts;
+- every completed software release (``.completed``; it never changes
+  after that) is copied once to each standby over the cluster's channel
+  (:func:`slaposha.replication.rsync.copy_tree`, under /opt/slapgrid), so a
+  takeover never builds; the standby's preflight lists what it still
+  lacks.
 """
 
+import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 import xmlrpc.client
 
@@ -30,6 +50,8 @@ from slaposha.slapos.node import (
     NodeError, compare, fingerprint, load_node, local_facts)
 
 __all__ = ['Slapos']
+
+logger = logging.getLogger(__name__)
 
 SUPERVISORD = ('import sys; import supervisor.supervisord; '
                'sys.argv[1:1] = ["-c", sys.argv.pop(1)]; '
@@ -55,7 +77,30 @@ class Slapos(Resource):
             ' addresses (gratuitous ARP, unsolicited NA) after adding them'),
         Key('timeout', 'duration', 60.0, 'time allowed to start or stop'
             ' supervisord and the partitions\' programs', minimum=1.0),
+        Key('identity', 'path', '/etc/opt/slapos', 'the node\'s identity'
+            ' (slapos.cfg, certificates), kept in the replicated data by'
+            ' its owner and installed by a new owner; empty: not moved'),
+        Key('identity_interval', 'duration', 10.0, 'how often the owner'
+            ' refreshes the copy of the identity in the replicated data',
+            minimum=1.0),
+        Key('copy_software', 'boolean', True, 'copy every completed'
+            ' software release to the standbys'),
+        Key('copy_interval', 'duration', 30.0, 'how often the owner looks'
+            ' for software releases a standby lacks', minimum=1.0),
+        Key('port', 'integer', 1216, 'the standbys\' replication port (their'
+            ' receiver takes the software releases)'),
     )
+
+    def __init__(self, section, context):
+        Resource.__init__(self, section, context)
+        self.peers = {}
+        self.tls = None
+        self.host = None
+        self.copied = set()        # (peer, release folder) sent since start
+        self.copy_errors = {}      # peer: last error, for status
+        self._worker = None
+        self._next_identity = 0.0
+        self._next_copy = 0.0
 
     def node(self):
         try:
@@ -91,8 +136,36 @@ class Slapos(Resource):
         except (OSError, xmlrpc.client.Error):
             return None
 
+    def _adopt(self, node):
+        """An instance supervisord this resource did not start (slapgrid
+        did, before the node was put under the agent): it and every
+        process below it join the resource's cgroup, so that stop and
+        fence reach them. A child forked meanwhile is in the new group
+        already once its parent moved."""
+        try:
+            pid = _rpc(node.supervisord_socket, 2.0).supervisor.getPID()
+        except (OSError, xmlrpc.client.Error):
+            return
+        mine = set(self.cgroup.pids())
+        if pid in mine:
+            return
+        moved = []
+        todo = [pid]
+        while todo:
+            p = todo.pop()
+            try:
+                self.cgroup.add(p)
+                moved.append(p)
+            except OSError:
+                continue  # gone meanwhile
+            todo.extend(_children(p))
+        logger.info('%s: adopted the running instance supervisord (pid %d)'
+                    ' and %d process(es) below it', self.rid, pid,
+                    len(moved) - 1)
+
     def _launch_supervisord(self, node):
         if self._supervisord_state(node) == 'RUNNING':
+            self._adopt(node)
             return
         if not os.path.exists(node.supervisord_conf):
             raise ResourceError('%s: %s is missing: this node never ran'
@@ -120,6 +193,7 @@ class Slapos(Resource):
 
     def start(self):
         self.cgroup.create()
+        self._install_identity()
         node = self.node()
         addresses = node.addresses()
         self._ip_batch('replace', addresses)
@@ -183,6 +257,96 @@ class Slapos(Resource):
             addresses = []
         return [self.cgroup.path], addresses
 
+    # -- keeping the standbys ready ------------------------------------------
+
+    def configure_peers(self, token, peers, tls, host):
+        """From the agent on the owner: the standbys ({name: address}), the
+        TLS files and this host's name (the token is not needed: software
+        releases never change once completed)."""
+        self.peers = dict(peers)
+        self.tls = tls
+        self.host = host
+
+    def _identity_copy(self, node):
+        return os.path.join(node.instance_root, '.slaposha', 'identity')
+
+    def _install_identity(self):
+        """A new owner puts the identity kept in the data in place."""
+        if not self.conf.identity:
+            return
+        try:
+            node = load_node(self.conf.cfg)
+        except NodeError:
+            return  # no slapos.cfg here: the preflight says so
+        copy = self._identity_copy(node)
+        if os.path.isdir(copy):
+            _rsync_local(copy, self.conf.identity, delete=False)
+
+    def _save_identity(self, node):
+        copy = self._identity_copy(node)
+        os.makedirs(os.path.dirname(copy), mode=0o700, exist_ok=True)
+        os.chmod(os.path.dirname(copy), 0o700)
+        _rsync_local(self.conf.identity, copy, delete=True)
+
+    def tick(self):
+        """On the owner, every agent cycle: start the background work when
+        it is due and none runs."""
+        now = time.monotonic()
+        if self._worker is not None and self._worker.is_alive():
+            return
+        due_identity = self.conf.identity and now >= self._next_identity
+        due_copy = self.conf.copy_software and self.peers and \
+            self.tls and now >= self._next_copy
+        if not (due_identity or due_copy):
+            return
+        if due_identity:
+            self._next_identity = now + self.conf.identity_interval
+        if due_copy:
+            self._next_copy = now + self.conf.copy_interval
+        self._worker = threading.Thread(
+            target=self._keep_ready, args=(due_identity, due_copy),
+            name='%s-standbys' % self.rid, daemon=True)
+        self._worker.start()
+
+    def _keep_ready(self, identity, software):
+        try:
+            node = load_node(self.conf.cfg)
+            if identity:
+                self._save_identity(node)
+            if software:
+                self._copy_software(node)
+        except (NodeError, ResourceError) as e:
+            logger.warning('%s: %s', self.rid, e)
+        except Exception:  # never let the thread die silently
+            logger.exception('%s: keeping the standbys ready', self.rid)
+
+    def _copy_software(self, node):
+        from slaposha.replication import Peer, ReplicationError
+        from slaposha.replication.rsync import copy_tree
+        releases = []
+        for name in sorted(os.listdir(node.software_root)):
+            folder = os.path.join(node.software_root, name)
+            if os.path.exists(os.path.join(folder, '.completed')):
+                releases.append(folder)
+        for peer, address in sorted(self.peers.items()):
+            for folder in releases:
+                if (peer, folder) in self.copied:
+                    continue
+                started = time.monotonic()
+                try:
+                    copy_tree(folder, Peer(peer, address, self.conf.port),
+                              folder, self.tls, self.host)
+                except ReplicationError as e:
+                    self.copy_errors[peer] = str(e)
+                    logger.warning('%s: cannot copy %s to %s: %s', self.rid,
+                                   folder, peer, e)
+                    break  # that peer again at the next round
+                self.copy_errors.pop(peer, None)
+                self.copied.add((peer, folder))
+                logger.info('%s: software release %s copied to %s in %.1f s',
+                            self.rid, os.path.basename(folder), peer,
+                            time.monotonic() - started)
+
     def publish(self):
         """What a standby must have the same (DESIGN.md 4)."""
         return fingerprint(self.node())
@@ -220,5 +384,39 @@ class Slapos(Resource):
         if other:
             return Status(WARN, '%d running; %s' % (running,
                                                     ', '.join(other[:5])))
-        return Status(UP, '%d partition(s) started, %d program(s) running'
-                      % (len(started), running))
+        text = '%d partition(s) started, %d program(s) running' % (
+            len(started), running)
+        if self.copy_errors:
+            return Status(WARN, text + '; ' + '; '.join(
+                'software to %s: %s' % item
+                for item in sorted(self.copy_errors.items())))
+        return Status(UP, text)
+
+
+def _children(pid):
+    """Direct children of ``pid`` (every thread's list)."""
+    found = []
+    try:
+        tasks = os.listdir('/proc/%d/task' % pid)
+    except OSError:
+        return found
+    for tid in tasks:
+        try:
+            with open('/proc/%d/task/%s/children' % (pid, tid)) as f:
+                found.extend(int(c) for c in f.read().split())
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def _rsync_local(src, dst, delete):
+    """Copy folder ``src`` into ``dst`` (owners, modes, times kept)."""
+    args = ['rsync', '-aHAX', '--numeric-ids']
+    if delete:
+        args.append('--delete')
+    p = subprocess.run(args + [src.rstrip('/') + '/', dst.rstrip('/') + '/'],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       universal_newlines=True, timeout=120)
+    if p.returncode:
+        raise ResourceError('rsync %s to %s: %s' % (
+            src, dst, p.stderr.strip()[-300:]))
