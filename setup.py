@@ -70,6 +70,7 @@ setup(
             'slap-configuration = slaposha.recipes.slapconfiguration:Recipe',
             'publish = slaposha.recipes.publish:Recipe',
             'template = slaposha.recipes.template:Recipe',
+            'egg-link = slaposha.recipes.egglink:Recipe',
         ],
     },
     classifiers=[

@@ -300,3 +300,68 @@ def _write(path, text, mode=0o644):
         f.write(text)
     os.chmod(tmp, mode)
     os.replace(tmp, path)
+
+
+# -- the instance parameters, for software/slaposha's JSON schemas -----------
+
+# Set by the instance profile itself, whatever the parameters say.
+PROFILE_FIXED = ('state-dir', 'run-dir', 'services-dir')
+
+
+def parameter_schema(role):
+    """The JSON schema of the instance parameters of software type
+    ``default`` (role ``agent``) or ``witness``: built from slaposha.config's
+    keys (software/slaposha/README.rst says how to write the files again; a
+    test checks that each of their parameters is one the recipe takes)."""
+    from slaposha.config import CLUSTER_SCHEMA, REQUIRED
+    pairs = ('name=address pairs separated by spaces, e.g. "hA=10.0.0.1'
+             ' hB=10.0.0.2"')
+    props = OrderedDict([
+        ('cluster-name', {'title': 'Cluster name', 'type': 'string',
+                          'description': CLUSTER_SCHEMA['cluster']['name']
+                          .doc}),
+        ('hosts', {'title': 'Hosts', 'type': 'string', 'description':
+                   'hosts that may run services, most preferred first: '
+                   + pairs}),
+        ('witnesses', {'title': 'Witnesses', 'type': 'string',
+                       'description': 'hosts that run only an etcd member,'
+                       ' to give two hosts a quorum: ' + pairs,
+                       'default': ''}),
+        ('host', {'title': 'This host', 'type': 'string', 'description':
+                  'the name of the host this instance runs on (one of %s)'
+                  % ('hosts' if role == 'agent' else 'witnesses')}),
+    ])
+    if role == 'agent':
+        props['service-name'] = {
+            'title': 'Service name', 'type': 'string', 'default': 'node',
+            'description': 'name of the service the cluster runs'}
+        props['service'] = {
+            'title': 'Service', 'type': 'string', 'default': '',
+            'description': 'the service file: [service] and its resources'
+            ' as [<kind>#<name>] sections (slaposha config keys)'}
+    kinds = {'integer': 'integer', 'boolean': 'boolean'}
+    for option, (section, key) in _settings().items():
+        if option in PROFILE_FIXED:
+            continue
+        spec = CLUSTER_SCHEMA[section][key]
+        prop = {'title': '[%s] %s' % (section, key),
+                'type': kinds.get(spec.type, 'string'),
+                'description': spec.doc}
+        if spec.choices:
+            prop['enum'] = list(spec.choices)
+        if spec.default not in (None, REQUIRED):
+            default = spec.default
+            if isinstance(default, list):
+                default = ' '.join(default)
+            elif spec.type == 'duration':
+                default = '%gs' % default
+            prop['default'] = default
+        props[option] = prop
+    return OrderedDict([
+        ('$schema', 'http://json-schema.org/draft-07/schema#'),
+        ('title', 'slaposha %s' % role),
+        ('description', 'Parameters of a slaposha %s: the cluster file of'
+         ' one host (slaposha config keys).' % role),
+        ('type', 'object'),
+        ('required', ['cluster-name', 'hosts', 'host']),
+        ('properties', props)])
