@@ -34,6 +34,7 @@ DRIVERS = {
     'rsync': 'slaposha.resources.rsync',
     'drbd': 'slaposha.resources.drbd',
     'slapos': 'slaposha.resources.slapos',
+    're6st': 'slaposha.resources.re6st',
 }
 
 _CLASSES = {}

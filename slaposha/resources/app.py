@@ -50,9 +50,13 @@ class App(Resource):
     def _argv(text):
         return ['sh', '-c', text]
 
-    def _log(self):
-        path = os.path.join(self.context.log_dir, '%s.%s.log' % (
+    def log_path(self):
+        """Where the output of the commands goes."""
+        return os.path.join(self.context.log_dir, '%s.%s.log' % (
             self.context.name, self.rid.replace('#', '.')))
+
+    def _log(self):
+        path = self.log_path()
         os.makedirs(os.path.dirname(path), exist_ok=True)
         return open(path, 'ab')
 
