@@ -3,32 +3,84 @@
 On one machine, in the lab (network and mount namespaces, nothing leaves
 it): hA and hB can run the node, hW is a witness (an etcd member only), hM
 runs the SlapOS master (slapproxy), hO is a client outside the cluster.
+Each node host has its own btrfs disk at /srv; instance_root, /srv/slapgrid,
+is a subvolume.
 
-1. hM starts slapproxy; hA is formatted by the real `slapos node format`
-   and runs a partition that serves its data over HTTP;
+1. SlapOS deploys the node: slapproxy on hM, the real `slapos node format`,
+   `slapos node software` and `slapos node instance` on hA build and start
+   recordstore, a small software release whose partition stores what it
+   is sent (buildout runs as the partition's user);
 2. the agents start on hA and hB (each with its etcd member) and the
-   witness on hW; hA takes the node; `slaposha status` shows the tree;
-3. hA crashes (link down, every process killed); the demo prints how long
-   until the partition answers again, from hB, at the same address, with
-   its data, and that no buildout ran there;
-4. everything is torn down.
-
-Until the data resource lands here, the demo copies the node's folders to
-the standby itself before the crash (nothing writes meanwhile).
+   witness on hW; hA owns the node: its data goes to hB every second as
+   btrfs snapshots, its software release is copied to hB, and hB becomes
+   an eligible standby; `slaposha status` shows the tree;
+3. hO writes records through the partition; each is acknowledged once on
+   disk;
+4. hA crashes (link down, every process killed); the demo prints how long
+   until the partition answered again, from hB, at the same address, that
+   every acknowledged record is there and that no buildout ran on hB;
+5. hA comes back (as after a reboot) and becomes hB's standby: the demo
+   shows that only the changes were sent to it, not a full copy;
+6. everything is torn down.
 """
 
-import os
+import contextlib
+import json
+import re
 import sys
 import time
 
 from slaposha.lab import Lab, LabError, wait_for
 
 _T0 = time.monotonic()
+INTERVAL = 1.0
+
+SERVICE = '''
+    [service]
+    hosts = hA hB
+    [btrfs#slapgrid]
+    volume = /srv/slapgrid
+    interval = %g
+    [slapos#node]
+    [task#slapgrid-instance]
+    command = /opt/slapos/bin/slapos node instance --cfg /etc/opt/slapos/slapos.cfg
+    schedule = 1h
+''' % INTERVAL
+
+# What a buildout run rewrites, read inside a host (its /srv is its disk).
+FACTS = '''
+import hashlib, json, os
+part = '/srv/slapgrid/slappart0'
+print(json.dumps({n: [hashlib.sha256(open(os.path.join(part, n), 'rb').read()
+                                     ).hexdigest(),
+                      os.stat(os.path.join(part, n)).st_mtime]
+                  for n in ('.installed.cfg', '.timestamp', 'buildout.cfg')}))
+'''
 
 
 def say(text):
     print('[%6.2fs] %s' % (time.monotonic() - _T0, text))
     sys.stdout.flush()
+
+
+def show(text):
+    print('    ' + text.rstrip().replace('\n', '\n    '))
+    sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def _explained(cluster):
+    """On a failure, show the end of each agent's log before the lab goes."""
+    try:
+        yield
+    except LabError:
+        lc = cluster()
+        for host in (lc.hosts if lc is not None else ()):
+            print('--- %s: the last lines of its agent log' % host,
+                  file=sys.stderr)
+            print('\n'.join(lc.log(host).splitlines()[-15:]),
+                  file=sys.stderr)
+        raise
 
 
 def main():
@@ -39,55 +91,108 @@ def main():
         return 1
     from slaposha.lab.cluster import LabCluster
     from slaposha.lab.slapos import (
-        answer, copy_node, make_node, partition_address, route_partitions)
+        BTRFS_PATHS, NODE, SR_URL, btrfs_srv, deploy_node, node_install,
+        partition_address, post_records, records, route_partitions)
     proxy = lc = None
+    say('the SlapOS node install (slapos.core in a virtualenv, shared at %s'
+        ' by every host as on identical peers; built once)' % NODE)
+    source = node_install()
     try:
-        with Lab(['hA', 'hB', 'hW', 'hM', 'hO']) as lab:
+        with Lab(['hA', 'hB', 'hW', 'hM', 'hO'], paths=BTRFS_PATHS,
+                 shared={NODE: source}) as lab, _explained(lambda: lc):
             say('lab %s: hA hB (node hosts), hW (witness), hM (SlapOS'
                 ' master), hO (client); private bridge, no route out'
                 % lab.id)
-            proxy = make_node(lab, 'hA', 'hM', partitions=2)
+            btrfs_srv(lab, ['hA', 'hB'])
+            say('hA and hB each have a btrfs disk at /srv; /srv/slapgrid is'
+                ' a subvolume on hA')
+            started = time.monotonic()
+            proxy = deploy_node(lab, 'hA', 'hM', others=('hB',))
             route_partitions(lab['hO'])
             address = partition_address(0)
-            say('hM runs slapproxy; `slapos node format` made 2 partitions'
-                ' on hA; slappart0 serves at %s:8080' % address)
-            copy_node(lab, 'hA', 'hB')
-            say('the node\'s folders are on hB too (the data resource will'
-                ' keep them in step)')
-            lc = LabCluster(lab, ['hA', 'hB'], ['hW'], services={
-                'comp-lab': '''
-                    [service]
-                    hosts = hA hB
-                    [slapos#node]
-                '''})
+            say('SlapOS deployed %s on hA in %.1f s: slapproxy on hM, then'
+                ' `slapos node format`, `software`, `instance`'
+                % (SR_URL, time.monotonic() - started))
+            lc = LabCluster(lab, ['hA', 'hB'], ['hW'], tls=True,
+                            services={'comp-lab': SERVICE})
             lc.start()
-            say('agents on hA and hB, witness on hW: etcd members, leases')
-            wait_for(lambda: answer(lab) == 'partition data', 60,
+            say('agents on hA and hB, witness on hW: etcd members, leases,'
+                ' TLS between hosts')
+            wait_for(lambda: records(lab) is not None, 60,
                      what='the partition answering from hA')
-            say('hO asks %s:8080/who -> "%s"' % (address, answer(lab)))
-            time.sleep(1.5)
-            print(lc.cli('hB', 'status').stdout.rstrip())
-            stamp = os.stat(lab['hB'].path(
-                '/srv/slapgrid/slappart0/.timestamp')).st_mtime
+
+            def standby_ready():
+                out = lc.cli('hB', 'status', check=False).stdout
+                line = out.split('btrfs#slapgrid')[-1].split('\n')[0] \
+                    if 'btrfs#slapgrid' in out else ''
+                return 'not eligible' not in out and 'hB' in line and out
+            tree = wait_for(standby_ready, 90, interval=0.5,
+                            what='hB an eligible standby')
+            say('hA owns the node; hB has its software release (copied, not'
+                ' built) and its data every %gs: `slaposha status` on hB:'
+                % INTERVAL)
+            show(tree)
+
+            lab['hA'].run(['dd', 'if=/dev/urandom', 'of=/srv/slapgrid/'
+                           'slappart0/srv/dataset', 'bs=1M', 'count=64',
+                           'status=none'])
+            acked = post_records(lab, ['record-%d' % n
+                                       for n in range(1, 201)])
+            say('the partition holds 64 MB of data; hO wrote %d records to'
+                ' http://%s:8080/records, each acknowledged after fsync'
+                % (len(acked), address))
+            time.sleep(2 * INTERVAL)  # the next snapshot carries them
+            before = json.loads(lab['hA'].run(['python3', '-c',
+                                               FACTS]).stdout)
+
             say('crash hA: link down, every process of hA killed')
             crashed = time.monotonic()
             lab.crash('hA')
-            wait_for(lambda: answer(lab, timeout=0.3) == 'partition data',
-                     60, interval=0.05, what='the partition answering from'
-                     ' hB')
+            got = wait_for(lambda: records(lab, timeout=0.3) is not None, 60,
+                           interval=0.05,
+                           what='the partition answering from hB')
             took = time.monotonic() - crashed
+            got = records(lab)
             say('the partition answers again from hB %.2f s after the crash,'
-                ' same address, same data' % took)
-            ran_buildout = os.path.exists(lab['hB'].path(
-                '/srv/slapgrid/slappart0/.installed.cfg')) or os.stat(
-                lab['hB'].path('/srv/slapgrid/slappart0/.timestamp')
-            ).st_mtime != stamp
-            say('no buildout ran on hB: %s (.timestamp untouched)'
-                % (not ran_buildout))
+                ' at the same address' % took)
+            lost = [r for r in acked if r not in got]
+            say('acknowledged records on hB: %d of %d%s' % (
+                len(acked) - len(lost), len(acked),
+                ' (missing: %s)' % ', '.join(lost[:5]) if lost else
+                ', none lost'))
+            after = json.loads(lab['hB'].run(['python3', '-c',
+                                              FACTS]).stdout)
+            say('no buildout ran on hB: %s (.installed.cfg, buildout.cfg and'
+                ' .timestamp as hA left them)' % (after == before))
             time.sleep(1)
-            print(lc.cli('hB', 'status').stdout.rstrip())
+            show(lc.cli('hB', 'status').stdout)
+
+            say('hA comes back, as after a reboot; its agent joins as hB\'s'
+                ' standby')
+            lab.restart('hA')
+            lc.start_agent('hA')
+            post_records(lab, ['record-%d' % n for n in range(201, 211)])
+
+            def resynced():
+                found = re.findall(r'/srv/slapgrid <- hB: received (\S+)'
+                                   r' \(([^)]*)\)', lc.log('hA'))
+                return found and found[0]
+            name, detail = wait_for(resynced, 90, interval=0.5,
+                                    what='hA resynchronised from hB')
+            size = lab['hB'].run(['du', '-sh', '--apparent-size',
+                                  '/srv/slapgrid']).stdout.split()[0]
+            say('hA received %s from hB: %s; the whole volume is %s'
+                % (name, detail, size))
+            diverged = [line for line in lc.log('hA').splitlines()
+                        if 'diverged' in line]
+            if diverged:
+                say('what hA held that hB never got is kept aside, not'
+                    ' discarded: %s' % diverged[0].split(': ', 1)[-1])
+            time.sleep(2 * INTERVAL)
+            show(lc.cli('hB', 'status').stdout)
             say('tearing the lab down')
-            lc.stop_agent('hB')
+            for host in ('hA', 'hB'):
+                lc.stop_agent(host)
             proxy.terminate()
         say('done')
     except LabError as e:

@@ -26,7 +26,7 @@ from slaposha.lab.web import get
 __all__ = ['make_node', 'copy_node', 'partition_address', 'slapos_command',
            'answer', 'route_partitions', 'node_install', 'deploy_node',
            'slapgrid', 'NODE', 'SR_URL', 'post_record', 'records',
-           'BTRFS_PATHS', 'btrfs_srv']
+           'BTRFS_PATHS', 'btrfs_srv', 'post_records']
 
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -336,11 +336,40 @@ def post_record(lab, record, via='hO', timeout=2):
                data=record)
 
 
+POSTER = """
+import json, sys, urllib.request
+url, timeout = sys.argv[1], float(sys.argv[2])
+acked = []
+for record in json.loads(sys.stdin.read()):
+    try:
+        answer = urllib.request.urlopen(url, data=record.encode(),
+                                        timeout=timeout).read().decode()
+    except Exception:
+        continue
+    if answer.startswith('ok '):
+        acked.append(record)
+print(json.dumps(acked))
+"""
+
+
+def post_records(lab, items, via='hO', timeout=2):
+    """Store every record of ``items`` in one client process in ``via``;
+    returns those the partition acknowledged (stored and fsynced)."""
+    import json
+    url = 'http://%s:%d/records' % (partition_address(0), PORT)
+    p = lab[via].run(['python3', '-c', POSTER, url, str(timeout)],
+                     input=json.dumps(list(items)), timeout=600)
+    return json.loads(p.stdout)
+
+
 def records(lab, via='hO', timeout=2):
-    """The records the partition serves, or None."""
+    """The records the partition serves (a list, maybe empty), or None
+    when it does not answer."""
     text = get(lab, via, 'http://%s:%d/records' % (partition_address(0),
                                                      PORT), timeout)
-    return None if text is None else text.splitlines()
+    if text is None or not text.startswith('records '):
+        return None
+    return text.splitlines()[1:]
 
 
 # -- instance_root on btrfs ----------------------------------------------------

@@ -340,7 +340,10 @@ class Slapos(Resource):
                     self.copy_errors[peer] = str(e)
                     logger.warning('%s: cannot copy %s to %s: %s', self.rid,
                                    folder, peer, e)
-                    break  # that peer again at the next round
+                    # e.g. a standby that is booting: soon again
+                    self._next_copy = min(self._next_copy,
+                                          time.monotonic() + 5.0)
+                    break
                 self.copy_errors.pop(peer, None)
                 self.copied.add((peer, folder))
                 logger.info('%s: software release %s copied to %s in %.1f s',

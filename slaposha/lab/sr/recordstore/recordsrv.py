@@ -3,7 +3,7 @@ addresses (from its .slapos-resource), port 8080.
 
     POST /records   body = one record; appended as one line and fsynced
                     before the answer "ok N" (N = records stored)
-    GET /records    every record, one per line
+    GET /records    "records N", then every record, one per line
     GET /who        "recordstore PARTITION", the partition serving
 
 Usage: recordsrv.py PARTITION_FOLDER
@@ -33,11 +33,14 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == '/who':
             return self._answer(200, 'recordstore %s\n' % PARTITION)
         if self.path == '/records':
-            try:
-                with open(RECORDS) as f:
-                    return self._answer(200, f.read())
-            except FileNotFoundError:
-                return self._answer(200, '')
+            with LOCK:
+                try:
+                    with open(RECORDS) as f:
+                        text = f.read()
+                except FileNotFoundError:
+                    text = ''
+                return self._answer(200, 'records %d\n%s' % (
+                    text.count('\n'), text))
         self._answer(404, 'no such page\n')
 
     def do_POST(self):
