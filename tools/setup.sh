@@ -22,11 +22,17 @@ for pair in ip:iproute2 ping:iputils-ping nsenter:util-linux losetup:mount \
     PATH="$PATH:/usr/sbin:/sbin" command -v "$cmd" >/dev/null 2>&1 || missing="$missing $pkg"
 done
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing="$missing python3-venv"
+# The lab's SlapOS node install is a virtualenv of the machine's own python3.
+[ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import venv, ensurepip' 2>/dev/null \
+    || missing="$missing python3 python3-venv"
 # slapos.core needs netifaces, which PyPI has only as source: a C compiler
 # and the Python headers build it.
 command -v gcc >/dev/null 2>&1 || missing="$missing gcc"
-python3 -c 'import os, sysconfig; assert os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))' \
-    2>/dev/null || missing="$missing python3-dev"
+# (for the project's python3 and for the node install's /usr/bin/python3)
+for py in python3 /usr/bin/python3; do
+    $py -c 'import os, sysconfig; assert os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))' \
+        2>/dev/null || { missing="$missing python3-dev"; break; }
+done
 if [ -n "$missing" ]; then
     echo "setup: installing Debian packages:$missing"
     apt-get update -q
@@ -43,3 +49,8 @@ if [ ! -x .venv/bin/python ] || [ "$(cat $stamp 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip install -q -e '.[test]'
     echo "$want" > $stamp
 fi
+
+# The SlapOS node install of the lab (slapos.core in a virtualenv of
+# /usr/bin/python3, shared at /opt/slapos by the lab's hosts; built once).
+echo "setup: the lab's SlapOS node install (.lab/slapos-node)"
+.venv/bin/python -c 'from slaposha.lab.slapos import node_install; node_install()'
