@@ -12,6 +12,7 @@ running until SIGTERM (then it removes its address, as re6stnet does)."""
 
 import os
 import random
+import re
 import shutil
 import sqlite3
 import stat
@@ -21,10 +22,12 @@ import time
 import pytest
 
 from slaposha import config
+from slaposha.lab.cluster import LabCluster, marked_pids
+from slaposha.replication.lab import LAB_PATHS, VOL, ReplicationLab
 from slaposha.cgroup import Cgroup, cgroup2_mount
 from slaposha.config import ConfigError
 from slaposha.lab import wait_for
-from slaposha.resources import DOWN, UP, WARN, driver
+from slaposha.resources import DOWN, WARN, driver
 from slaposha.resources.re6st import (
     install_copy, node_addresses, read_conf, save_copy, saved_meta)
 from slaposha.service import Context
@@ -72,15 +75,16 @@ STANDIN = textwrap.dedent('''\
 
 
 def write_config(folder, registry='http://re6st.lab.invalid/', key_mode=0o600,
-                 state='/var/lib/re6stnet'):
+                 state='/var/lib/re6stnet', at=None):
     """What re6st-conf leaves in /etc/re6stnet, with a fake certificate
-    whose common name is the node's prefix."""
+    whose common name is the node's prefix; ``at``: the folder's path as
+    the daemon sees it (in a lab host)."""
     os.makedirs(folder, exist_ok=True)
+    at = at or folder
     with open(os.path.join(folder, 're6stnet.conf'), 'w') as f:
         f.write('# written by re6st-conf\nregistry %s\nca %s/ca.crt\n'
                 'cert %s/cert.crt\nkey %s/cert.key\nstate %s\n'
-                'main-interface lo\n' % (registry, folder, folder, folder,
-                                         state))
+                'main-interface lo\n' % (registry, at, at, at, state))
     with open(os.path.join(folder, 'ca.crt'), 'w') as f:
         f.write('fake CA\n')
     with open(os.path.join(folder, 'cert.crt'), 'w') as f:
@@ -345,3 +349,103 @@ def test_the_daemon_failing_is_reported_not_raised_further(make_re6st):
         missing.start()  # re6stnet is not installed here
     assert 're6st#net: command exited at once with code 127' in \
         str(info.value) and 'not found' in str(info.value), str(info.value)
+
+
+# -- in the lab --------------------------------------------------------------
+
+SERVICE = '''
+    [service]
+    hosts = hA hB
+    [btrfs#data]
+    volume = %s
+    interval = 0.5
+    [re6st#net]
+    data = %s/.slaposha/re6st
+    command = exec python3 -u %s @/etc/re6stnet/re6stnet.conf
+    save_interval = 1
+'''
+
+
+def resource_line(lc, host, rid):
+    out = lc.cli(host, 'status', check=False).stdout
+    return next((line for line in out.splitlines() if rid in line), '')
+
+
+@pytest.mark.lab
+def test_takeover_moves_the_daemon_its_config_and_state(make_lab):
+    """hA owns the node; its re6st daemon (the stand-in: re6st needs an
+    outside registry) runs with /etc/re6stnet and keeps its state; hA
+    crashes; hB takes over with the same config and the state hA saved,
+    and the node's re6st address is on hB."""
+    lab = make_lab(['hA', 'hB', 'hW'], paths=LAB_PATHS + (
+        '/etc/re6stnet', '/var/lib/re6stnet'))
+    ReplicationLab(lab, disk_size='256M')
+    standin = os.path.join(lab.workdir, 're6st-standin.py')
+    with open(standin, 'w') as f:
+        f.write(STANDIN)
+    write_config(lab['hA'].path('/etc/re6stnet'), at='/etc/re6stnet')
+    # hB has a file of its own there: kept, and the log says so.
+    with open(lab['hB'].path('/etc/re6stnet') + '/local.conf', 'w') as f:
+        f.write('hB only\n')
+    lc = LabCluster(lab, ['hA', 'hB'], ['hW'], tls=True, services={
+        'node': SERVICE % (VOL, VOL, standin)}, settings='''
+                    [agent]
+                    monitor_interval = 0.5
+                    ''').start()
+    try:
+        def saved_on_ha():
+            line = resource_line(lc, 'hA', 're6st#net')
+            return ' up ' in line and 'saved' in line and line
+        line = wait_for(saved_on_ha, 40, interval=0.5,
+                        what='the daemon up on hA, its state saved')
+        assert 'node address %s on lo' % ADDRESS in line, line
+        state_a = lab['hA'].path('/var/lib/re6stnet')
+        identity = open(state_a + '/identity').read()
+        time.sleep(2)  # a save and a snapshot of it
+        lab.crash('hA')
+        crashed = time.monotonic()
+        counted = counter(state_a)
+        assert counted > 20, counted
+        wait_for(lambda: lc.owner('node', 'hW')[0] == 'hB', 30,
+                 interval=0.2, what='hB owning the node')
+        log = lab['hB'].path('/var/lib/slaposha/log') + '/node.re6st.net.log'
+
+        def found():
+            try:
+                for text in open(log):
+                    if text.startswith('found '):
+                        return text.split()[1:]
+            except OSError:
+                return None
+        n, seen = wait_for(found, 30, interval=0.2, what='the stand-in on hB')
+        took = time.monotonic() - crashed
+        # The state it had saved: the same identity, a counter no older
+        # than a save interval and a snapshot interval (20 a second).
+        assert seen == identity
+        assert 0 < counted - int(n) <= 2.5 * 20 + 20, (counted, n)
+        etc_a, etc_b = (lab[h].path('/etc/re6stnet') for h in ('hA', 'hB'))
+        for name in ('re6stnet.conf', 'cert.crt', 'cert.key', 'ca.crt'):
+            assert open(os.path.join(etc_b, name)).read() == \
+                open(os.path.join(etc_a, name)).read()
+        assert stat.S_IMODE(os.stat(etc_b + '/cert.key').st_mode) == 0o600
+        assert open(etc_b + '/local.conf').read() == 'hB only\n'
+        assert 'kept 1 local file(s) that the copy lacks: ' \
+            '/etc/re6stnet/local.conf' in lc.log('hB')
+        assert ADDRESS in lab['hB'].run(['ip', '-6', 'addr', 'show', 'dev',
+                                         'lo']).stdout
+        line = wait_for(lambda: ' up ' in resource_line(
+            lc, 'hB', 're6st#net') and resource_line(lc, 'hB', 're6st#net'),
+            20, interval=0.5, what='re6st#net up on hB')
+        assert 'node address %s on lo' % ADDRESS in line, line
+
+        def saved_by_hb():  # the new owner saves in its turn
+            line = resource_line(lc, 'hB', 're6st#net')
+            m = re.search(r'saved ([0-9.]+) s ago', line)
+            return m and float(m.group(1)) < 2 and line
+        wait_for(saved_by_hb, 10, interval=0.5, what='a save by hB')
+        assert marked_pids(lab['hA'], 're6st-standin') == []
+        print('re6st on hB %.1f s after the crash; %d counted on hA, %s'
+              ' found on hB' % (took, counted, n))
+    finally:
+        for host in ('hA', 'hB'):
+            lc.stop_agent(host)
