@@ -44,6 +44,10 @@ Hence the order: data, re6st, slapos.
   waiting for anything; ``fence_targets`` gives both to the watchdog.
 - **status**: whether the daemon runs, the node's re6st address (or its
   exit code and last log line), and how old the saved copy is.
+
+The agent runs the daemon: the host's own re6stnet service (the package's
+systemd unit) must be disabled on every host of the service, or two
+daemons would hold the same identity.
 """
 
 import ipaddress
