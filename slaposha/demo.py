@@ -121,13 +121,7 @@ def main():
             wait_for(lambda: records(lab) is not None, 60,
                      what='the partition answering from hA')
 
-            def standby_ready():
-                out = lc.cli('hB', 'status', check=False).stdout
-                line = out.split('btrfs#slapgrid')[-1].split('\n')[0] \
-                    if 'btrfs#slapgrid' in out else ''
-                return 'not eligible' not in out and 'hB' in line and out
-            tree = wait_for(standby_ready, 90, interval=0.5,
-                            what='hB an eligible standby')
+            tree = lc.wait_standby('hB', 'btrfs#slapgrid', 90)
             say('hA owns the node; hB has its software release (copied, not'
                 ' built) and its data every %gs: `slaposha status` on hB:'
                 % INTERVAL)

@@ -153,6 +153,17 @@ class LabCluster(object):
     def agent_pid(self, host):
         return self.agents[host].pid
 
+    def wait_standby(self, host, rid, timeout=60):
+        """Wait until ``host`` is an eligible standby whose copy of the data
+        resource ``rid`` the owner reports (its status line names it);
+        returns the status tree."""
+        def ready():
+            out = self.cli(host, 'status', check=False).stdout
+            line = out.split(rid)[-1].split('\n')[0] if rid in out else ''
+            return 'not eligible' not in out and host in line and out
+        return wait_for(ready, timeout, interval=0.5,
+                        what='%s an eligible standby with a copy' % host)
+
     def stop_agent(self, host, timeout=20):
         proc = self.agents.get(host)
         if proc is None or proc.poll() is not None:
