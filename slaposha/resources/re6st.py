@@ -62,6 +62,7 @@ import subprocess
 import threading
 import time
 
+from slaposha.cgroup import CgroupError
 from slaposha.config import Key, Section
 from slaposha.resources import (
     DOWN, UP, WARN, ResourceError, Status, register)
@@ -137,6 +138,7 @@ class Re6st(App):
         self.save_error = None
         self.exit_code = None      # of a daemon that exited by itself
         self._running = False
+        self._in_place = False     # config and state are the node's here
         self._worker = None
         self._next_save = 0.0
 
@@ -161,9 +163,10 @@ class Re6st(App):
         data = self.data()
         try:
             kept = install_copy(data, self._folders())
-        except (OSError, ResourceError) as e:
+        except (OSError, ResourceError, subprocess.SubprocessError) as e:
             raise ResourceError('%s: cannot install the saved copy from %s:'
                                 ' %s' % (self.rid, data, e))
+        self._in_place = True
         meta = saved_meta(data)
         if kept is None:
             logger.info('%s: no saved copy in %s: the daemon starts with'
@@ -188,6 +191,8 @@ class Re6st(App):
         self.exit_code = None
         try:
             App.start(self)
+        except CgroupError as e:
+            raise ResourceError('%s: %s' % (self.rid, e))
         except ResourceError as e:
             raise ResourceError('%s: %s' % (e, self._last_line()))
         deadline = time.monotonic() + self.conf.settle
@@ -207,11 +212,16 @@ class Re6st(App):
         App.stop(self)
         if self.address is not None:
             _drop(self.address)  # re6st's own cleanup did not run
-        # The daemon is stopped: this copy is the consistent one.
-        self._save()
+        # The daemon is stopped: this copy is the consistent one. Not after
+        # a start that failed to install the copy: this host's config and
+        # state would replace the node's.
+        if self._in_place:
+            self._save()
+        self._in_place = False
 
     def fence(self):
         self._running = False
+        self._in_place = False
         self.cgroup.kill()
         if self.address is not None:
             _drop(self.address)
