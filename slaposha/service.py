@@ -8,6 +8,14 @@ from slaposha.resources import ResourceError, driver
 
 logger = logging.getLogger(__name__)
 
+
+def _why(error):
+    """One line for a resource's failure; a driver's unexpected exception
+    (not a ResourceError) names its type."""
+    if isinstance(error, (ResourceError, OSError)):
+        return str(error)
+    return '%s: %s' % (type(error).__name__, error)
+
 __all__ = ['Service', 'ServiceError', 'Context']
 
 Context = namedtuple('Context', 'name cgroup log_dir')
@@ -49,18 +57,18 @@ class Service(object):
                                    ' lease is no longer held' % res.rid)
             try:
                 res.start()
-            except (ResourceError, OSError) as e:
+            except Exception as e:  # a driver's bug too: never half-run
                 if res.conf.optional:
                     continue
                 self._undo(started + [res])
-                raise ServiceError(res.rid, str(e))
+                raise ServiceError(res.rid, _why(e))
             started.append(res)
 
     def _undo(self, started):
         for res in reversed(started):
             try:
                 res.stop()
-            except (ResourceError, OSError):
+            except Exception:
                 res.fence()
 
     def stop(self):
@@ -70,8 +78,8 @@ class Service(object):
         for res in reversed(self.resources):
             try:
                 res.stop()
-            except (ResourceError, OSError) as e:
-                failed = failed or ServiceError(res.rid, str(e))
+            except Exception as e:
+                failed = failed or ServiceError(res.rid, _why(e))
         if failed:
             raise failed
         self.cgroup.remove()
