@@ -8,12 +8,13 @@ that service files are validated in one place.
 """
 
 import importlib
+import subprocess
 from collections import namedtuple
 
 from slaposha import config
 
 __all__ = ['Resource', 'ResourceError', 'Status', 'UP', 'DOWN', 'WARN', 'NA',
-           'driver', 'DRIVERS']
+           'driver', 'DRIVERS', 'copy_folder']
 
 UP, DOWN, WARN, NA = 'up', 'down', 'warn', 'n/a'
 
@@ -22,6 +23,21 @@ Status = namedtuple('Status', 'state message')
 
 class ResourceError(Exception):
     """A resource failed to start or stop, as one line saying why."""
+
+
+def copy_folder(src, dst, delete):
+    """Copy folder ``src`` into ``dst`` on this host, numeric owners,
+    modes, ACLs, xattrs and times kept (what moves with a node: its
+    identity, re6st's files); ``delete``: also remove what ``src`` lacks."""
+    args = ['rsync', '-aHAX', '--numeric-ids']
+    if delete:
+        args.append('--delete')
+    p = subprocess.run(args + [src.rstrip('/') + '/', dst.rstrip('/') + '/'],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       universal_newlines=True, timeout=120)
+    if p.returncode:
+        raise ResourceError('rsync %s to %s: %s' % (
+            src, dst, p.stderr.strip()[-300:]))
 
 
 # kind -> module; a kind's module registers its keys when imported.

@@ -65,7 +65,7 @@ import time
 from slaposha.cgroup import CgroupError
 from slaposha.config import Key, Section
 from slaposha.resources import (
-    DOWN, UP, WARN, ResourceError, Status, register)
+    DOWN, UP, WARN, ResourceError, Status, copy_folder, register)
 from slaposha.resources.app import App
 from slaposha.slapos.node import NodeError, load_node
 
@@ -412,7 +412,7 @@ def save_copy(data, folders, extra=None):
             shutil.rmtree(dst, ignore_errors=True)
             os.makedirs(dst, mode=0o700)
             continue
-        _rsync(folder, dst, delete=True)
+        copy_folder(folder, dst, delete=True)
         _copy_databases(folder, dst)
     _protect_keys(os.path.join(target, 'config'))
     meta = dict(extra or {}, saved=time.time(), host=socket.gethostname())
@@ -439,7 +439,7 @@ def install_copy(data, folders):
         src = os.path.join(current, part)
         if not os.path.isdir(src):
             continue
-        _rsync(src, folder, delete=False)
+        copy_folder(src, folder, delete=False)
         for root, dirs, files in os.walk(folder):
             rel = os.path.relpath(root, folder)
             for name in dirs + files:
@@ -502,19 +502,6 @@ def _copy_databases(src, dst):
             os.chmod(tmp, stat.S_IMODE(st.st_mode))
             os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
             os.replace(tmp, out)
-
-
-def _rsync(src, dst, delete):
-    """Copy folder ``src`` into ``dst`` (owners, modes, times kept)."""
-    args = ['rsync', '-aHAX', '--numeric-ids']
-    if delete:
-        args.append('--delete')
-    p = subprocess.run(args + [src.rstrip('/') + '/', dst.rstrip('/') + '/'],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                       universal_newlines=True, timeout=120)
-    if p.returncode:
-        raise ResourceError('rsync %s to %s: %s' % (
-            src, dst, p.stderr.strip()[-300:]))
 
 
 def _inside(path, folder):

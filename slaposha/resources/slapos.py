@@ -45,7 +45,8 @@ import xmlrpc.client
 
 from slaposha.config import Key
 from slaposha.resources import (
-    DOWN, UP, WARN, Resource, ResourceError, Status, announce, register)
+    DOWN, UP, WARN, Resource, ResourceError, Status, announce, copy_folder,
+    register)
 from slaposha.slapos.node import (
     NodeError, compare, fingerprint, load_node, local_facts)
 
@@ -280,13 +281,13 @@ class Slapos(Resource):
             return  # no slapos.cfg here: the preflight says so
         copy = self._identity_copy(node)
         if os.path.isdir(copy):
-            _rsync_local(copy, self.conf.identity, delete=False)
+            copy_folder(copy, self.conf.identity, delete=False)
 
     def _save_identity(self, node):
         copy = self._identity_copy(node)
         os.makedirs(os.path.dirname(copy), mode=0o700, exist_ok=True)
         os.chmod(os.path.dirname(copy), 0o700)
-        _rsync_local(self.conf.identity, copy, delete=True)
+        copy_folder(self.conf.identity, copy, delete=True)
 
     def tick(self):
         """On the owner, every agent cycle: start the background work when
@@ -410,16 +411,3 @@ def _children(pid):
         except (OSError, ValueError):
             continue
     return found
-
-
-def _rsync_local(src, dst, delete):
-    """Copy folder ``src`` into ``dst`` (owners, modes, times kept)."""
-    args = ['rsync', '-aHAX', '--numeric-ids']
-    if delete:
-        args.append('--delete')
-    p = subprocess.run(args + [src.rstrip('/') + '/', dst.rstrip('/') + '/'],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                       universal_newlines=True, timeout=120)
-    if p.returncode:
-        raise ResourceError('rsync %s to %s: %s' % (
-            src, dst, p.stderr.strip()[-300:]))
