@@ -3,6 +3,9 @@ of takeover times per fault type and the count of each audit violation
 (see slaposha.lab.faults for the faults and the audits).
 
     .venv/bin/python benchmarks/faults.py --iterations 200 --seed 1
+
+With ``--logs DIR`` the hosts' logs (agents, witnesses, the writer) are
+copied there before the lab goes, to read what led to a violation.
 """
 
 import argparse
@@ -14,15 +17,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
 
 from slaposha.lab import Lab  # noqa: E402
-from slaposha.lab.faults import FaultSuite  # noqa: E402
+from slaposha.lab.faults import LAB_HOSTS, LAB_PATHS, FaultSuite  # noqa: E402,E501
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--iterations', type=int, default=200)
     parser.add_argument('--seed', type=int, default=1)
+    parser.add_argument('--logs', metavar='DIR',
+                        help='keep the hosts\' logs in this folder')
     args = parser.parse_args()
-    with Lab(['hA', 'hB', 'hW']) as lab:
+    with Lab(LAB_HOSTS, paths=LAB_PATHS) as lab:
         suite = FaultSuite(lab, args.seed)
         suite.start()
         try:
@@ -30,6 +35,8 @@ def main():
                 suite.step()
         finally:
             suite.stop()
+            if args.logs:
+                suite.save_logs(args.logs)
     print(suite.report())
     print('seed %d; machine: %s, %d cores, Python %s' % (
         args.seed, platform.platform(), os.cpu_count(),
