@@ -12,6 +12,7 @@ the stream. Plain ANSI (cursor home, erase line), no curses.
 import time
 
 from slaposha.cli.status import service_state
+from slaposha.units import human_seconds
 
 __all__ = ['frame', 'REFRESH', 'HISTORY_LINES']
 
@@ -24,10 +25,6 @@ HIDE_CURSOR, SHOW_CURSOR = '\x1b[?25l', '\x1b[?25h'
 
 def _clock(t):
     return time.strftime('%H:%M:%S', time.localtime(t)) if t else '--:--:--'
-
-
-def _seconds(value):
-    return '%.1f s' % value if value < 10 else '%d s' % round(value)
 
 
 def frame(status, history=None, note=None):
@@ -98,7 +95,7 @@ def frame(status, history=None, note=None):
                 role = 'INELIGIBLE' if why else 'eligible'
             fresh = ''
             if host == status.get('host') and role != 'owner' and lags:
-                fresh = ' '.join('%s %s old' % (rid, _seconds(lag))
+                fresh = ' '.join('%s %s old' % (rid, human_seconds(lag))
                                  for rid, lag in sorted(lags.items())
                                  if lag is not None)
             d = (on or {}).get('decision')

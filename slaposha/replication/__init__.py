@@ -22,6 +22,8 @@ framed streams) is in :mod:`slaposha.replication.wire`.
 import time
 from collections import namedtuple
 
+from slaposha.units import human_bytes  # noqa: F401 (its users import it here)
+
 __all__ = ['ReplicationError', 'StaleToken', 'Peer', 'Progress', 'trim',
            'human_bytes']
 
@@ -60,11 +62,6 @@ def trim(text, size=300):
     return text if len(text) <= size else text[:size - 3] + '...'
 
 
-def human_bytes(n):
-    for unit in ('B', 'KB', 'MB', 'GB'):
-        if abs(n) < 1000 or unit == 'GB':
-            return ('%d %s' if unit == 'B' else '%.1f %s') % (n, unit)
-        n /= 1000.0
 
 
 class Progress(object):

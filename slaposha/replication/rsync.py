@@ -78,6 +78,7 @@ from contextlib import contextmanager
 from slaposha.replication import (
     Peer, ReplicationError, StaleToken, human_bytes, trim)
 from slaposha.replication import wire
+from slaposha.units import human_seconds
 
 __all__ = ['Tree', 'TreeReceiver', 'push', 'copy_tree', 'Transfer',
            'COPY_ROOTS', 'STORE_DIR', 'MODES', 'fstype', 'is_subvolume']
@@ -199,10 +200,6 @@ def _make_folder(path, subvolume):
         if p.returncode == 0:
             return
     os.makedirs(path, exist_ok=True)
-
-
-def _seconds(value):
-    return '%.1f s' % value if value < 10 else '%d s' % round(value)
 
 
 # -- the tree and its store ----------------------------------------------------
@@ -460,7 +457,7 @@ class Tree(object):
                              since=time.time())
         return '; '.join(['promoted the copy of %s (token %s, %s old) to %s'
                           ' in %.3f s' % (record.get('host'), record['token'],
-                                          _seconds(max(0.0, time.time() - (
+                                          human_seconds(max(0.0, time.time() - (
                                               record.get('created') or 0))),
                                           self.path,
                                           time.monotonic() - started)]

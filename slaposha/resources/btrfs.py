@@ -68,16 +68,13 @@ import time
 from slaposha.config import REQUIRED, Key
 from slaposha.replication import Peer, ReplicationError, human_bytes
 from slaposha.replication.btrfs import DEFAULT_PORT, Sender, Volume
+from slaposha.units import human_seconds
 from slaposha.resources import (
     DOWN, UP, WARN, Resource, ResourceError, Status, register)
 
 __all__ = ['Btrfs']
 
 logger = logging.getLogger(__name__)
-
-
-def _seconds(value):
-    return '%.1f s' % value if value < 10 else '%d s' % round(value)
 
 
 @register
@@ -310,7 +307,7 @@ class Btrfs(Resource):
                 parts.append('%s: %s' % (peer.name, last.message))
                 if lag is not None:
                     parts[-1] += ' (its copy %s is %s old)' % (
-                        name, _seconds(lag))
+                        name, human_seconds(lag))
                 continue
             if lag is None:
                 warn = warn or (self.last is not None)
@@ -319,17 +316,17 @@ class Btrfs(Resource):
             if self.conf.max_lag is not None and lag > self.conf.max_lag:
                 warn = True
                 parts.append('%s: copy %s is %s old (max_lag %s)' % (
-                    peer.name, name, _seconds(lag),
-                    _seconds(self.conf.max_lag)))
+                    peer.name, name, human_seconds(lag),
+                    human_seconds(self.conf.max_lag)))
             else:
                 parts.append('%s: %s, %s old' % (peer.name, name,
-                                                 _seconds(lag)))
+                                                 human_seconds(lag)))
         progress = self.sender.progress
         if progress is not None and progress.ended is None:
             parts.append('sending %s' % progress)
         elif self.last is not None:
             sent = sum(t.bytes for t in self.last.results.values())
-            parts.append('last cycle %s, %s' % (_seconds(self.last.seconds),
+            parts.append('last cycle %s, %s' % (human_seconds(self.last.seconds),
                                                  human_bytes(sent)))
         return Status(WARN if warn else UP, '; '.join(parts))
 
@@ -347,9 +344,9 @@ class Btrfs(Resource):
             state, text = UP, 'copy %s (age unknown)' % name
         elif self.conf.max_lag is not None and lag > self.conf.max_lag:
             state, text = WARN, 'copy %s is %s old (max_lag %s)' % (
-                name, _seconds(lag), _seconds(self.conf.max_lag))
+                name, human_seconds(lag), human_seconds(self.conf.max_lag))
         else:
-            state, text = UP, 'copy %s is %s old' % (name, _seconds(lag))
+            state, text = UP, 'copy %s is %s old' % (name, human_seconds(lag))
         if diverged:
             state = WARN
             text += '; diverged: %d cop%s kept aside (%s)' % (

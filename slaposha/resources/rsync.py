@@ -44,6 +44,7 @@ from slaposha.replication.btrfs import DEFAULT_PORT
 from slaposha.replication.rsync import Transfer, Tree, is_subvolume, push
 from slaposha.resources import (
     DOWN, UP, WARN, Resource, ResourceError, Status, register)
+from slaposha.units import human_seconds
 
 __all__ = ['Rsync']
 
@@ -51,10 +52,6 @@ logger = logging.getLogger(__name__)
 
 NOT_CONSISTENT = 'live rsync: not crash-consistent (a database written' \
     ' during a copy can come out torn)'
-
-
-def _seconds(value):
-    return '%.1f s' % value if value < 10 else '%d s' % round(value)
 
 
 @register
@@ -364,13 +361,13 @@ class Rsync(Resource):
                 if self.conf.max_lag is not None and lag > self.conf.max_lag:
                     warn = True
                     parts.append('%s: copy is %s old (max_lag %s)' % (
-                        peer.name, _seconds(lag),
-                        _seconds(self.conf.max_lag)))
+                        peer.name, human_seconds(lag),
+                        human_seconds(self.conf.max_lag)))
                 else:
                     parts.append('%s: copy %s old' % (peer.name,
-                                                      _seconds(lag)))
+                                                      human_seconds(lag)))
         if self.cycle_seconds is not None:
-            parts.append('last cycle %s' % _seconds(self.cycle_seconds))
+            parts.append('last cycle %s' % human_seconds(self.cycle_seconds))
         parts.append(tail)
         return Status(WARN if warn else UP, '; '.join(parts))
 
@@ -389,9 +386,9 @@ class Rsync(Resource):
             state, text = UP, '%s (age unknown)' % label
         elif self.conf.max_lag is not None and lag > self.conf.max_lag:
             state, text = WARN, '%s is %s old (max_lag %s)' % (
-                label, _seconds(lag), _seconds(self.conf.max_lag))
+                label, human_seconds(lag), human_seconds(self.conf.max_lag))
         else:
-            state, text = UP, '%s is %s old' % (label, _seconds(lag))
+            state, text = UP, '%s is %s old' % (label, human_seconds(lag))
         if record is not None and record.get('mode') == 'live':
             text += '; ' + NOT_CONSISTENT
         if diverged:

@@ -39,6 +39,7 @@ from slaposha.cgroup import CgroupError
 from slaposha.config import REQUIRED, Key
 from slaposha.resources import (
     NA, WARN, Resource, ResourceError, Status, register)
+from slaposha.units import human_seconds
 
 __all__ = ['Task']
 
@@ -50,10 +51,6 @@ Run = namedtuple('Run', 'started duration code reason')
 
 def _clock(wall):
     return time.strftime('%H:%M:%S', time.localtime(wall))
-
-
-def _seconds(value):
-    return '%.1f s' % value if value < 10 else '%d s' % round(value)
 
 
 @register
@@ -142,7 +139,7 @@ class Task(Resource):
         self.last = Run(self.run_wall, duration, code, reason)
         try:
             with self._log('%s after %s' % (self._outcome(self.last),
-                                            _seconds(duration))):
+                                            human_seconds(duration))):
                 pass
         except OSError:
             pass
@@ -161,7 +158,7 @@ class Task(Resource):
                 except CgroupError:
                     pass  # _reap waits for the main process and says it
                 self._reap(now, 'killed after the %s timeout'
-                           % _seconds(self.conf.timeout))
+                           % human_seconds(self.conf.timeout))
         if not self.enabled or self.proc is not None:
             return
         if now >= self.next_due:
@@ -206,16 +203,16 @@ class Task(Resource):
         parts = []
         if self.proc is not None:
             parts.append('running since %s (%s)' % (
-                _clock(self.run_wall), _seconds(now - self.run_mono)))
+                _clock(self.run_wall), human_seconds(now - self.run_mono)))
         if self.last is not None:
             parts.append('last run %s, %s, %s' % (
                 _clock(self.last.started), self._outcome(self.last),
-                _seconds(self.last.duration)))
+                human_seconds(self.last.duration)))
         if not self.enabled:
             return Status(NA, '; '.join(['not scheduled here'] + parts))
         if self.proc is None and not parts:
             parts.append('no run yet')
-        parts.append('next in %s' % _seconds(max(0.0, self.next_due - now)))
+        parts.append('next in %s' % human_seconds(max(0.0, self.next_due - now)))
         failed = self.last is not None and (
             self.last.code != 0 or self.last.reason is not None)
         return Status(WARN if failed else NA, '; '.join(parts))
