@@ -322,6 +322,11 @@ class Agent(object):
     # -- the lease ------------------------------------------------------------
 
     def _grant(self):
+        if self.lease is not None:
+            # The lease given up (its deadline passed, the services were
+            # fenced) is never renewed again, whatever answer comes late:
+            # else its owner keys would outlive the fence.
+            self.lease.stop()
         try:
             lease = HostLease(
                 self.lease_client, self.cluster.lease.ttl,

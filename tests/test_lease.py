@@ -98,6 +98,55 @@ def test_revoked_lease_is_lost_at_the_next_renewal(client, member):
     lease.stop()
 
 
+class LateAnswers(object):
+    """A client whose lease renewals, once ``late`` is set, answer after
+    the lease's self-fence deadline (the agent's process was not scheduled
+    in time, or the answer was slow)."""
+
+    def __init__(self, client):
+        self.client = client
+        self.lease = None
+        self.late = False
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def keepalive(self, lease_id, timeout=None):
+        ttl = self.client.keepalive(lease_id, timeout=timeout)
+        if self.late:
+            time.sleep(max(0.0, self.lease.deadline - time.monotonic()) + 0.05)
+        return ttl
+
+
+@needs_etcd
+def test_renewal_answered_after_the_deadline_loses_the_lease(client):
+    # Found by the fault suite: the agent fenced at the deadline and took a
+    # new lease, while the old one, renewed by a late answer, kept the owner
+    # key alive for nobody: the service stayed down everywhere.
+    late = LateAnswers(client)
+    lost = []
+    lease = late.lease = host_lease(late, on_lost=lost.append)
+    lease.grant()
+    key = '/test/late-renewal'
+    client.put(key, 'x', lease=lease.id)
+    try:
+        late.late = True
+        began = time.monotonic()
+        while not lost and time.monotonic() - began < TTL + RENEW:
+            time.sleep(0.02)
+        assert lost and 'after the self-fence deadline' in lost[0]
+        assert not lease.valid
+        renewals = lease.renewals
+        # Never renewed again: its keys go with it, one TTL later at most.
+        while client.get(key) is not None and \
+                time.monotonic() - began < 2 * TTL + RENEW:
+            time.sleep(0.1)
+        assert client.get(key) is None
+        assert lease.renewals == renewals
+    finally:
+        lease.stop()
+
+
 @needs_etcd
 def test_ownership_tokens_and_guarded_writes(client):
     k = keys('/test-ownership-%d' % os.getpid(), 'c')

@@ -157,6 +157,16 @@ class HostLease(object):
                 continue
             if self._stop.is_set():
                 return
+            if time.monotonic() >= self.deadline:
+                # Answered too late (this process was not scheduled, the
+                # answer was slow): the agent and the watchdog fenced at
+                # the deadline and may have moved on to a new lease. Lost
+                # for good: renewing it now would keep its keys, the owner
+                # keys among them, alive for nobody, and no peer could take
+                # the services over.
+                self._lose('the renewal was answered after the self-fence'
+                           ' deadline')
+                return
             self.renewals += 1
             self.latency = time.monotonic() - sent  # for the metrics
             self.deadline = max(self.deadline, sent + min(ttl, self.ttl)
