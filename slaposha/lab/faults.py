@@ -142,6 +142,10 @@ DIVERGED = FS + '/.slaposha/diverged/' + os.path.basename(VOL)
 APP_LOG = '/var/lib/slaposha/log/web.app.writer.log'
 
 
+def _b64(text):
+    return base64.b64encode(text.encode()).decode()
+
+
 class FaultSuite(object):
 
     def __init__(self, lab, seed, say=print):
@@ -162,8 +166,7 @@ class FaultSuite(object):
                                  VOL, INTERVAL, writer, self.marker)})
         self.observer = Observer(lab, self.marker, hosts=HOSTS)
         self.via = WITNESSES[0]  # a host on the majority side, to ask etcd
-        self.owner_key = base64.b64encode(keys(
-            '/slaposha', self.lc.name).owner('web').encode()).decode()
+        self.keys = keys('/slaposha', self.lc.name)
         self.deck = []
         self.violations = {'overlap': 0, 'minority': 0, 'absent': 0,
                            'lost write': 0, 'not kept aside': 0,
@@ -210,29 +213,42 @@ class FaultSuite(object):
             self.random.shuffle(self.deck)
         return self.deck.pop()
 
-    def owner(self):
-        """(host, token) of the owner key, or (None, None) when no member
-        answers, read with curl from inside ``via`` (cheap: the suite
-        polls it), its own member first."""
+    def etcd(self, payload):
+        """POST ``payload`` to etcd's /v3/kv/range with curl from inside
+        ``via`` (cheap: the suite polls it), its own member first; the
+        answer, or None when no member answers."""
         via = self.lab[self.via]
         urls = [via.address] + [self.lab[h].address for h in LAB_HOSTS
                                 if h != self.via]
         ssl = os.path.join(self.lc.config_dir, 'ssl')
         p = via.run(['sh', '-c', 'for a in %s; do curl -sf --max-time 1'
                      ' --cacert %s/ca.crt --cert %s/%s.crt --key %s/%s.key'
-                     ' -X POST -d \'{"key": "%s"}\''
-                     ' https://$a:2379/v3/kv/range && exit 0; done; exit 1'
-                     % (' '.join(urls), ssl, ssl, self.via, ssl, self.via,
-                        self.owner_key)], check=False, timeout=30)
+                     ' -X POST -d \'%s\' https://$a:2379/v3/kv/range &&'
+                     ' exit 0; done; exit 1' % (
+                         ' '.join(urls), ssl, ssl, self.via, ssl, self.via,
+                         json.dumps(payload))], check=False, timeout=30)
         try:
-            kvs = json.loads(p.stdout).get('kvs') if p.returncode == 0 \
-                else None
+            return json.loads(p.stdout) if p.returncode == 0 else None
         except ValueError:
-            kvs = None
+            return None
+
+    def owner(self):
+        """(host, token) of the owner key, or (None, None)."""
+        kvs = (self.etcd({'key': _b64(self.keys.owner('web'))}) or {}).get(
+            'kvs')
         if not kvs:
             return None, None
         return (base64.b64decode(kvs[0]['value']).decode(),
                 int(kvs[0]['create_revision']))
+
+    def alive(self):
+        """The hosts whose agent holds a lease (announced in etcd)."""
+        prefix = self.keys.hosts
+        answer = self.etcd({'key': _b64(prefix), 'keys_only': True,
+                            'range_end': _b64(prefix[:-1] + chr(
+                                ord(prefix[-1]) + 1))}) or {}
+        return [base64.b64decode(kv['key']).decode()[len(prefix):]
+                for kv in answer.get('kvs') or ()]
 
     def inside(self, host, path):
         """Where ``path`` of ``host``'s mount namespace (its btrfs disk
@@ -502,6 +518,11 @@ class FaultSuite(object):
                          self.last + settled))
         standby = 'hB' if owner == 'hA' else 'hA'
         self.wait_copy(standby, since)
+        try:
+            wait_for(lambda: standby in self.alive(), BUDGET, interval=0.2,
+                     what='the agent of %s holding a lease' % standby)
+        except LabError as e:
+            self.say('  note: %s' % e)
         if self.aside is not None and self.aside[0] == standby:
             self.check_aside(*self.aside)
         self.aside = None
