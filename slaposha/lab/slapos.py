@@ -15,6 +15,7 @@ instance` does after a buildout.
 
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -26,7 +27,8 @@ from slaposha.lab.web import get
 __all__ = ['make_node', 'copy_node', 'partition_address', 'slapos_command',
            'answer', 'route_partitions', 'node_install', 'deploy_node',
            'slapgrid', 'NODE', 'SR_URL', 'post_record', 'records',
-           'BTRFS_PATHS', 'btrfs_srv', 'post_records']
+           'BTRFS_PATHS', 'btrfs_srv', 'post_records', 'request',
+           'slaposha_release', 'SLAPOSHA_URL']
 
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -40,15 +42,22 @@ PORT = 8080
 # folder of this checkout, bind-mounted at NODE in every lab host (the
 # Lab's ``shared``). Pins: reference/slapos-internals.md sections 7 and 8
 # (slapos.core 1.24.1 keeps `slapos node software/instance` on Python 3.11;
-# recipes in the node's Python are found by upstream zc.buildout).
+# recipes in the node's Python are found by upstream zc.buildout). The
+# slaposha software release takes from it zc.recipe.egg (3.0.0 is the last
+# for zc.buildout 4) and slaposha's dependencies, cryptography included
+# (the others come with slapos.core): it compiles nothing.
 NODE = '/opt/slapos'
 NODE_SOURCE = os.path.join(TOP, '.lab', 'slapos-node')
 NODE_PYTHON = '/usr/bin/python3'
 NODE_REQUIREMENTS = ('slapos.core==1.24.1', 'setuptools<81',
                      'slapos.libnetworkcache==0.30', 'zc.buildout==4.2.0',
-                     'slapos.recipe.template==5.1')
+                     'slapos.recipe.template==5.1', 'zc.recipe.egg==3.0.0',
+                     'cryptography==50.0.2')
 SR_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'sr')
 SR_URL = NODE + '/sr/recordstore/software.cfg'
+# slaposha's own software release, built from this checkout into the node
+# install by slaposha_release().
+SLAPOSHA_URL = NODE + '/sr/slaposha/software.cfg'
 
 SLAPOS_CFG = '''\
 [slapos]
@@ -300,13 +309,15 @@ def slapgrid(host, *args, timeout=300, check=True):
 
 
 def deploy_node(lab, node='hA', master='hM', others=('hB',), partitions=1,
-                title='records'):
+                title='records', software=SR_URL, software_type=None,
+                parameters=None):
     """A SlapOS node deployed by SlapOS itself: slapproxy in ``master``, the
-    real `slapos node format`, then recordstore (SR_URL) supplied and
-    requested as ``title`` and built and instantiated by the real `slapos
-    node software` and `slapos node instance` (buildout runs as the
-    partition's user). The lab must share NODE (:func:`node_install`).
-    Returns the proxy's Popen."""
+    real `slapos node format`, then ``software`` (by default recordstore,
+    SR_URL) supplied, requested as ``title`` (with ``software_type`` and
+    ``parameters``, see :func:`request`) and built and instantiated by the
+    real `slapos node software` and `slapos node instance` (buildout runs
+    as the partition's user). The lab must share NODE
+    (:func:`node_install`). Returns the proxy's Popen."""
     if not lab.shared.get(NODE):
         raise LabError('deploy_node: the lab must share %s (Lab(...,'
                        ' shared={NODE: node_install()}))' % NODE)
@@ -318,14 +329,67 @@ def deploy_node(lab, node='hA', master='hM', others=('hB',), partitions=1,
     a.run(['chown', '65534:65534', '/opt/slapgrid'])
     for n in range(partitions):
         a.run(['chown', '65534:65534', '/srv/slapgrid/slappart%d' % n])
-    m = lab[master]
-    slapgrid(m, 'supply', SR_URL, COMPUTER)
-    slapgrid(m, 'request', title, SR_URL)
+    slapgrid(lab[master], 'supply', software, COMPUTER)
+    request(lab, master, title, software, software_type, parameters)
     slapgrid(a, 'node', 'software', '--all')
     # The first run builds the partition; slapgrid returns before its
     # programs are up on a fresh supervisord, hence the wait of the callers.
     slapgrid(a, 'node', 'instance')
     return proxy
+
+
+REQUEST = """
+import json, sys
+from slapos import slap
+master, software, title, software_type, parameters = json.loads(sys.argv[1])
+connection = slap.slap()
+connection.initializeConnection(master)
+partition = connection.registerOpenOrder().request(
+    software, title, partition_parameter_kw=parameters,
+    software_type=software_type)
+print(json.dumps(partition.getConnectionParameterDict()))
+"""
+
+
+def request(lab, master, title, software=SR_URL, software_type=None,
+            parameters=None):
+    """Request instance ``title`` of ``software`` from the slapproxy of
+    ``master`` as `slapos request` does (the slap library of the node
+    install): ``software_type`` (None: default) and ``parameters`` (a dict
+    of strings). Returns the instance's connection parameters, empty until
+    its partition published them; requesting again with the same
+    parameters changes nothing and reads them again."""
+    m = lab[master]
+    p = m.run([NODE + '/bin/python', '-c', REQUEST, json.dumps([
+        'http://%s:18080' % m.address, software, title, software_type,
+        parameters or {}])], env={'PATH': '/usr/bin:/bin', 'HOME': '/root'})
+    return json.loads(p.stdout)
+
+
+def slaposha_release():
+    """Build the slaposha software release of this checkout into the node
+    install (:func:`node_install` first), where every lab host reads it at
+    SLAPOSHA_URL: a wheel of the checkout (wheels/), software/slaposha
+    (profile/) and a software.cfg that extends it and takes the slaposha
+    egg from the wheels only (slaposha.lab.release); software.cfg.json and
+    the schemas beside it, where slapos request looks for them. Readable by
+    the partitions' user. Returns SLAPOSHA_URL."""
+    from slaposha.lab.release import SOFTWARE, build_wheel, local_release
+    folder = os.path.join(NODE_SOURCE, 'sr', 'slaposha')
+    inside = os.path.dirname(SLAPOSHA_URL)
+    with open(NODE_SOURCE + '.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        shutil.rmtree(folder, True)
+        profile = os.path.dirname(SOFTWARE)
+        shutil.copytree(profile, os.path.join(folder, 'profile'))
+        for name in os.listdir(profile):
+            if name.endswith('.json'):
+                shutil.copy2(os.path.join(profile, name), folder)
+        build_wheel(os.path.join(folder, 'wheels'))
+        local_release(folder, find_links=inside + '/wheels',
+                      software=inside + '/profile/software.cfg')
+        subprocess.run(['chmod', '-R', 'go+rX', folder], check=True)
+    return SLAPOSHA_URL
 
 
 def post_record(lab, record, via='hO', timeout=2):
@@ -355,7 +419,6 @@ print(json.dumps(acked))
 def post_records(lab, items, via='hO', timeout=2):
     """Store every record of ``items`` in one client process in ``via``;
     returns those the partition acknowledged (stored and fsynced)."""
-    import json
     url = 'http://%s:%d/records' % (partition_address(0), PORT)
     p = lab[via].run(['python3', '-c', POSTER, url, str(timeout)],
                      input=json.dumps(list(items)), timeout=600)
