@@ -41,10 +41,14 @@ class Watchdog(object):
         self._lock = threading.Lock()  # the lease thread and the loop pet
 
     def start(self):
+        # The agent's own sys.path: a buildout script (a software release's
+        # bin/slaposha) sets it in the script, not in the interpreter.
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            p for p in sys.path if p))
         self.proc = subprocess.Popen(
             [sys.executable, '-m', 'slaposha.watchdog'],
             stdin=subprocess.PIPE, stdout=self.log, stderr=self.log,
-            close_fds=True)
+            close_fds=True, env=env)
         return self
 
     def alive(self):
