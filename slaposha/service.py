@@ -4,6 +4,7 @@ reverse, and fenced at once when the lease is lost."""
 import logging
 from collections import namedtuple
 
+from slaposha.cgroup import CgroupError
 from slaposha.resources import ResourceError, driver
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,12 @@ class Service(object):
         """Start every resource in order. ``may_go_on()`` is asked before
         each one (the lease may be lost meanwhile). On a failure, what was
         started is stopped again and ServiceError names the resource."""
-        self.cgroup.create()
+        try:
+            self.cgroup.create()
+        except CgroupError as e:
+            # Before anything runs: the agent applies on_failure and
+            # releases the owner key it cannot honour.
+            raise ServiceError('cgroup', str(e))
         started = []
         for res in self.resources:
             if may_go_on is not None and not may_go_on():
