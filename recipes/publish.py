@@ -28,18 +28,22 @@ OWN_OPTIONS = ('recipe', 'url', 'computer', 'partition', 'key', 'cert',
 
 
 def summary(status):
-    """One line for a /status answer: where each service runs."""
+    """One line for a /status answer: where each service runs, and why
+    this agent runs none if it cannot."""
     from slaposha.cli.status import service_state
     services = status.get('services')
     head = 'cluster %s seen from %s' % (status.get('cluster'),
                                         status.get('host'))
+    cannot_run = (status.get('local') or {}).get('cannot_run')
+    tail = '; this agent %s' % cannot_run if cannot_run else ''
     if services is None:
-        return '%s: etcd out of reach (%s)' % (head, status.get('etcd'))
+        return '%s: etcd out of reach (%s)%s' % (head, status.get('etcd'),
+                                                 tail)
     parts = []
     for name, svc in sorted(services.items()):
         parts.append('%s %s%s' % (name, service_state(svc), ' on %s'
                                   % svc['owner'] if svc.get('owner') else ''))
-    return '%s: %s' % (head, ', '.join(parts) or 'no service')
+    return '%s: %s%s' % (head, ', '.join(parts) or 'no service', tail)
 
 
 class Recipe(object):

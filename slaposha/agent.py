@@ -22,6 +22,12 @@ frozen, a target state, a planned switch. For each service, each cycle:
 
 When the agent refuses to act (frozen, no quorum, a stop that failed), the
 decision says which and why, and ``slaposha status`` shows it.
+
+An agent that cannot run services here (not root, e.g. in a SlapOS
+partition, or no cgroup of its own) still serves its API and status and
+keeps its etcd member, but never takes an owner key: a service must not be
+owned by a host that could neither run nor fence it. It says so in one
+line, in its log and status (``cannot_run``).
 """
 
 import collections
@@ -34,7 +40,7 @@ import threading
 import time
 
 from slaposha import __version__, history, intents
-from slaposha.cgroup import Cgroup, own_cgroup
+from slaposha.cgroup import Cgroup, CgroupError, own_cgroup
 from slaposha.cluster.etcd import Client, EtcdError
 from slaposha.cluster.lease import HostLease, Membership, Ownership, keys
 from slaposha.cluster.member import EtcdMember
@@ -128,6 +134,7 @@ class Agent(object):
         self._raft_term = None
         self._term_seen = 0.0
         self._renewals = 0
+        self.cannot_run = None     # why this host may run no service
         run_dir = cluster.cluster.run_dir
         self.status_path = os.path.join(run_dir, 'agent.json')
         self.socket_path = os.path.join(run_dir, 'agent.sock')
@@ -183,7 +190,9 @@ class Agent(object):
         self.https_api = HttpsApi(self, self.cluster, self.host).start()
         from slaposha.api.health import HealthApi
         self.health_api = HealthApi(self, self.cluster, self.host).start()
-        self.cgroup_root.create()
+        self.cannot_run = self._cannot_run()
+        if self.cannot_run:
+            logger.warning('agent %s %s', self.host, self.cannot_run)
         # Nothing can legitimately run before we hold a lease: what a
         # previous agent left (processes, addresses, mounts) is fenced.
         for slot in self.slots.values():
@@ -205,6 +214,20 @@ class Agent(object):
         self.started = time.monotonic()
         logger.info('agent %s %s: %d service(s) here: %s', self.host,
                     __version__, len(self.slots), ' '.join(self.slots) or '-')
+
+    def _cannot_run(self):
+        """Why this agent may run no service here, or None. Services need
+        root: their cgroups (the fence), addresses and mounts."""
+        uid = os.geteuid()
+        if uid != 0:
+            return ('runs as uid %d, not root: cannot run services that need'
+                    ' root (cgroups, addresses, mounts); serves its API and'
+                    ' status only' % uid)
+        try:
+            self.cgroup_root.create()
+        except CgroupError as e:
+            return 'cannot run services: %s' % e
+        return None
 
     def run(self):
         """Run until stop() (or SIGTERM / SIGINT through the CLI)."""
@@ -419,7 +442,7 @@ class Agent(object):
 
     def _health(self):
         now = time.monotonic()
-        return {
+        health = {
             'address': self.cluster.hosts[self.host].address,
             'pid': os.getpid(), 'version': __version__,
             'failed': sorted(n for n, s in self.slots.items()
@@ -429,6 +452,9 @@ class Agent(object):
             'services': {n: {'state': s.state, 'decision': s.decision}
                          for n, s in self.slots.items()},
         }
+        if self.cannot_run:
+            health['cannot_run'] = self.cannot_run
+        return health
 
     def _announce(self):
         health = self._health()
@@ -575,7 +601,7 @@ class Agent(object):
         forced = (view.switch or {}).get('to') == self.host and \
             (view.switch or {}).get('force')
         if slot.failed_until > time.monotonic() or \
-                (slot.ineligible and not forced):
+                (slot.ineligible and not forced) or self.cannot_run:
             return  # the failure stays the decision shown, for its hold
         host, reason = self._chosen_host(slot, view, alive)
         if host != self.host:
@@ -648,8 +674,12 @@ class Agent(object):
         if now < slot.next_eligibility:
             return
         slot.next_eligibility = now + self.cluster.agent.monitor_interval
-        problems = slot.service.problems(view.facts) if view.facts else []
-        problems += self._data_problems(slot, view.owner is not None)
+        if self.cannot_run:
+            problems = [self.cannot_run]
+        else:
+            problems = slot.service.problems(view.facts) if view.facts \
+                else []
+            problems += self._data_problems(slot, view.owner is not None)
         if problems != slot.ineligible:
             slot.ineligible = problems
             if problems:
@@ -879,6 +909,12 @@ class Agent(object):
                     if to not in alive:
                         raise ActionError('%s is not alive (no agent holds a'
                                           ' lease there)' % to)
+                    if alive[to].get('cannot_run'):
+                        # Not even with force: it would own what it
+                        # cannot run.
+                        raise ActionError('%s cannot run %s: its agent %s'
+                                          % (to, name,
+                                             alive[to]['cannot_run']))
                     why = (alive[to].get('ineligible') or {}).get(name)
                     if why and not params.get('force'):
                         raise ActionError('%s may not run %s: %s'
@@ -914,6 +950,7 @@ class Agent(object):
                 'time_left': round(lease.time_left(), 3),
                 'lost': lease.lost_reason},
             'etcd': self.etcd_problem or 'ok',
+            'cannot_run': self.cannot_run,
             'services': {
                 name: {'state': slot.state, 'owner': slot.owner,
                        'token': slot.token, 'decision': slot.decision,

@@ -64,10 +64,14 @@ def render(status, only=None):
                 if h.get('failed') else '',
                 '  not eligible: %s' % ' '.join(sorted(h['ineligible']))
                 if h.get('ineligible') else ''))
+            if h.get('cannot_run'):
+                lines.append('      ! its agent %s' % h['cannot_run'])
     services = status.get('services')
     if services is None:
         # etcd out of reach: what this agent alone knows.
         lines.append('  cluster view unavailable; this host\'s view:')
+        if local.get('cannot_run'):
+            lines.append('  ! this agent %s' % local['cannot_run'])
         for name, svc in sorted(local.get('services', {}).items()):
             if only and name != only:
                 continue
