@@ -22,8 +22,10 @@ setup(
     + ['slaposha.recipes'],
     package_dir={'slaposha.recipes': 'recipes'},
     include_package_data=True,
-    # The OpenAPI description the HTTPS API serves.
-    package_data={'slaposha.api': ['openapi.json']},
+    # What the HTTPS API serves (its OpenAPI description, the status page)
+    # and the lab's software releases.
+    package_data={'slaposha.api': ['openapi.json', 'ui.html'],
+                  'slaposha.lab': ['sr/*/*']},
     install_requires=[
         'requests',
         'lxml',

@@ -943,12 +943,11 @@ def _run_rsync(source, peer, request, tls, timeout, options=(), abort=None,
                                % source, peer.name)
     with tempfile.TemporaryDirectory(prefix='slaposha-rsync-') as folder:
         result = os.path.join(folder, 'answer.json')
-        env = dict(os.environ)
-        top = os.path.dirname(os.path.dirname(os.path.dirname(
-            os.path.abspath(__file__))))
-        env['PYTHONPATH'] = os.pathsep.join(
-            [top] + [p for p in env.get('PYTHONPATH', '').split(os.pathsep)
-                     if p])
+        # The helper runs with this process's sys.path: under a buildout
+        # script (a software release's bin/slaposha) the interpreter alone
+        # would not find slaposha.
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            p for p in sys.path if p))
         env[ENV] = json.dumps({
             'address': peer.address, 'port': peer.port, 'name': peer.name,
             'tls': list(tls), 'request': request, 'result': result,
