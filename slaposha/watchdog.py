@@ -20,6 +20,7 @@ whole machine.
 """
 
 import json
+import logging
 import os
 import select
 import subprocess
@@ -68,7 +69,16 @@ class Watchdog(object):
 
     def arm(self, deadline, cgroups=(), addresses=()):
         """Fence ``cgroups`` and ``addresses`` at ``deadline`` unless armed
-        again before it."""
+        again before it. A watchdog that died is started again first: the
+        agent runs without its guard at most until the next renewal."""
+        if self.proc is not None and not self.alive():
+            with self._lock:
+                if not self.alive():
+                    code = self.proc.returncode
+                    self.start()
+                    logging.getLogger('slaposha.agent').warning(
+                        'watchdog exited (code %s): started again, pid %d',
+                        code, self.proc.pid)
         return self._send({'deadline': deadline, 'cgroups': list(cgroups),
                            'addresses': [list(a) for a in addresses]})
 
