@@ -503,26 +503,31 @@ class FaultSuite(object):
 
     def step(self):
         fault = self.next_fault()
-        since = time.time()
-        settled = self.settle()
-        if settled is None:
-            self.heal_all()
-            return
-        owner, token = settled
-        if self.last is not None and self.last != settled:
-            # Not a violation (it runs), but the owner should not change
-            # without a fault.
-            self.restarts += 1
-            self.say('  note: the owner key changed since the last fault'
-                     ' (%s token %d, now %s token %d)' % (
-                         self.last + settled))
-        standby = 'hB' if owner == 'hA' else 'hA'
-        self.wait_copy(standby, since)
-        try:
-            wait_for(lambda: standby in self.alive(), BUDGET, interval=0.2,
-                     what='the agent of %s holding a lease' % standby)
-        except LabError as e:
-            self.say('  note: %s' % e)
+        for attempt in range(3):
+            since = time.time()
+            settled = self.settle()
+            if settled is None:
+                self.heal_all()
+                return
+            if self.last is not None and self.last != settled:
+                # Not a violation (it runs), but the owner should not
+                # change without a fault.
+                self.restarts += 1
+                self.say('  note: the owner key changed since the last'
+                         ' fault (%s token %d, now %s token %d)' % (
+                             self.last + settled))
+            self.last = settled
+            owner, token = settled
+            standby = 'hB' if owner == 'hA' else 'hA'
+            self.wait_copy(standby, since)
+            try:
+                wait_for(lambda: standby in self.alive(), BUDGET,
+                         interval=0.2, what='the agent of %s holding a'
+                         ' lease' % standby)
+            except LabError as e:
+                self.say('  note: %s' % e)
+            if self.owner() == settled:
+                break
         if self.aside is not None and self.aside[0] == standby:
             self.check_aside(*self.aside)
         self.aside = None
