@@ -194,16 +194,19 @@ class FaultSuite(object):
             self.lc.stop_agent(host)
 
     def save_logs(self, folder):
-        """Copy every host's logs (agents, witnesses, the writer) to
-        ``folder``/<host>, to read after the lab is gone."""
+        """Copy every host's logs (agent or witness, etcd member, the
+        writer) to ``folder``/<host>, to read after the lab is gone."""
         for host in LAB_HOSTS:
             target = os.path.join(folder, host)
             shutil.copytree(os.path.join(self.lab[host].root, 'log'),
                             target, dirs_exist_ok=True)
-            app = self.lab[host].path('/var/lib/slaposha/log')
-            if os.path.isdir(app):
-                shutil.copytree(app, os.path.join(target, 'app'),
+            state = self.lab[host].path('/var/lib/slaposha')
+            if os.path.isdir(os.path.join(state, 'log')):
+                shutil.copytree(os.path.join(state, 'log'),
+                                os.path.join(target, 'app'),
                                 dirs_exist_ok=True)
+            if os.path.exists(os.path.join(state, 'etcd.log')):
+                shutil.copy(os.path.join(state, 'etcd.log'), target)
 
     # -- helpers ---------------------------------------------------------------
 
