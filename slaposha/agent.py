@@ -93,6 +93,7 @@ class ServiceSlot(object):
         self.published = None
         self.facts = None          # what the owner last published of them
         self.lags = {}             # rid: age of this host's copy (standby)
+        self.owner_had_data = False  # an owner was seen: data exists there
         self.ineligible = []       # why this host may not take it over
         self.next_eligibility = 0.0
         self.owner_token = None    # the owner's token, wherever it runs
@@ -318,13 +319,20 @@ class Agent(object):
                 res.configure_peers(slot.token, peers, self.tls, self.host)
 
     def _data_problems(self, slot, owner_alive):
-        """Why this standby's copy is too old to take over by itself
-        (``[service] max_lag``). The lag that counts is the one measured
-        while the owner was alive: after its loss the copy cannot get
-        fresher, and a short outage must not make it ineligible."""
+        """Why this standby's data forbids it to take over by itself:
+
+        - it has no copy at all (neither the live data nor a complete
+          copy) while an owner was seen with the data: taking over would
+          start the service on empty data, whatever the timings;
+        - with ``[service] max_lag``, its copy is older than that. The lag
+          that counts is the one measured while the owner was alive: after
+          its loss the copy cannot get fresher, and a short outage must not
+          make it ineligible.
+
+        ``slaposha takeover --force`` overrides both."""
         max_lag = slot.conf.max_lag
-        if max_lag is None:
-            return []
+        if owner_alive:
+            slot.owner_had_data = True
         problems = []
         for res in self._replicated(slot):
             if owner_alive or res.rid not in slot.lags:
@@ -332,9 +340,12 @@ class Agent(object):
                 slot.lags[res.rid] = seconds
             seconds = slot.lags[res.rid]
             if seconds is None:
-                problems.append('%s: no copy of %s here yet' % (
-                    res.rid, res.volume.path))
-            elif seconds > max_lag:
+                if max_lag is not None or (
+                        slot.owner_had_data and not res.volume.exists()):
+                    problems.append('%s: no copy of %s here yet; `slaposha'
+                                    ' takeover --force` overrides' % (
+                                        res.rid, res.volume.path))
+            elif max_lag is not None and seconds > max_lag:
                 problems.append('%s: data too stale: the copy of %s here was'
                                 ' %.1f s old (max_lag %gs); `slaposha takeover'
                                 ' --force` overrides' % (

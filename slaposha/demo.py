@@ -182,8 +182,13 @@ def main():
             if diverged:
                 say('what hA held that hB never got is kept aside, not'
                     ' discarded: %s' % diverged[0].split(': ', 1)[-1])
-            time.sleep(2 * INTERVAL)
-            show(lc.cli('hB', 'status').stdout)
+            # hA's receiver answers again: the owner's next round finds the
+            # software release already there.
+            tree = wait_for(lambda: lc.cli('hB', 'status').stdout if
+                            'comp-lab   up' in lc.cli('hB', 'status').stdout
+                            else None, 60, interval=1,
+                            what='the service up with hA as its standby')
+            show(tree)
             say('tearing the lab down')
             for host in ('hA', 'hB'):
                 lc.stop_agent(host)

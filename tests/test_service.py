@@ -52,3 +52,48 @@ def test_an_unexpected_driver_error_stops_what_was_started(monkeypatch):
         service.fence()
         service.cgroup.remove()
         root.remove()
+
+
+class _Data(object):
+    """A data resource as the agent sees it on a standby."""
+
+    def __init__(self, lag, live=False):
+        self.rid = 'btrfs#data'
+        self._lag = lag
+        self.volume = self
+        self.path = '/srv/slapgrid'
+        self.live = live
+
+    def lag(self):
+        return self._lag
+
+    def exists(self):
+        return self.live
+
+
+def _problems(res, owner_alive, max_lag=None, slot=None):
+    from types import SimpleNamespace
+    from slaposha.agent import Agent
+    slot = slot or SimpleNamespace(conf=SimpleNamespace(max_lag=max_lag),
+                                   lags={}, owner_had_data=False)
+    agent = SimpleNamespace(_replicated=lambda s: [res])
+    return Agent._data_problems(agent, slot, owner_alive), slot
+
+
+def test_a_standby_without_any_copy_never_takes_over_by_itself():
+    # A brand-new service: no owner ever seen, no data anywhere: it may
+    # start (the first owner creates the volume).
+    assert _problems(_Data((None, None)), owner_alive=False)[0] == []
+    # An owner runs it with data, this host has no copy yet: not eligible,
+    # and still not once the owner is gone.
+    problems, slot = _problems(_Data((None, None)), owner_alive=True)
+    assert problems == ['btrfs#data: no copy of /srv/slapgrid here yet;'
+                        ' `slaposha takeover --force` overrides']
+    assert _problems(_Data((None, None)), False, slot=slot)[0] == problems
+    # The old owner back with its live volume, or a standby with a copy.
+    assert _problems(_Data((None, None), live=True), False,
+                     slot=slot)[0] == []
+    assert _problems(_Data((1.5, '000004-3')), True)[0] == []
+    # max_lag: a copy too old.
+    assert 'data too stale' in _problems(_Data((12.0, '000004-3')), True,
+                                         max_lag=10.0)[0][0]

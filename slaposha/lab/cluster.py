@@ -160,7 +160,8 @@ class LabCluster(object):
         def ready():
             out = self.cli(host, 'status', check=False).stdout
             line = out.split(rid)[-1].split('\n')[0] if rid in out else ''
-            return 'not eligible' not in out and host in line and out
+            return 'not eligible' not in out and host + ':' in line and \
+                'no copy' not in line and out
         return wait_for(ready, timeout, interval=0.5,
                         what='%s an eligible standby with a copy' % host)
 
