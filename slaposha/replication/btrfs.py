@@ -618,34 +618,49 @@ class Volume(object):
     def _settle_live(self, state, follows, why):
         """The live volume is to give way to snapshot ``follows`` (None: a
         full stream, nothing in common). It is deleted when it holds nothing
-        that is not in a snapshot of the lineage, else set aside."""
+        that is not in a snapshot of the lineage, else set aside. The state
+        forgets which snapshot the live volume follows only once it is gone:
+        a step that fails leaves it as it was, for the next try."""
         base = self.get(state['live']) if state['live'] else None
-        state['live'] = None
         if state['active'] is not None and not self._alive(state['active']):
             state['active'] = None
         if base is None:
             if not os.listdir(self.path):
                 self._delete_subvolume(self.path, 'cannot delete the empty'
                                        ' volume')
-                return ['deleted the empty volume']
-            return [self._set_aside(state, self.path, 'volume', 'it has data'
-                                    ' of no known snapshot; %s' % why)]
-        if follows is None or base.key > follows.key:
-            return [self._set_aside(state, self.path, 'volume', 'it follows'
-                                    ' %s, which the new owner does not have;'
-                                    ' %s' % (base.name, why))]
-        if self.changed_since(base):
-            return [self._set_aside(state, self.path, 'volume', 'it was'
-                                    ' written after %s; %s' % (base.name,
-                                                               why))]
-        try:
-            self._delete_subvolume(self.path, 'cannot delete the volume')
-        except ReplicationError:
-            # E.g. a nested subvolume in it: keeping is always safe.
-            return [self._set_aside(state, self.path, 'volume', 'it could'
-                                    ' not be deleted; %s' % why)]
-        return ['deleted %s: it held nothing after %s' % (self.path,
-                                                          base.name)]
+                notes = ['deleted the empty volume']
+            else:
+                notes = [self._set_aside(state, self.path, 'volume', 'it has'
+                                         ' data of no known snapshot; %s'
+                                         % why)]
+        elif follows is None or base.key > follows.key:
+            notes = [self._set_aside(state, self.path, 'volume', 'it follows'
+                                     ' %s, which the new owner does not have;'
+                                     ' %s' % (base.name, why))]
+        else:
+            try:
+                changed = self.changed_since(base)
+                reason = 'it was written after %s' % base.name
+            except ReplicationError as e:
+                # Unknown: keeping it is always safe.
+                changed, reason = True, 'no comparison with %s (%s)' % (
+                    base.name, e.message)
+            if changed:
+                notes = [self._set_aside(state, self.path, 'volume', '%s; %s'
+                                         % (reason, why))]
+            else:
+                try:
+                    self._delete_subvolume(self.path, 'cannot delete the'
+                                           ' volume')
+                    notes = ['deleted %s: it held nothing after %s' % (
+                        self.path, base.name)]
+                except ReplicationError:
+                    # E.g. a nested subvolume in it: keeping is always safe.
+                    notes = [self._set_aside(state, self.path, 'volume', 'it'
+                                             ' could not be deleted; %s'
+                                             % why)]
+        state['live'] = None
+        return notes
 
     def _follow(self, state, parent, sender, token):
         """Before a stream of ``sender`` (epoch ``token``) that follows
