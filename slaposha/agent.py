@@ -57,6 +57,8 @@ logger = logging.getLogger('slaposha.agent')
 
 # Decisions kept for the API's decision log.
 DECISIONS_KEPT = 500
+# Seconds an operator's action may wait for etcd (an election lasts ~1-2 s).
+ACTION_ETCD_TIMEOUT = 5.0
 
 # Seconds raft must have kept its term before an owner moves the leader.
 LEADER_SETTLE = 10.0
@@ -121,6 +123,10 @@ class Agent(object):
                              **client_options)
         # Renewals get their own connections: they never queue behind a read.
         self.lease_client = Client(endpoints, **client_options)
+        # Operators' actions run in the API's threads, not in the loop: they
+        # may wait out an etcd election (a switch right after a heal).
+        self.action_client = Client(endpoints, timeout=ACTION_ETCD_TIMEOUT,
+                                    **client_options)
         self.membership = Membership(self.client, self.keys, self.host)
         self.member = None
         self.lease = None
@@ -884,20 +890,21 @@ class Agent(object):
                 name, ', '.join(sorted(self.confs)) or 'none'))
         conf = self.confs[name].service
         by = params.get('by') or 'operator on %s' % self.host
+        client = self.action_client
         try:
-            view = intents.read(self.client, self.keys).get(name) or \
+            view = intents.read(client, self.keys).get(name) or \
                 intents.View(name)
             if verb == 'freeze':
-                intents.set_frozen(self.client, self.keys, name, True, by=by)
+                intents.set_frozen(client, self.keys, name, True, by=by)
                 return '%s frozen: the agents will neither start nor stop' \
                     ' it' % name
             if verb == 'thaw':
-                intents.set_frozen(self.client, self.keys, name, False, by=by)
+                intents.set_frozen(client, self.keys, name, False, by=by)
                 return '%s thawed' % name
             if verb == 'stop':
-                intents.set_target(self.client, self.keys, name, 'stopped',
+                intents.set_target(client, self.keys, name, 'stopped',
                                    by=by)
-                intents.clear(self.client, self.keys, name, 'switch')
+                intents.clear(client, self.keys, name, 'switch')
                 return '%s: stopping%s' % (name, ' (frozen: nothing happens'
                                            ' until thawed)' if view.frozen
                                            else '')
@@ -931,17 +938,17 @@ class Agent(object):
                         raise ActionError('%s may not run %s: %s'
                                           % (to, name, why))
                 if verb == 'start':
-                    intents.set_target(self.client, self.keys, name,
+                    intents.set_target(client, self.keys, name,
                                        'started', host=to, by=by)
                     return '%s: starting%s' % (name, ' on %s' % to if to
                                                else '')
                 if view.owner is not None and view.owner.value == to:
-                    intents.set_target(self.client, self.keys, name,
+                    intents.set_target(client, self.keys, name,
                                        'started', by=by)
                     return '%s already runs on %s' % (name, to)
-                intents.set_target(self.client, self.keys, name, 'started',
+                intents.set_target(client, self.keys, name, 'started',
                                    by=by)
-                intents.set_switch(self.client, self.keys, name, to, by=by,
+                intents.set_switch(client, self.keys, name, to, by=by,
                                    force=bool(params.get('force')))
                 return '%s: moving to %s' % (name, to)
         except EtcdError as e:
