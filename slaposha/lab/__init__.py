@@ -259,6 +259,9 @@ class Host(object):
         finally:
             log.close()
         proc.log_path = os.path.join(logdir, '%s.log' % name)
+        # Those that ended are reaped (crashes kill them without a wait):
+        # a long run must not pile up zombies.
+        self._procs = [p for p in self._procs if p.poll() is None]
         self._procs.append(proc)
         self.lab._record_pid(proc.pid)
         return proc
