@@ -225,6 +225,22 @@ def test_copy_arrives_and_the_standby_knows_its_age(pair):
 
 
 @lab
+def test_a_file_rewritten_within_the_same_second_is_sent(pair):
+    """Same size, same second: rsync's default quick check (whole-second
+    mtimes) would keep the old content on the standby for good."""
+    a = pair.lab['hA']
+    second = int(time.time())
+    for n, content in ((1, 'v1'), (2, 'v2')):
+        a.run(['python3', '-c', 'import os; open(%r, "w").write(%r);'
+               ' os.utime(%r, ns=(%d, %d))' % (
+                   TREE + '/file', content, TREE + '/file',
+                   second * 10**9 + n * 100, second * 10**9 + n * 100)])
+        done = pair.push(20)
+        assert 'error' not in done, done
+        assert pair.copy_file('hB', 'file') == content.encode()
+
+
+@lab
 def test_a_transfer_with_a_stale_token_is_refused(pair):
     a = pair.lab['hA']
     a.run('echo new owner > %s/file' % TREE)

@@ -700,6 +700,8 @@ _LONG = {'--delete', '--delete-after', '--delete-delay', '--delete-during',
          '--delete-before', '--stats', '--numeric-ids', '--hard-links',
          '--force', '--ignore-errors', '--partial', '--checksum', '--sparse',
          '--acls', '--xattrs', '--inplace', '--delay-updates'}
+# --modify-window=N as the client passes it to the server.
+_WINDOW = re.compile(r'^-@-?[0-9]+$')
 _LONG_VALUE = {'--timeout', '--bwlimit', '--compress-level', '--max-delete',
                '--modify-window', '--block-size', '--checksum-choice',
                '--compress-choice'}
@@ -721,7 +723,7 @@ def server_command(args, target, copy_dest=None):
         if arg == '--sender':
             raise ValueError('only pushes are served (--sender)')
         name = arg.split('=', 1)[0]
-        if _SHORT.match(arg) or arg in _LONG or (
+        if _SHORT.match(arg) or arg in _LONG or _WINDOW.match(arg) or (
                 '=' in arg and name in _LONG_VALUE):
             options.append(arg)
         else:
@@ -952,8 +954,13 @@ def _run_rsync(source, peer, request, tls, timeout, options=(), abort=None,
             'address': peer.address, 'port': peer.port, 'name': peer.name,
             'tls': list(tls), 'request': request, 'result': result,
             'timeout': timeout})
+        # --modify-window=-1: mtimes compared to the nanosecond; rsync's
+        # default (whole seconds) skips a file rewritten with the same size
+        # within the second of the last copy, and the copy would keep the
+        # old content for good.
         command = [_rsync_binary(), '-aH', '--numeric-ids', '--delete',
-                   '--stats', '--timeout=%d' % max(1, int(timeout))] + \
+                   '--modify-window=-1', '--stats',
+                   '--timeout=%d' % max(1, int(timeout))] + \
             list(options) + ['-e', _helper_command(),
                              source.rstrip('/') + '/', '%s:/' % peer.name]
         started = time.monotonic()

@@ -29,7 +29,9 @@ def copy_folder(src, dst, delete):
     """Copy folder ``src`` into ``dst`` on this host, numeric owners,
     modes, ACLs, xattrs and times kept (what moves with a node: its
     identity, re6st's files); ``delete``: also remove what ``src`` lacks."""
-    args = ['rsync', '-aHAX', '--numeric-ids']
+    # Nanosecond mtimes: rsync's whole seconds would skip a file rewritten
+    # with the same size within the second.
+    args = ['rsync', '-aHAX', '--numeric-ids', '--modify-window=-1']
     if delete:
         args.append('--delete')
     p = subprocess.run(args + [src.rstrip('/') + '/', dst.rstrip('/') + '/'],
