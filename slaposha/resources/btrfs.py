@@ -66,11 +66,12 @@ import threading
 import time
 
 from slaposha.config import REQUIRED, Key
-from slaposha.replication import Peer, ReplicationError, human_bytes
+from slaposha.replication import ReplicationError, human_bytes
 from slaposha.replication.btrfs import DEFAULT_PORT, Sender, Volume
 from slaposha.units import human_seconds
 from slaposha.resources import (
-    DOWN, UP, WARN, Resource, ResourceError, Status, register)
+    DOWN, UP, WARN, ResourceError, Status, register)
+from slaposha.resources.data import DataResource
 
 __all__ = ['Btrfs']
 
@@ -78,7 +79,7 @@ logger = logging.getLogger(__name__)
 
 
 @register
-class Btrfs(Resource):
+class Btrfs(DataResource):
     """a btrfs subvolume copied to the standbys by snapshots every interval"""
 
     kind = 'btrfs'
@@ -113,18 +114,9 @@ class Btrfs(Resource):
     def __init__(self, section, context):
         super().__init__(section, context)
         self.volume = Volume(section.volume)
-        self.token = None
-        self.peers = []
-        self.tls = None
-        self.host = None
         self.sender = None
-        self.running = False
         self.started = None       # wall clock of start
         self.last = None          # the last Cycle
-        self.failure = None       # why the last cycle could not even begin
-        self._thread = None
-        self._next = 0.0
-        self._said = None         # the last problem logged, said once
         # {peer: [bytes, seconds, transfers]} sent since the agent began,
         # for the metrics
         self.sent = {}
@@ -132,30 +124,14 @@ class Btrfs(Resource):
     # -- what the agent gives -------------------------------------------------
 
     def configure(self, token, peers, tls, host):
-        """The owner's fencing ``token``, the standbys ``{name: (address,
-        port)}`` or ``{name: address}``, this host's TLS files (ca, cert,
-        key) and name. Before start; again when the peers change."""
-        listed = []
-        for name, where in sorted(peers.items()):
-            if isinstance(where, str):
-                where = (where, self.conf.port)
-            listed.append(Peer(name, where[0], int(where[1])))
-        self.token, self.peers, self.tls, self.host = \
-            int(token), listed, tuple(tls) if tls else None, host
+        super().configure(token, peers, tls, host)
         if self.sender is not None:
-            self.sender.peers = listed
+            self.sender.peers = self.peers
 
     # -- verbs ----------------------------------------------------------------
 
     def start(self):
-        if self.token is None or self.host is None:
-            raise ResourceError('%s: no fencing token: the agent calls'
-                                ' configure(token, peers, tls, host) before'
-                                ' start' % self.rid)
-        if not self.tls:
-            raise ResourceError('%s: replication needs the cluster\'s TLS'
-                                ' certificates ([cluster] tls = true)'
-                                % self.rid)
+        self._check_configured()
         try:
             done = self.volume.activate(self.token, self.host)
         except ReplicationError as e:
@@ -172,14 +148,8 @@ class Btrfs(Resource):
     def tick(self):
         """Begin a replication cycle when one is due and none is running.
         Never blocks."""
-        if not self.running or (self._thread is not None and
-                                self._thread.is_alive()):
+        if not self._cycle_due():
             return
-        now = time.monotonic()
-        if now < self._next:
-            return
-        # From the start of a cycle: a long one is followed at once.
-        self._next = now + self.conf.interval
         self._thread = threading.Thread(target=self._cycle,
                                         name='%s cycle' % self.rid,
                                         daemon=True)
@@ -206,15 +176,6 @@ class Btrfs(Resource):
                 total[1] += transfer.seconds
                 total[2] += 1
         self._say('; '.join(str(e) for e in cycle.errors.values()) or None)
-
-    def _say(self, problem):
-        """Log a problem once, not every cycle, and its end."""
-        if problem != self._said:
-            if problem:
-                logger.warning('%s: %s', self.rid, problem)
-            elif self._said:
-                logger.info('%s: replicating again', self.rid)
-            self._said = problem
 
     def stop(self):
         """End the cycles, then send a last snapshot (the applications were

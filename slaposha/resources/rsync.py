@@ -39,11 +39,12 @@ import threading
 import time
 
 from slaposha.config import REQUIRED, Key
-from slaposha.replication import Peer, ReplicationError, StaleToken, trim
+from slaposha.replication import ReplicationError, StaleToken, trim
 from slaposha.replication.btrfs import DEFAULT_PORT
 from slaposha.replication.rsync import Transfer, Tree, is_subvolume, push
 from slaposha.resources import (
-    DOWN, UP, WARN, Resource, ResourceError, Status, register)
+    DOWN, UP, WARN, ResourceError, Status, register)
+from slaposha.resources.data import DataResource
 from slaposha.units import human_seconds
 
 __all__ = ['Rsync']
@@ -55,7 +56,7 @@ NOT_CONSISTENT = 'live rsync: not crash-consistent (a database written' \
 
 
 @register
-class Rsync(Resource):
+class Rsync(DataResource):
     """a folder copied to the standbys by rsync over TLS every interval"""
 
     kind = 'rsync'
@@ -100,35 +101,12 @@ class Rsync(Resource):
         super().__init__(section, context)
         self.tree = Tree(section.path, section.store)
         self.volume = self.tree     # the agent names the data by .volume
-        self.token = None
-        self.peers = []
-        self.tls = None
-        self.host = None
-        self.running = False
         self.mode = None            # snapshot | live | stopped, at start
         self.last = {}              # peer: Transfer or ReplicationError
         self.cycle_seconds = None
-        self.failure = None         # why the last cycle could not begin
-        self._thread = None
-        self._next = 0.0
         self._abort = threading.Event()
         self._procs = set()
         self._lock = threading.Lock()
-        self._said = None
-
-    # -- what the agent gives -------------------------------------------------
-
-    def configure(self, token, peers, tls, host):
-        """The owner's fencing ``token``, the standbys ``{name: (address,
-        port)}`` or ``{name: address}``, this host's TLS files (ca, cert,
-        key) and name. Before start; again when the peers change."""
-        listed = []
-        for name, where in sorted(peers.items()):
-            if isinstance(where, str):
-                where = (where, self.conf.port)
-            listed.append(Peer(name, where[0], int(where[1])))
-        self.token, self.peers, self.tls, self.host = \
-            int(token), listed, tuple(tls) if tls else None, host
 
     # -- verbs ----------------------------------------------------------------
 
@@ -145,14 +123,7 @@ class Rsync(Resource):
         return source
 
     def start(self):
-        if self.token is None or self.host is None:
-            raise ResourceError('%s: no fencing token: the agent calls'
-                                ' configure(token, peers, tls, host) before'
-                                ' start' % self.rid)
-        if not self.tls:
-            raise ResourceError('%s: replication needs the cluster\'s TLS'
-                                ' certificates ([cluster] tls = true)'
-                                % self.rid)
+        self._check_configured()
         try:
             done = self.tree.activate(self.token, self.host)
         except ReplicationError as e:
@@ -173,13 +144,8 @@ class Rsync(Resource):
     def tick(self):
         """Begin a copy to the standbys when one is due and none is
         running. Never blocks."""
-        if not self.running or self.mode == 'stopped' or (
-                self._thread is not None and self._thread.is_alive()):
+        if self.mode == 'stopped' or not self._cycle_due():
             return
-        now = time.monotonic()
-        if now < self._next:
-            return
-        self._next = now + self.conf.interval
         self._thread = threading.Thread(target=self._cycle, args=(self.mode,),
                                         name='%s cycle' % self.rid,
                                         daemon=True)
@@ -264,14 +230,6 @@ class Rsync(Resource):
             procs, self._procs = list(self._procs), set()
         for proc in procs:
             self._kill(proc)
-
-    def _say(self, problem):
-        if problem != self._said:
-            if problem:
-                logger.warning('%s: %s', self.rid, problem)
-            elif self._said:
-                logger.info('%s: replicating again', self.rid)
-            self._said = problem
 
     def stop(self):
         """End the cycles, then send a last copy (the applications were

@@ -1,0 +1,76 @@
+"""What the data drivers (``btrfs``, ``rsync``) share: what the agent gives
+them on the owner (``configure``: the fencing token, the standbys, the TLS
+files), the checks before a start, the schedule of their background cycles
+and the problems they log once."""
+
+import logging
+import time
+
+from slaposha.replication import Peer
+from slaposha.resources import Resource, ResourceError
+
+__all__ = ['DataResource']
+
+
+class DataResource(Resource):
+    """Base of a driver whose data the owner sends to the standbys every
+    ``interval`` (its ``port``: the standbys' receivers)."""
+
+    def __init__(self, section, context):
+        super().__init__(section, context)
+        self.token = None
+        self.peers = []
+        self.tls = None
+        self.host = None
+        self.running = False
+        self.failure = None       # why the last cycle could not even begin
+        self._thread = None
+        self._next = 0.0
+        self._said = None         # the last problem logged, said once
+
+    def configure(self, token, peers, tls, host):
+        """The owner's fencing ``token``, the standbys ``{name: (address,
+        port)}`` or ``{name: address}``, this host's TLS files (ca, cert,
+        key) and name. Before start; again when the peers change."""
+        listed = []
+        for name, where in sorted(peers.items()):
+            if isinstance(where, str):
+                where = (where, self.conf.port)
+            listed.append(Peer(name, where[0], int(where[1])))
+        self.token, self.peers, self.tls, self.host = \
+            int(token), listed, tuple(tls) if tls else None, host
+
+    def _check_configured(self):
+        """Before a start: the agent gave the token and the TLS files."""
+        if self.token is None or self.host is None:
+            raise ResourceError('%s: no fencing token: the agent calls'
+                                ' configure(token, peers, tls, host) before'
+                                ' start' % self.rid)
+        if not self.tls:
+            raise ResourceError('%s: replication needs the cluster\'s TLS'
+                                ' certificates ([cluster] tls = true)'
+                                % self.rid)
+
+    def _cycle_due(self):
+        """Whether the next cycle may begin now: running, none going on,
+        ``interval`` since the last began (a long one is followed at once).
+        Schedules the one after."""
+        if not self.running or (self._thread is not None and
+                                self._thread.is_alive()):
+            return False
+        now = time.monotonic()
+        if now < self._next:
+            return False
+        self._next = now + self.conf.interval
+        return True
+
+    def _say(self, problem):
+        """Log a problem once, not every cycle, and its end."""
+        if problem != self._said:
+            # Under the driver's own logger (slaposha.resources.btrfs...).
+            log = logging.getLogger(type(self).__module__)
+            if problem:
+                log.warning('%s: %s', self.rid, problem)
+            elif self._said:
+                log.info('%s: replicating again', self.rid)
+            self._said = problem
