@@ -21,11 +21,10 @@ the 200/503 and the reason, which name the service, its owner and token::
 
 import logging
 import re
-import socket
-import socketserver
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
+from slaposha.api.server import BoundedServer
 from slaposha.config import ConfigError
 
 __all__ = ['check', 'HealthApi', 'CHECKS', 'CONTENT_TYPE']
@@ -138,38 +137,12 @@ class _Handler(BaseHTTPRequestHandler):
         raise AttributeError(name)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-
-    def server_bind(self):
-        # Not HTTPServer.server_bind: it looks the address up in the DNS.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
-
-    def process_request(self, request, client_address):
-        if not self.slots.acquire(blocking=False):
-            self.shutdown_request(request)
-            return
-        request.settimeout(REQUEST_TIMEOUT)
-        try:
-            super().process_request(request, client_address)
-        except Exception:
-            self.slots.release()
-            raise
-
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.slots.release()
+class _Server(BoundedServer):
+    max_connections = MAX_CONNECTIONS
+    request_timeout = REQUEST_TIMEOUT
 
     def handle_error(self, request, client_address):
         logger.debug('health: %s: connection failed', client_address[0])
-
-
-class _Server6(_Server):
-    address_family = socket.AF_INET6
 
 
 class HealthApi(object):
@@ -187,15 +160,13 @@ class HealthApi(object):
     def start(self):
         if self.port is None:
             return self
-        cls = _Server6 if ':' in self.listen else _Server
         try:
-            self.server = cls((self.listen, self.port), _Handler)
+            self.server = _Server((self.listen, self.port), _Handler)
         except OSError as e:
             raise ConfigError(self.cluster.path, 'api', 'health_port',
                               'cannot listen on %s port %d: %s' % (
                                   self.listen, self.port, e.strerror or e))
         self.server.agent = self.agent
-        self.server.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, name='health-api',
                          daemon=True).start()

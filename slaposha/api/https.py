@@ -42,14 +42,14 @@ import os
 import re
 import select
 import socket
-import socketserver
 import ssl
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 from slaposha import metrics, pki
 from slaposha.api import ApiError, MAX_BODY, _body, dispatch, health
+from slaposha.api.server import BoundedServer
 from slaposha.cluster.etcd import EtcdError
 from slaposha.config import CLUSTER_SCHEMA, ConfigError
 
@@ -402,33 +402,13 @@ class _Handler(BaseHTTPRequestHandler):
         return None
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
+class _Server(BoundedServer):
     request_queue_size = 64
+    max_connections = MAX_CONNECTIONS
 
-    def server_bind(self):
-        # Not HTTPServer.server_bind: it looks the address up in the DNS.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
-
-    def process_request(self, request, client_address):
-        if not self.api._enter():
-            logger.warning('api: %d connections open: %s refused',
-                           MAX_CONNECTIONS, client_address[0])
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except Exception:
-            self.api._leave()
-            raise
-
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.api._leave()
+    def refused(self, client_address):
+        logger.warning('api: %d connections open: %s refused',
+                       MAX_CONNECTIONS, client_address[0])
 
     def finish_request(self, request, client_address):
         """The TLS handshake happens here, in the connection's thread, so
@@ -457,10 +437,6 @@ class _Server(ThreadingHTTPServer):
         logger.exception('api: %s: connection failed', client_address[0])
 
 
-class _Server6(_Server):
-    address_family = socket.AF_INET6
-
-
 class HttpsApi(object):
     """The HTTPS API of ``agent`` (anything with ``cluster_status()``,
     ``local_status()`` and ``action(name, verb, params)``), for ``host`` of
@@ -479,8 +455,6 @@ class HttpsApi(object):
         self.revocations = None
         self.openapi = None
         self.ui = None
-        self._lock = threading.Lock()
-        self._connections = 0
         self._closing = threading.Event()
         self._wake = threading.Event()
         self._cond = threading.Condition()
@@ -537,9 +511,8 @@ class HttpsApi(object):
             self.openapi = json.load(f)
         with open(UI_PATH) as f:
             self.ui = f.read()
-        cls = _Server6 if ':' in self.listen else _Server
         try:
-            self.server = cls((self.listen, self.port), _Handler)
+            self.server = _Server((self.listen, self.port), _Handler)
         except OSError as e:
             raise ConfigError(self.cluster.path, 'api', 'port', 'cannot'
                               ' listen on %s port %d: %s' % (
@@ -576,17 +549,6 @@ class HttpsApi(object):
         for thread in self._threads:
             thread.join(5)
         self._threads = []
-
-    def _enter(self):
-        with self._lock:
-            if self._connections >= MAX_CONNECTIONS:
-                return False
-            self._connections += 1
-            return True
-
-    def _leave(self):
-        with self._lock:
-            self._connections -= 1
 
     # -- who is asking --------------------------------------------------------
 
