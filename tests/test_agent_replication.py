@@ -8,26 +8,12 @@ import pytest
 
 from slaposha.lab import wait_for
 from slaposha.lab.cluster import LabCluster
-from slaposha.replication.lab import LAB_PATHS, VOL, ReplicationLab
+from slaposha.replication.lab import (
+    LAB_PATHS, VOL, ReplicationLab, record_writer)
 
 pytestmark = pytest.mark.lab
 
-# Appends numbered lines with fsync, continuing the file it finds; prints
-# the last acknowledged number (to its log, on the host's disk).
-WRITER = """\
-import os, time
-path = '%s/records'
-n = sum(1 for _ in open(path)) if os.path.exists(path) else 0
-print('found', n, flush=True)
-f = open(path, 'a')
-while True:
-    n += 1
-    f.write('%%d\\n' %% n)
-    f.flush()
-    os.fsync(f.fileno())
-    print('ack', n, flush=True)
-    time.sleep(0.02)
-""" % VOL
+WRITER = record_writer(VOL)
 
 SERVICE = '''
     [service]

@@ -10,28 +10,14 @@ import pytest
 
 from slaposha.lab import wait_for
 from slaposha.lab.cluster import LabCluster
+from slaposha.replication.lab import record_writer
 
 pytestmark = pytest.mark.lab
 
 TREE = '/srv/slapgrid/data'
 STORE = '/srv/slapgrid/.slaposha-rsync/data'
 
-# Appends numbered lines with fsync, continuing the file it finds; logs
-# each acknowledged number with the time (on the host's disk).
-WRITER = """\
-import os, time
-path = '%s/records'
-n = sum(1 for _ in open(path)) if os.path.exists(path) else 0
-print('found', n, flush=True)
-f = open(path, 'a')
-while True:
-    n += 1
-    f.write('%%d\\n' %% n)
-    f.flush()
-    os.fsync(f.fileno())
-    print('ack', n, time.time(), flush=True)
-    time.sleep(0.02)
-""" % TREE
+WRITER = record_writer(TREE)
 
 SERVICE = '''
     [service]

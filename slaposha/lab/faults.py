@@ -87,7 +87,8 @@ import time
 from slaposha.cluster.lease import keys
 from slaposha.lab import LabError, wait_for
 from slaposha.lab.cluster import LabCluster, Observer
-from slaposha.replication.lab import FS, LAB_PATHS, SNAPDIR, VOL
+from slaposha.replication.lab import (
+    FS, LAB_PATHS, SNAPDIR, VOL, record_writer)
 
 __all__ = ['FaultSuite', 'FAULTS', 'LAB_HOSTS', 'LAB_PATHS', 'RPO_BOUND']
 
@@ -110,23 +111,7 @@ FAULTS = ('crash-owner', 'crash-standby', 'partition-owner',
           'split-standby-minority', 'pause-owner-agent', 'kill-etcd-member',
           'switch')
 
-# Appends numbered records with fsync, continuing the file it finds; logs
-# what it found and each record once durable, with the wall clock, to its
-# log on the host's disk (outside the volume).
-WRITER = '''\
-import os, time
-path = %r + '/records'
-n = sum(1 for _ in open(path)) if os.path.exists(path) else 0
-print('found', n, '%%.6f' %% time.time(), flush=True)
-f = open(path, 'a')
-while True:
-    n += 1
-    f.write('%%d\\n' %% n)
-    f.flush()
-    os.fsync(f.fileno())
-    print('ack', n, '%%.6f' %% time.time(), flush=True)
-    time.sleep(%r)
-''' % (VOL, RECORD_EVERY)
+WRITER = record_writer(VOL, RECORD_EVERY)
 
 SERVICE = '''
     [service]

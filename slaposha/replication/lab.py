@@ -23,7 +23,8 @@ from slaposha.lab import HOST_PATHS, LabError, wait_for
 from slaposha.lab.cluster import TOP, make_test_pki
 
 __all__ = ['ReplicationLab', 'LAB_PATHS', 'FS', 'VOL', 'SNAPDIR', 'PORT',
-           'OWNER', 'APPENDER', 'read_report', 'remove_mount_point']
+           'OWNER', 'APPENDER', 'read_report', 'remove_mount_point',
+           'record_writer']
 
 FS = '/srv/slapgrid-fs'
 VOL = FS + '/slapgrid'
@@ -95,6 +96,28 @@ APPENDER = textwrap.dedent('''\
         if delay > 0:
             time.sleep(delay)
 ''')
+
+
+def record_writer(folder, every=0.02):
+    """The program of a writer that appends numbered records to
+    ``folder``/records, each made durable (fsync) before it is
+    acknowledged, continuing the file it finds. Its output, to keep on the
+    host's disk outside the data: ``found N TIME`` at its start, then
+    ``ack N TIME`` per record (wall clock)."""
+    return textwrap.dedent('''\
+        import os, time
+        path = %r + '/records'
+        n = sum(1 for _ in open(path)) if os.path.exists(path) else 0
+        print('found', n, '%%.6f' %% time.time(), flush=True)
+        f = open(path, 'a')
+        while True:
+            n += 1
+            f.write('%%d\\n' %% n)
+            f.flush()
+            os.fsync(f.fileno())
+            print('ack', n, '%%.6f' %% time.time(), flush=True)
+            time.sleep(%r)
+    ''') % (folder, every)
 
 
 def remove_mount_point():
