@@ -13,19 +13,25 @@ kernel has it. What they share lives here:
   owner wrote (:class:`StaleToken`);
 - a transfer reports its progress (:class:`Progress`);
 - errors are one line naming the volume, the peer and what failed
-  (:class:`ReplicationError`).
+  (:class:`ReplicationError`);
+- each keeps its state (tokens, copies, peers) in a JSON file locked
+  against the host's other processes and threads (:func:`locked_state`).
 
 The wire between hosts (TLS with the cluster's certificates, JSON headers,
 framed streams) is in :mod:`slaposha.replication.wire`.
 """
 
+import fcntl
+import json
+import os
 import time
 from collections import namedtuple
+from contextlib import contextmanager
 
 from slaposha.units import human_bytes  # noqa: F401 (its users import it here)
 
 __all__ = ['ReplicationError', 'StaleToken', 'Peer', 'Progress', 'trim',
-           'human_bytes']
+           'human_bytes', 'locked_state', 'read_state']
 
 # A standby to send to: the host's name (as in its certificate), the address
 # and port of its receiver.
@@ -54,6 +60,50 @@ class ReplicationError(Exception):
 class StaleToken(ReplicationError):
     """The other side has seen a newer epoch than the one offered: whoever
     offered it is no longer the owner."""
+
+
+def read_state(path, defaults, error):
+    """The JSON state in ``path`` with ``defaults()`` filled in (a missing
+    file is empty); ``error(message)`` makes the exception to raise for an
+    unreadable one."""
+    try:
+        with open(path) as f:
+            state = json.load(f)
+    except FileNotFoundError:
+        state = {}
+    except (OSError, ValueError) as e:
+        raise error('cannot read %s: %s' % (path, e))
+    for key, value in defaults().items():
+        state.setdefault(key, value)
+    return state
+
+
+@contextmanager
+def locked_state(path, defaults, error, mode=0o777):
+    """The state of ``path`` (:func:`read_state`), locked against the
+    other processes and threads of the host (flock on a ``.lock`` beside
+    it; its folder is made with ``mode``), written back atomically (fsync,
+    rename) if changed: also after a failure, for what was done (a copy set
+    aside) must be on record."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, mode=mode, exist_ok=True)
+    fd = os.open(os.path.join(folder, '.lock'), os.O_RDWR | os.O_CREAT,
+                 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        state = read_state(path, defaults, error)
+        before = json.dumps(state, sort_keys=True)
+        try:
+            yield state
+        finally:
+            if json.dumps(state, sort_keys=True) != before:
+                with open(path + '.tmp', 'w') as f:
+                    json.dump(state, f, indent=1, sort_keys=True)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.rename(path + '.tmp', path)
+    finally:
+        os.close(fd)
 
 
 def trim(text, size=300):

@@ -71,10 +71,10 @@ import tempfile
 import threading
 import time
 from collections import namedtuple
-from contextlib import contextmanager
 
 from slaposha.replication import (
-    Peer, Progress, ReplicationError, StaleToken, human_bytes, trim)
+    Peer, Progress, ReplicationError, StaleToken, human_bytes, locked_state,
+    trim)
 from slaposha.replication import wire
 
 __all__ = ['Volume', 'Snapshot', 'Sender', 'Receiver', 'Transfer', 'Cycle',
@@ -198,6 +198,11 @@ def _stderr(f):
 
 # -- the volume ---------------------------------------------------------------
 
+def _volume_defaults():
+    return {'token': 0, 'seq': 0, 'live': None, 'peers': {}, 'diverged': [],
+            'active': None}
+
+
 class Volume(object):
     """A btrfs subvolume that slaposha protects, and its snapshots on the
     same file system. Every step runs in the caller's mount namespace (the
@@ -286,53 +291,11 @@ class Volume(object):
 
     # -- state ----------------------------------------------------------------
 
-    @contextmanager
     def _locked(self):
         """The state, locked against the other processes and threads of
         the host (a receiver and the agent); written back if changed."""
-        snapdir = self.snapdir
-        os.makedirs(snapdir, exist_ok=True)
-        fd = os.open(os.path.join(snapdir, '.lock'), os.O_RDWR | os.O_CREAT,
-                     0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            state = self._read_state()
-            before = json.dumps(state, sort_keys=True)
-            try:
-                yield state
-            finally:
-                # Also after a failure: what was done (a copy set aside)
-                # must be on record.
-                if json.dumps(state, sort_keys=True) != before:
-                    self._write_state(state)
-        finally:
-            os.close(fd)
-
-    def _read_state(self):
-        try:
-            with open(os.path.join(self.snapdir, '.state.json')) as f:
-                state = json.load(f)
-        except FileNotFoundError:
-            state = {}
-        except (OSError, ValueError) as e:
-            raise self.error('cannot read %s/.state.json: %s'
-                             % (self.snapdir, e))
-        state.setdefault('token', 0)
-        state.setdefault('seq', 0)
-        state.setdefault('live', None)
-        state.setdefault('peers', {})
-        state.setdefault('diverged', [])
-        state.setdefault('active', None)
-        return state
-
-    def _write_state(self, state):
-        path = os.path.join(self.snapdir, '.state.json')
-        tmp = path + '.tmp'
-        with open(tmp, 'w') as f:
-            json.dump(state, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
+        return locked_state(os.path.join(self.snapdir, '.state.json'),
+                            _volume_defaults, self.error)
 
     def state(self):
         with self._locked() as state:

@@ -73,10 +73,9 @@ import tempfile
 import threading
 import time
 from collections import namedtuple
-from contextlib import contextmanager
 
 from slaposha.replication import (
-    Peer, ReplicationError, StaleToken, human_bytes, trim)
+    Peer, ReplicationError, StaleToken, human_bytes, locked_state, trim)
 from slaposha.replication import wire
 from slaposha.units import human_seconds
 
@@ -204,6 +203,19 @@ def _make_folder(path, subvolume):
 
 # -- the tree and its store ----------------------------------------------------
 
+def _tree_defaults():
+    return {
+        'token': 0,
+        'complete': None,   # the buffer of the newest copy
+        'records': {},      # buffer: record of a copy
+        'live': None,       # what the path holds
+        'clean': False,     # the path is in the peers' copies
+        'active': None,     # the service runs here
+        'peers': {},        # owner: peer: last record acked
+        'diverged': [],
+    }
+
+
 class Tree(object):
     """A folder that follows its service, and its store on this host (the
     copies received, their records, the newest token seen)."""
@@ -254,51 +266,11 @@ class Tree(object):
 
     # -- state ----------------------------------------------------------------
 
-    @contextmanager
     def _locked(self):
         """The store's state, locked against the receiver and the agent;
         written back (atomically) if changed."""
-        os.makedirs(self.store, mode=0o700, exist_ok=True)
-        fd = os.open(os.path.join(self.store, '.lock'),
-                     os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            state = self._read_state()
-            before = json.dumps(state, sort_keys=True)
-            try:
-                yield state
-            finally:
-                if json.dumps(state, sort_keys=True) != before:
-                    self._write_state(state)
-        finally:
-            os.close(fd)
-
-    def _read_state(self):
-        try:
-            with open(os.path.join(self.store, 'state.json')) as f:
-                state = json.load(f)
-        except FileNotFoundError:
-            state = {}
-        except (OSError, ValueError) as e:
-            raise self.error('cannot read %s/state.json: %s'
-                             % (self.store, e))
-        state.setdefault('token', 0)
-        state.setdefault('complete', None)   # the buffer of the newest copy
-        state.setdefault('records', {})      # buffer: record of a copy
-        state.setdefault('live', None)       # what the path holds
-        state.setdefault('clean', False)     # the path is in the peers' copies
-        state.setdefault('active', None)     # the service runs here
-        state.setdefault('peers', {})        # owner: peer: last record acked
-        state.setdefault('diverged', [])
-        return state
-
-    def _write_state(self, state):
-        path = os.path.join(self.store, 'state.json')
-        with open(path + '.tmp', 'w') as f:
-            json.dump(state, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(path + '.tmp', path)
+        return locked_state(os.path.join(self.store, 'state.json'),
+                            _tree_defaults, self.error, mode=0o700)
 
     def state(self):
         with self._locked() as state:
