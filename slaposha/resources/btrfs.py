@@ -299,18 +299,6 @@ class Btrfs(DataResource):
             diverged = self.volume.diverged()
         except (ReplicationError, OSError) as e:
             return Status(WARN, str(e))
-        if name is None:
-            state, text = WARN, 'no copy of %s here' % self.volume.path
-        elif lag is None:
-            state, text = UP, 'copy %s (age unknown)' % name
-        elif self.conf.max_lag is not None and lag > self.conf.max_lag:
-            state, text = WARN, 'copy %s is %s old (max_lag %s)' % (
-                name, human_seconds(lag), human_seconds(self.conf.max_lag))
-        else:
-            state, text = UP, 'copy %s is %s old' % (name, human_seconds(lag))
-        if diverged:
-            state = WARN
-            text += '; diverged: %d cop%s kept aside (%s)' % (
-                len(diverged), 'y' if len(diverged) == 1 else 'ies',
-                ', '.join(d['path'] for d in diverged))
-        return Status(state, text)
+        return self._copy_status(
+            'copy %s' % name, lag, diverged, missing=name is None and
+            'no copy of %s here' % self.volume.path)

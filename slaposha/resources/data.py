@@ -7,7 +7,8 @@ import logging
 import time
 
 from slaposha.replication import Peer
-from slaposha.resources import Resource, ResourceError
+from slaposha.resources import UP, WARN, Resource, ResourceError, Status
+from slaposha.units import human_seconds
 
 __all__ = ['DataResource']
 
@@ -74,3 +75,25 @@ class DataResource(Resource):
             elif self._said:
                 log.info('%s: replicating again', self.rid)
             self._said = problem
+
+    def _copy_status(self, label, lag, diverged, missing=None, notes=()):
+        """A standby's copy ``label`` as a Status: ``missing`` (the text)
+        when it has none, else its age ``lag`` against ``max_lag``; then
+        ``notes`` and the diverged copies kept aside here."""
+        if missing:
+            state, text = WARN, missing
+        elif lag is None:
+            state, text = UP, '%s (age unknown)' % label
+        elif self.conf.max_lag is not None and lag > self.conf.max_lag:
+            state, text = WARN, '%s is %s old (max_lag %s)' % (
+                label, human_seconds(lag), human_seconds(self.conf.max_lag))
+        else:
+            state, text = UP, '%s is %s old' % (label, human_seconds(lag))
+        for note in notes:
+            text += '; ' + note
+        if diverged:
+            state = WARN
+            text += '; diverged: %d cop%s kept aside (%s)' % (
+                len(diverged), 'y' if len(diverged) == 1 else 'ies',
+                ', '.join(d['path'] for d in diverged))
+        return Status(state, text)

@@ -338,20 +338,8 @@ class Rsync(DataResource):
             diverged = self.tree.diverged()
         except (ReplicationError, OSError) as e:
             return Status(WARN, str(e))
-        if record is None:
-            state, text = WARN, 'no complete copy of %s here' % self.tree.path
-        elif lag is None:
-            state, text = UP, '%s (age unknown)' % label
-        elif self.conf.max_lag is not None and lag > self.conf.max_lag:
-            state, text = WARN, '%s is %s old (max_lag %s)' % (
-                label, human_seconds(lag), human_seconds(self.conf.max_lag))
-        else:
-            state, text = UP, '%s is %s old' % (label, human_seconds(lag))
-        if record is not None and record.get('mode') == 'live':
-            text += '; ' + NOT_CONSISTENT
-        if diverged:
-            state = WARN
-            text += '; diverged: %d cop%s kept aside (%s)' % (
-                len(diverged), 'y' if len(diverged) == 1 else 'ies',
-                ', '.join(d['path'] for d in diverged))
-        return Status(state, text)
+        live = record is not None and record.get('mode') == 'live'
+        return self._copy_status(
+            label, lag, diverged, missing=record is None and
+            'no complete copy of %s here' % self.tree.path,
+            notes=[NOT_CONSISTENT] if live else [])
