@@ -111,6 +111,12 @@ def test_slapgrid_deployed_partition_moves_with_its_data(make_lab):
     try:
         wait_for(lambda: post_record(lab, 'record-0'), 30,
                  what='the partition storing records on hA')
+        # The instance supervisord that slapgrid started was adopted into
+        # the service's cgroup: a fence reaches it and its programs.
+        adopted = lab['hA'].run(
+            'cat /proc/$(cat /srv/slapgrid/var/run/supervisord.pid)/cgroup'
+        ).stdout
+        assert '/slaposha/node/slapos.node' in adopted, adopted
         # hB has no software release at first: not eligible until the
         # owner copied it (and the identity went with the data).
         lc.wait_standby('hB', 'btrfs#slapgrid')
