@@ -17,6 +17,7 @@ import shutil
 import sqlite3
 import stat
 import textwrap
+import threading
 import time
 
 import pytest
@@ -204,6 +205,46 @@ def test_save_then_install_keeps_modes_owners_and_local_files(tmp_path):
     rows = sqlite3.connect(str(new / 'state' / 'cache.db')).execute(
         'select prefix from peer').fetchall()
     assert rows == [('0/16',)]
+
+
+def test_saves_go_on_while_the_daemon_writes_its_databases(tmp_path):
+    # re6st commits to its SQLite cache all the time: a journal file that
+    # vanishes while rsync lists the folder is not a failed save, and no
+    # journal or WAL is copied beside the database's own consistent copy.
+    state = tmp_path / 'state'
+    config = tmp_path / 'etc'
+    write_config(str(config))
+    os.makedirs(str(state))
+    data = str(tmp_path / 'data')
+    path = str(state / 'cache.db')
+    sqlite3.connect(path).execute('create table peer (n integer)').connection\
+        .commit()
+    stop = threading.Event()
+    written = []
+
+    def writer():
+        db = sqlite3.connect(path)
+        n = 0
+        while not stop.is_set():
+            n += 1
+            db.execute('insert into peer values (?)', (n,))
+            db.commit()
+            written.append(n)
+        db.close()
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        for _ in range(40):
+            save_copy(data, {'config': str(config), 'state': str(state)})
+    finally:
+        stop.set()
+        thread.join()
+    copied = os.listdir(os.path.join(data, 'current', 'state'))
+    assert copied == ['cache.db'], copied
+    rows = sqlite3.connect(os.path.join(data, 'current', 'state',
+                                        'cache.db')).execute(
+        'select count(*) from peer').fetchone()[0]
+    assert 0 < rows <= len(written)
 
 
 def test_a_missing_config_is_named_and_the_last_copy_stays(tmp_path):

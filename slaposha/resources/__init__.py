@@ -25,19 +25,29 @@ class ResourceError(Exception):
     """A resource failed to start or stop, as one line saying why."""
 
 
-def copy_folder(src, dst, delete):
+def copy_folder(src, dst, delete, live=False):
     """Copy folder ``src`` into ``dst`` on this host, numeric owners,
     modes, ACLs, xattrs and times kept (what moves with a node: its
-    identity, re6st's files); ``delete``: also remove what ``src`` lacks."""
+    identity, re6st's files); ``delete``: also remove what ``src`` lacks.
+    ``live``: a program may be writing in ``src`` (re6st's state): a file
+    that vanishes during the copy is no error, and SQLite's journal, WAL
+    and shared-memory files are left out (the caller copies the databases
+    with SQLite's backup; a stale WAL beside that copy could be replayed
+    onto it)."""
     # Nanosecond mtimes: rsync's whole seconds would skip a file rewritten
     # with the same size within the second.
     args = ['rsync', '-aHAX', '--numeric-ids', '--modify-window=-1']
     if delete:
         args.append('--delete')
+    if live:
+        args += ['--exclude=*-journal', '--exclude=*-wal', '--exclude=*-shm']
+        if delete:
+            args.append('--delete-excluded')
     p = subprocess.run(args + [src.rstrip('/') + '/', dst.rstrip('/') + '/'],
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                        universal_newlines=True, timeout=120)
-    if p.returncode:
+    # 24: "some files vanished before they could be transferred".
+    if p.returncode and not (live and p.returncode == 24):
         raise ResourceError('rsync %s to %s: %s' % (
             src, dst, p.stderr.strip()[-300:]))
 

@@ -412,7 +412,7 @@ def save_copy(data, folders, extra=None):
             shutil.rmtree(dst, ignore_errors=True)
             os.makedirs(dst, mode=0o700)
             continue
-        copy_folder(folder, dst, delete=True)
+        copy_folder(folder, dst, delete=True, live=True)
         _copy_databases(folder, dst)
     _protect_keys(os.path.join(target, 'config'))
     meta = dict(extra or {}, saved=time.time(), host=socket.gethostname())
