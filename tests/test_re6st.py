@@ -234,7 +234,7 @@ def test_saves_go_on_while_the_daemon_writes_its_databases(tmp_path):
     thread = threading.Thread(target=writer)
     thread.start()
     try:
-        for _ in range(40):
+        for _ in range(12):
             save_copy(data, {'config': str(config), 'state': str(state)})
     finally:
         stop.set()
