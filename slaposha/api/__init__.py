@@ -33,7 +33,12 @@ class ApiError(Exception):
         super().__init__(message)
 
 
-def _body(raw):
+_TYPE_NAMES = {bool: 'boolean', str: 'string', int: 'whole number'}
+
+
+def _body(raw, fields=ACTION_FIELDS):
+    """The JSON object of a request body, each field one of ``fields``
+    ({name: type}) or null; ApiError 400 otherwise."""
     if not raw:
         return {}
     try:
@@ -43,12 +48,14 @@ def _body(raw):
     if not isinstance(body, dict):
         raise ApiError(400, 'body must be a JSON object')
     for key, value in body.items():
-        if key not in ACTION_FIELDS:
+        if key not in fields:
             raise ApiError(400, 'unknown field %r (known: %s)'
-                           % (key, ', '.join(ACTION_FIELDS)))
-        if value is not None and not isinstance(value, ACTION_FIELDS[key]):
-            raise ApiError(400, 'field %r must be a %s' % (
-                key, 'boolean' if ACTION_FIELDS[key] is bool else 'string'))
+                           % (key, ', '.join(fields)))
+        kind = fields[key]
+        if value is not None and (not isinstance(value, kind) or (
+                kind is int and isinstance(value, bool))):
+            raise ApiError(400, 'field %r must be a %s'
+                           % (key, _TYPE_NAMES[kind]))
     return body
 
 

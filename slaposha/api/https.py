@@ -115,10 +115,10 @@ ROUTES = (
 )
 
 
-def find_route(method, path):
+def find_route(method, path, routes=ROUTES):
     """(route, parameters); ApiError 404 or 405."""
     methods = []
-    for route in ROUTES:
+    for route in routes:
         m = route.regex.match(path)
         if m:
             if route.method == method:
@@ -145,6 +145,33 @@ class Identity(object):
 
     def __str__(self):
         return '%s (%s)' % (self.name, self.role)
+
+
+def identify_peer(conn, revocations):
+    """The Identity that the client certificate of ``conn`` (a TLS
+    connection) shows; ApiError 403 when it is revoked or names no role,
+    503 when the revocation list is unusable."""
+    cert = conn.getpeercert()
+    if not cert:  # CERT_REQUIRED makes this impossible; be sure
+        raise ApiError(403, 'no client certificate')
+    role, name = pki.role_from_peercert(cert)
+    try:
+        serial = int(cert.get('serialNumber', ''), 16)
+    except ValueError:
+        raise ApiError(403, 'client certificate without a serial number')
+    try:
+        revoked = revocations.is_revoked(serial)
+    except pki.PkiError as e:
+        logger.error('api: every client refused: %s', e)
+        raise ApiError(503, 'the revocation list is unusable (%s): every'
+                       ' certificate is refused until it is fixed' % e)
+    if revoked:
+        raise ApiError(403, 'the certificate of %s (serial %s) is revoked'
+                       % (name, pki.serial_text(serial)))
+    if role is None:
+        raise ApiError(403, 'the certificate of %s names no slaposha role'
+                       ' (a SAN URI %s<role>)' % (name, pki.ROLE_URI_PREFIX))
+    return Identity(role, name, serial)
 
 
 _VOLATILE = frozenset(['time', 'time_left'])
@@ -177,6 +204,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = 'slaposha'
     sys_version = ''
     timeout = REQUEST_TIMEOUT
+    routes = ROUTES   # the portal serves its own with this handler
 
     # -- plumbing -------------------------------------------------------------
 
@@ -266,7 +294,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             raw = self._read_body()
             who = api.identify(self.connection)
-            route, params = find_route(method, path)
+            route, params = find_route(method, path, self.routes)
             if route.permission not in PERMISSIONS[who.role]:
                 raise ApiError(403, '%s %s needs role %s or above: your'
                                ' certificate (%s) has role %s' % (
@@ -553,32 +581,11 @@ class HttpsApi(object):
     # -- who is asking --------------------------------------------------------
 
     def identify(self, conn):
-        cert = conn.getpeercert()
-        if not cert:  # CERT_REQUIRED makes this impossible; be sure
-            raise ApiError(403, 'no client certificate')
-        role, name = pki.role_from_peercert(cert)
-        try:
-            serial = int(cert.get('serialNumber', ''), 16)
-        except ValueError:
-            raise ApiError(403, 'client certificate without a serial number')
-        try:
-            revoked = self.revocations.is_revoked(serial)
-        except pki.PkiError as e:
-            logger.error('api: every client refused: %s', e)
-            raise ApiError(503, 'the cluster\'s revocation list is unusable'
-                           ' (%s): every certificate is refused until it is'
-                           ' fixed' % e)
-        if revoked:
-            raise ApiError(403, 'the certificate of %s (serial %s) is'
-                           ' revoked' % (name, pki.serial_text(serial)))
-        if role is None:
-            raise ApiError(403, 'the certificate of %s names no slaposha role'
-                           ' (a SAN URI %s<role>)' % (name,
-                                                      pki.ROLE_URI_PREFIX))
-        if role == pki.HOST_ROLE and name not in self.cluster.members:
+        who = identify_peer(conn, self.revocations)
+        if who.role == pki.HOST_ROLE and who.name not in self.cluster.members:
             raise ApiError(403, 'a host certificate for %r, which is not a'
-                           ' host of this cluster' % name)
-        return Identity(role, name, serial)
+                           ' host of this cluster' % who.name)
+        return who
 
     # -- data -----------------------------------------------------------------
 
