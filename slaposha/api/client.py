@@ -18,6 +18,7 @@ missing files), :class:`ApiRefused` (the agent answered 4xx or 5xx; its
 
 import json
 import os
+import re
 
 import requests
 
@@ -123,10 +124,10 @@ class ApiClient(object):
         except requests.exceptions.SSLError as e:
             raise ApiUnreachable('%s: TLS refused (a certificate of another'
                                  ' CA, expired, or not for this host?): %s'
-                                 % (self.url, _one_line(e)))
+                                 % (self.url, _reason(e)))
         except requests.exceptions.RequestException as e:
             raise ApiUnreachable('%s: no answer: %s'
-                                 % (self.url, _one_line(e)))
+                                 % (self.url, _reason(e)))
         if response.status_code >= 400:
             try:
                 message = response.json()['error']
@@ -202,7 +203,7 @@ class ApiClient(object):
                     elif field == 'data':
                         data.append(value)
         except requests.exceptions.RequestException as e:
-            raise ApiUnreachable('%s/events: %s' % (self.url, _one_line(e)))
+            raise ApiUnreachable('%s/events: %s' % (self.url, _reason(e)))
         finally:
             response.close()
 
@@ -233,3 +234,17 @@ def _lines(response):
 
 def _one_line(text):
     return ' '.join(str(text).split())
+
+
+# What matters in a requests error, under urllib3's wrapping ("HTTPSConnection
+# Pool(host=..., port=...): Max retries exceeded with url: ... (Caused by
+# NewConnectionError(...: [Errno 111] Connection refused))").
+_REASON = re.compile(r"\[Errno -?\d+\] [^'\"()]+|Read timed out|Connection to"
+                     r" \S+ timed out|certificate verify failed[^'\"()]*|"
+                     r"\[SSL: [A-Z_]+\] [^\"()]+")
+
+
+def _reason(error):
+    text = _one_line(error)
+    found = _REASON.search(text)
+    return found.group(0).strip(' .') if found else text
