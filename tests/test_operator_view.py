@@ -22,6 +22,7 @@ from slaposha import pki
 from slaposha.api.health import HealthApi
 from slaposha.cli.mon import frame
 from slaposha.lab import wait_for
+from slaposha.lab.browser import Browser, relay
 from slaposha.lab.cluster import LabCluster, Observer, check_no_overlap
 from slaposha.metrics import Metrics, exposition
 
@@ -249,41 +250,6 @@ GET = textwrap.dedent('''\
     print(json.dumps({'status': r.status_code, 'body': r.text}))
 ''')
 
-# Runs in a host: a TLS-terminating relay for the browser, which has no
-# client certificate: plain connections on 127.0.0.1:PORT become TLS
-# connections to the agent's API, with the guest certificate of CERTS.
-RELAY = textwrap.dedent('''\
-    import socket, ssl, sys, threading
-    port, host, api_port, certs = sys.argv[1:5]
-    ctx = ssl.create_default_context(cafile=certs + '/ca.crt')
-    ctx.load_cert_chain(certs + '/operator.crt', certs + '/operator.key')
-    def pipe(a, b):
-        try:
-            while True:
-                data = a.recv(65536)
-                if not data:
-                    break
-                b.sendall(data)
-        except OSError:
-            pass
-        for s in (a, b):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-    def serve(conn):
-        up = ctx.wrap_socket(socket.create_connection((host, int(api_port))),
-                             server_hostname=host)
-        threading.Thread(target=pipe, args=(conn, up), daemon=True).start()
-        pipe(up, conn)
-    server = socket.create_server(('127.0.0.1', int(port)))
-    print('relaying', flush=True)
-    while True:
-        conn, _ = server.accept()
-        threading.Thread(target=serve, args=(conn,), daemon=True).start()
-''')
-
-
 def guest_files(lc, folder):
     """A guest certificate of the lab's CA, as a client keeps it."""
     ssl_dir = os.path.join(lc.config_dir, 'ssl')
@@ -451,27 +417,20 @@ def test_metrics_health_mon_and_page_follow_a_switch_and_a_takeover(
 def page_in_chromium(lc, certs, tmp, token):
     """The status page of hA as headless Chromium renders it, live: the
     browser has no client certificate, so it goes through a relay in hW that
-    adds the guest one; it is driven over the DevTools protocol until the
-    page says "live" and shows the history."""
+    adds the guest one; it waits until the page says "live" and shows the
+    history."""
     if shutil.which('chromium') is None:
         pytest.skip('no chromium (tools/setup.sh installs it)')
-    relay, driver = (os.path.join(lc.lab.workdir, n)
-                     for n in ('relay.py', 'browse.py'))
-    for path, text in ((relay, RELAY), (driver, BROWSE)):
-        with open(path, 'w') as f:
-            f.write(text)
-    proc = lc.lab['hW'].spawn([sys.executable, relay, '8443',
-                               lc.lab['hA'].address, '1215', certs],
-                              name='relay', env=lc.env())
+    host = lc.lab['hW']
+    proc = relay(host, 8443, lc.lab['hA'].address, 1215, certs, lc.env())
     try:
-        wait_for(lambda: 'relaying' in open(proc.log_path).read(), 10,
-                 what='the relay')
-        shot = os.path.join(tmp, 'status-page.png')
-        dom = lc.lab['hW'].run([
-            sys.executable, driver, 'http://127.0.0.1:8443/ui', shot,
-            "document.getElementById('live').textContent === 'live' &&"
-            " !!document.querySelector('[data-kind=takeover]')"],
-            env=dict(lc.env(), HOME=tmp), timeout=60).stdout
+        with Browser(host, 'http://127.0.0.1:8443/ui', lc.lab.workdir,
+                     env=lc.env(), size='1000,820') as browser:
+            browser.wait("document.getElementById('live').textContent ==="
+                         " 'live' && !!document.querySelector("
+                         "'[data-kind=takeover]')")
+            dom = browser.dom()
+            shot = browser.shot(os.path.join(tmp, 'status-page.png'))
     finally:
         proc.kill()
         proc.wait()
@@ -485,68 +444,3 @@ def page_in_chromium(lc, certs, tmp, token):
     if os.environ.get('SLAPOSHA_SCREENSHOT'):
         # Refreshed on request only: docs/status-page.png is committed.
         shutil.copy(shot, SCREENSHOT)
-
-
-# Runs in a host: headless Chromium driven over the DevTools protocol on a
-# pipe (fds 3 and 4, NUL-ended JSON): open URL, wait until WAIT_JS is true
-# (20 s at most), print the DOM, save a screenshot to SHOT.
-BROWSE = textwrap.dedent('''\
-    import base64, json, os, subprocess, sys, tempfile, time
-    url, shot, wait_js = sys.argv[1:4]
-    to_r, to_w = os.pipe()
-    from_r, from_w = os.pipe()
-    profile = tempfile.mkdtemp(prefix='chromium-')
-    proc = subprocess.Popen(
-        ['sh', '-c', 'exec "$@" 3<&%d 4>&%d' % (to_r, from_w), 'sh',
-         'chromium', '--headless', '--no-sandbox', '--disable-gpu',
-         '--remote-debugging-pipe', '--user-data-dir=' + profile,
-         '--hide-scrollbars', '--window-size=1000,820', url],
-        pass_fds=(to_r, from_w), stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
-    os.close(to_r)
-    os.close(from_w)
-    pending, count = [b''], [0]
-    def call(method, params=None, session=None):
-        count[0] += 1
-        message = {'id': count[0], 'method': method, 'params': params or {}}
-        if session:
-            message['sessionId'] = session
-        os.write(to_w, json.dumps(message).encode() + b'\\0')
-        while True:
-            while b'\\0' not in pending[0]:
-                chunk = os.read(from_r, 1 << 20)
-                if not chunk:
-                    sys.exit('chromium ended')
-                pending[0] += chunk
-            raw, pending[0] = pending[0].split(b'\\0', 1)
-            answer = json.loads(raw)
-            if answer.get('id') == count[0]:
-                if 'error' in answer:
-                    sys.exit('%s: %s' % (method, answer['error']))
-                return answer['result']
-    def evaluate(expression, session):
-        return call('Runtime.evaluate', {'expression': expression,
-                                         'returnByValue': True},
-                    session)['result'].get('value')
-    try:
-        deadline = time.time() + 20
-        page = None
-        while page is None and time.time() < deadline:
-            page = next((t['targetId'] for t in call('Target.getTargets')
-                         ['targetInfos'] if t['type'] == 'page'), None)
-        session = call('Target.attachToTarget', {'targetId': page,
-                                                 'flatten': True})['sessionId']
-        while not evaluate(wait_js, session):
-            if time.time() > deadline:
-                sys.exit('the page never showed it: %s' % wait_js)
-            time.sleep(0.2)
-        dom = evaluate('document.documentElement.outerHTML', session)
-        png = call('Page.captureScreenshot', {'format': 'png'},
-                   session)['data']
-        with open(shot, 'wb') as f:
-            f.write(base64.b64decode(png))
-        print(dom)
-    finally:
-        proc.kill()
-        proc.wait()
-''')

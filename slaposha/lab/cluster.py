@@ -35,7 +35,7 @@ TOP = os.path.dirname(os.path.dirname(os.path.dirname(
 class LabCluster(object):
 
     def __init__(self, lab, hosts, witnesses=(), services=None, name=None,
-                 settings='', tls=False, external_etcd=None):
+                 settings='', tls=False, external_etcd=None, config_dir=None):
         self.lab = lab
         self.hosts = list(hosts)
         self.witnesses = list(witnesses)
@@ -46,7 +46,8 @@ class LabCluster(object):
         # A host that runs a plain etcd started by the lab, which the
         # cluster uses as an external one ([etcd] mode = external).
         self.external_etcd = external_etcd
-        self.config_dir = os.path.join(lab.workdir, 'config')
+        # Several clusters in one lab each have their own folder.
+        self.config_dir = config_dir or os.path.join(lab.workdir, 'config')
         self.cluster_file = os.path.join(self.config_dir, 'cluster.cfg')
         self.agents = {}
         self.write_config()
