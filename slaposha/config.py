@@ -23,7 +23,7 @@ from collections import OrderedDict
 __all__ = [
     'ConfigError', 'Key', 'load_cluster', 'load_service', 'load_services',
     'register_resource_kind', 'resource_kinds', 'DEFAULT_CLUSTER_FILE',
-    'CLUSTER_SCHEMA', 'SERVICE_SCHEMA',
+    'CLUSTER_SCHEMA', 'SERVICE_SCHEMA', 'describe_sections',
 ]
 
 DEFAULT_CLUSTER_FILE = '/etc/opt/slaposha/cluster.cfg'
@@ -680,14 +680,21 @@ def load_services(cluster):
     return [load_service(os.path.join(folder, n), cluster) for n in names]
 
 
+def describe_sections(schema, named=()):
+    """The lines of ``schema`` ({section: keys}): a title per section
+    (``[<section> <name>]`` for those in ``named``), a line per key."""
+    lines = []
+    for section, keys in schema.items():
+        lines.append('[%s <name>]' % section if section in named
+                     else '[%s]' % section)
+        lines.extend('  ' + k.describe() for k in keys.values())
+    return lines
+
+
 def describe_schema():
     """Every key of both files, one per line, for ``slaposha config keys``."""
-    lines = ['# cluster file']
-    for section, keys in CLUSTER_SCHEMA.items():
-        title = '[%s <name>]' % section if section in _NAMED_SECTIONS \
-            else '[%s]' % section
-        lines.append(title)
-        lines.extend('  ' + k.describe() for k in keys.values())
+    lines = ['# cluster file'] + describe_sections(CLUSTER_SCHEMA,
+                                                   _NAMED_SECTIONS)
     lines.append('# service file')
     lines.append('[service]')
     lines.extend('  ' + k.describe() for k in SERVICE_SCHEMA.values())

@@ -45,7 +45,7 @@ __all__ = [
     'revoke', 'Revocations', 'cert_role', 'cert_name', 'check_issued_by',
     'check_key_matches', 'write_file', 'write_key', 'write_cert',
     'load_key', 'load_cert', 'load_csr', 'load_crl', 'serial_text',
-    'role_from_peercert', 'describe',
+    'role_from_peercert', 'describe', 'is_ca',
 ]
 
 # Roles of operators, most powerful first; hosts have the role HOST_ROLE.
@@ -340,6 +340,15 @@ def sign_csr(ca_key, ca_cert, csr, role, address=None, days=None):
 def cert_name(cert):
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     return names[0].value if names else None
+
+
+def is_ca(cert):
+    """True for a certificate that may sign others (a CA's)."""
+    try:
+        return cert.extensions.get_extension_for_class(
+            x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
 
 
 def cert_role(cert):

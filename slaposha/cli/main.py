@@ -53,7 +53,9 @@ def config_check(args):
 
 @command('config keys', 'list every configuration key with its default')
 def config_keys(args):
+    from slaposha.portal.config import describe
     print(config.describe_schema())
+    print(describe())
     return 0
 
 
@@ -320,6 +322,7 @@ _action('takeover', help='move a service to this host')
 _action('freeze', help='the agents neither start nor stop the service')
 _action('thaw', help='undo freeze')
 from slaposha.cli import pki as _pki  # noqa: E402,F401 (cluster, cert)
+from slaposha.cli import portal as _portal  # noqa: E402,F401 (portal)
 
 
 def _node(args):
