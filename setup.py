@@ -22,9 +22,10 @@ setup(
     + ['slaposha.recipes'],
     package_dir={'slaposha.recipes': 'recipes'},
     include_package_data=True,
-    # What the HTTPS API serves (its OpenAPI description, the status page)
-    # and the lab's software releases.
+    # What the HTTPS API and the portal serve (their OpenAPI descriptions,
+    # their pages) and the lab's software releases.
     package_data={'slaposha.api': ['openapi.json', 'ui.html'],
+                  'slaposha.portal': ['openapi.json', 'page.html'],
                   'slaposha.lab': ['sr/*/*']},
     install_requires=[
         'requests',

@@ -1,4 +1,4 @@
-"""``slaposha portal init|check``: the portal of many clusters
+"""``slaposha portal serve|init|check``: the portal of many clusters
 (:mod:`slaposha.portal`) from the command line."""
 
 import os
@@ -21,6 +21,26 @@ UserError = _cli().UserError
 _CONFIG = (('--config',), dict(metavar='FILE', help='the portal file'
                                ' (default /etc/opt/slaposha/portal.cfg or'
                                ' $SLAPOSHA_PORTAL_CONFIG)'))
+
+
+@command('portal serve', 'run the portal in the foreground: every cluster of'
+         ' the portal file on one page and in one JSON API, over HTTPS',
+         [_CONFIG])
+def portal_serve(args):
+    import threading
+    from slaposha.agent import install_stop_signals
+    from slaposha.portal.config import load_portal
+    from slaposha.portal.server import Portal
+    config = load_portal(args.config)
+    _cli()._setup_logging('portal')
+    stop = threading.Event()
+    install_stop_signals(stop.set)
+    portal = Portal(config).start()
+    try:
+        stop.wait()
+    finally:
+        portal.stop()
+    return 0
 
 
 @command('portal init', 'create the portal CA (whose certificates may use'
