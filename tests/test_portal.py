@@ -4,13 +4,17 @@ JSON API.
 These tests put the portal in front of stand-in clusters: the agents'
 real HTTPS API (slaposha.api.https, each cluster with its own CA) over a
 stand-in agent without etcd, as tests/test_api.py does; what is tested is
-the portal between them and its users.
+the portal between them and its users. The lab test runs two real clusters
+(etcd members, agents) and drives the page in headless Chromium: both
+clusters shown, an action from the page moves a service, a cluster cut off
+shows as unreachable while the other keeps updating.
 """
 
 import json
 import os
 import shutil
 import sys
+import textwrap
 import threading
 import time
 
@@ -24,6 +28,10 @@ from slaposha.cli.main import main
 from slaposha.lab import wait_for
 from slaposha.portal.config import load_portal
 from slaposha.portal.server import OPENAPI_PATH, ROUTES, Portal
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOP = os.path.dirname(HERE)
+SCREENSHOT = os.path.join(TOP, 'docs', 'portal.png')
 
 
 # -- stand-in clusters --------------------------------------------------------
@@ -593,3 +601,139 @@ def test_fuzz_from_the_openapi_description_finds_no_5xx(clusters):
     assert count[0] > 60
     assert clusters.request('guest', 'GET', '/api/whoami').status_code == 200
 
+# -- in the lab, with a browser -----------------------------------------------
+
+def cluster_certs(lc, folder):
+    """The portal's operator certificate for a lab cluster, as `slaposha
+    cert issue --dir` leaves it (the cluster's CA key stays where it is)."""
+    ssl_dir = os.path.join(lc.config_dir, 'ssl')
+    ca = os.path.join(ssl_dir, 'ca.crt')
+    return operator_dir(folder, pki.load_key(os.path.join(ssl_dir, 'ca.key')),
+                        pki.load_cert(ca), ca, 'operator')
+
+
+@pytest.mark.lab
+def test_two_lab_clusters_in_a_browser_switch_and_one_cut_off(make_lab,
+                                                              tmp_path):
+    if shutil.which('chromium') is None:
+        pytest.skip('no chromium (tools/setup.sh installs it)')
+    from slaposha.lab.browser import Browser, relay
+    from slaposha.lab.cluster import LabCluster, Observer, check_no_overlap
+    lab = make_lab(['hA', 'hB', 'hW', 'hC', 'hP'])
+    marker = str(86400 + int(lab.id, 16))
+    app = '[app#main]\ncommand = exec sleep %s\n' % marker
+    east = LabCluster(lab, ['hA', 'hB'], ['hW'], tls=True, name='east',
+                      config_dir=os.path.join(lab.workdir, 'east'),
+                      services={'web': '[service]\nhosts = hA hB\n' + app},
+                      settings='[agent]\nmonitor_interval = 0.5\n')
+    west = LabCluster(lab, ['hC'], tls=True, name='west',
+                      config_dir=os.path.join(lab.workdir, 'west'),
+                      services={'db': app.replace('main', 'db')})
+    folder = str(tmp_path)
+    # The portal: its CA made by `portal init` (the key kept elsewhere), a
+    # user's certificate by `cert issue`, an operator certificate per
+    # cluster; it runs in hP, which reaches both clusters.
+    portal_file = os.path.join(folder, 'portal.cfg')
+    address = lab['hP'].address
+    with open(portal_file, 'w') as f:
+        f.write(textwrap.dedent('''\
+            [portal]
+            name = lab portal
+            listen = %s
+            poll_interval = 1
+            request_timeout = 2
+            [cluster east]
+            site = paris
+            endpoints = https://%s:1215 https://%s:1215
+            cert_dir = %s
+            [cluster west]
+            site = lille
+            endpoints = https://%s:1215
+            cert_dir = %s
+        ''' % (address, lab['hA'].address, lab['hB'].address,
+               cluster_certs(east, os.path.join(folder, 'east')),
+               lab['hC'].address,
+               cluster_certs(west, os.path.join(folder, 'west')))))
+    ca_key = os.path.join(folder, 'portal-ca', 'ca.key')
+    assert main(['portal', 'init', '--config', portal_file, '--ca-key',
+                 ca_key, '--name', 'portal']) == 0
+    alice = os.path.join(folder, 'alice')
+    assert main(['cert', 'issue', 'alice', '--role', 'operator', '--ca-key',
+                 ca_key, '--ca-cert', os.path.join(folder, 'portal',
+                                                   'ca.crt'),
+                 '--dir', alice]) == 0
+    observer = Observer(lab, marker, hosts=['hA', 'hB']).start()
+    procs = []
+    try:
+        east.start()
+        west.start()
+        procs.append(lab['hP'].spawn(
+            east.command('portal', 'serve', '--config', portal_file),
+            name='portal', env=east.env()))
+        wait_for(lambda: 'lab portal on https://' in open(
+            procs[0].log_path).read(), 20, what='the portal serving')
+        procs.append(relay(lab['hP'], 8443, address, 1216, alice,
+                           east.env()))
+        _, first = east.wait_owner('web', 'hA')
+        with Browser(lab['hP'], 'http://127.0.0.1:8443/', lab.workdir,
+                     env=east.env()) as page:
+            # Both clusters, live, each with its service where it runs.
+            page.wait("document.getElementById('live').textContent === 'live'"
+                      " && !!document.querySelector('[data-cluster=east]"
+                      "[data-state=ok] tr[data-service=web][data-owner=hA]')"
+                      " && !!document.querySelector('[data-cluster=west]"
+                      "[data-state=ok] tr[data-service=db][data-owner=hC]')",
+                      60)
+            # An action from the page: confirmed, sent, followed to its end.
+            page.eval("document.querySelector('[data-cluster=east]"
+                      " tr[data-service=web] button[data-action=switch]')"
+                      ".click()")
+            text = page.wait("document.getElementById('veil').className"
+                             " === 'open' && document.getElementById("
+                             "'confirm').textContent")
+            assert 'web runs on hA with token %d' % first in text
+            page.eval("document.getElementById('confirm-to').value = 'hB';"
+                      " document.getElementById('confirm-go').click()")
+            done = page.wait("document.getElementById('result')"
+                             ".getAttribute('data-outcome') === 'done' &&"
+                             " document.getElementById('result').textContent",
+                             30)
+            _, second = east.wait_owner('web', 'hA', not_host='hA')
+            assert 'web: moving to hB' in done and \
+                'runs on hB (token %d)' % second in done, done
+            observer.wait_running('hB', 15)
+            # Its page: the switch in its history, by the portal's
+            # certificate (the portal's log names the user, below).
+            page.eval("location.hash = '#/east/web'")
+            row = page.wait("(document.querySelector('#service[data-page="
+                            "\"east/web\"] [data-kind=switch]') || {})"
+                            ".textContent", 20)
+            assert 'hAhB%doperator portal' % second in row, row
+            page.eval("location.hash = ''")
+            # hC cut off: west is shown unreachable, east keeps updating.
+            lab.partition(['hC'])
+            east.cli('hA', 'freeze', 'web')
+            page.wait("!!document.querySelector('[data-cluster=west]"
+                      "[data-state=unreachable] tr[data-service=db]') &&"
+                      " !!document.querySelector('[data-cluster=east]"
+                      " tr[data-service=web][data-frozen=true]"
+                      "[data-owner=hB]')", 30)
+            dom = page.dom()
+            shot = page.shot(os.path.join(folder, 'portal.png'))
+        assert 'no agent answers' in dom
+        with open(shot, 'rb') as f:
+            assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+        if os.environ.get('SLAPOSHA_SCREENSHOT'):
+            shutil.copy(shot, SCREENSHOT)   # docs/portal.png, on request
+        check_no_overlap(observer)
+        log = open(procs[0].log_path).read()
+        assert 'portal: alice (operator): switch web on east to hB: web:' \
+            ' moving to hB' in log, log[-2000:]
+    finally:
+        observer.stop()
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        for lc in (east, west):
+            for host in lc.hosts:
+                lc.stop_agent(host)
