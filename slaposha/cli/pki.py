@@ -9,22 +9,11 @@ CA key is (``cert sign``), the certificate comes back (``cert install``).
 
 import json
 import os
-import sys
 
+from slaposha.cli import main_module
 
-def _cli():
-    # `python -m slaposha.cli.main` runs main.py as __main__: register the
-    # commands there, not in a second copy of slaposha.cli.main.
-    main = sys.modules.get('__main__')
-    spec = getattr(main, '__spec__', None)
-    if spec is not None and spec.name == 'slaposha.cli.main':
-        return main
-    from slaposha.cli import main
-    return main
-
-
-command = _cli().command
-UserError = _cli().UserError
+command = main_module().command
+UserError = main_module().UserError
 
 
 def _pki():

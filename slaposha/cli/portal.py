@@ -2,21 +2,11 @@
 (:mod:`slaposha.portal`) from the command line."""
 
 import os
-import sys
 
+from slaposha.cli import main_module
 
-def _cli():
-    # As slaposha.cli.pki: register in the running slaposha.cli.main.
-    main = sys.modules.get('__main__')
-    spec = getattr(main, '__spec__', None)
-    if spec is not None and spec.name == 'slaposha.cli.main':
-        return main
-    from slaposha.cli import main
-    return main
-
-
-command = _cli().command
-UserError = _cli().UserError
+command = main_module().command
+UserError = main_module().UserError
 
 _CONFIG = (('--config',), dict(metavar='FILE', help='the portal file'
                                ' (default /etc/opt/slaposha/portal.cfg or'
@@ -32,7 +22,7 @@ def portal_serve(args):
     from slaposha.portal.config import load_portal
     from slaposha.portal.server import Portal
     config = load_portal(args.config)
-    _cli()._setup_logging('portal')
+    main_module()._setup_logging('portal')
     stop = threading.Event()
     install_stop_signals(stop.set)
     portal = Portal(config).start()

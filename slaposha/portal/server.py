@@ -136,13 +136,7 @@ class _Handler(_ApiHandler):
     def _route_page(self, who, params, raw):
         return 200, _Text(self.server.api.page, 'text/html; charset=utf-8')
 
-    def _route_openapi(self, who, params, raw):
-        return 200, self.server.api.openapi
-
-    def _route_whoami(self, who, params, raw):
-        return 200, {'name': who.name, 'role': who.role,
-                     'serial': pki.serial_text(who.serial),
-                     'may': list(PERMISSIONS[who.role])}
+    # /openapi.json and /api/whoami: the agents' API's own handlers.
 
     def _route_view(self, who, params, raw):
         portal = self.server.api
