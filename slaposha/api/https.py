@@ -174,6 +174,17 @@ def identify_peer(conn, revocations):
     return Identity(role, name, serial)
 
 
+def server_context(ca, cert, key):
+    """The TLS side of a server that shows ``cert`` and requires client
+    certificates of ``ca``; ssl.SSLError or OSError for unusable files."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cafile=ca)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
 _VOLATILE = frozenset(['time', 'time_left'])
 
 
@@ -516,11 +527,7 @@ class HttpsApi(object):
                               ' %o): chmod 600 it' % (key, mode))
         try:
             ca_cert = pki.load_cert(ca)
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-            ctx.verify_mode = ssl.CERT_REQUIRED
-            ctx.load_verify_locations(cafile=ca)
-            ctx.load_cert_chain(cert, key)
+            ctx = server_context(ca, cert, key)
         except (pki.PkiError, ssl.SSLError, OSError) as e:
             raise ConfigError(self.cluster.path, 'cluster', 'ssl_dir',
                               'cannot use %s, %s and %s: %s'

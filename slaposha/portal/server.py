@@ -33,7 +33,7 @@ from slaposha.api import ACTIONS, ApiError, _body
 from slaposha.api.client import ApiRefused, ApiUnreachable
 from slaposha.api.https import (PERMISSIONS, UI_PATH, Route, _Handler as
                                 _ApiHandler, _Server as _ApiServer, _Text,
-                                identify_peer)
+                                identify_peer, server_context)
 from slaposha.config import ConfigError
 from slaposha.portal.feed import ClusterFeed, certificate_may_act
 from slaposha.portal.view import (CLUSTER_STATES, SERVICE_STATES, Filters,
@@ -215,11 +215,7 @@ class Portal(object):
     def _context(self):
         ca, cert, key, crl = self.config.files()
         try:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-            ctx.verify_mode = ssl.CERT_REQUIRED
-            ctx.load_verify_locations(cafile=ca)
-            ctx.load_cert_chain(cert, key)
+            ctx = server_context(ca, cert, key)
         except (ssl.SSLError, OSError) as e:
             raise ConfigError(self.config.path, 'portal', 'ssl_dir',
                               'cannot use %s, %s and %s: %s'
