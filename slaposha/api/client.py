@@ -241,7 +241,8 @@ def _one_line(text):
 # NewConnectionError(...: [Errno 111] Connection refused))").
 _REASON = re.compile(r"\[Errno -?\d+\] [^'\"()]+|Read timed out|Connection to"
                      r" \S+ timed out|certificate verify failed[^'\"()]*|"
-                     r"\[SSL: [A-Z_]+\] [^\"()]+")
+                     r"\[SSL: [A-Z_]+\] [^\"()]+|Connection reset by peer|"
+                     r"Remote end closed connection without response")
 
 
 def _reason(error):
