@@ -92,11 +92,13 @@ class StandInAgent(object):
         self.cluster = cluster
         self.host = host
         self.decision_log = []
+        self.etcd = 'ok'
 
     def local_status(self):
         c = self.cluster
         with c.lock:
-            return {'host': self.host, 'time': time.time(), 'etcd': 'ok',
+            return {'host': self.host, 'time': time.time(),
+                    'etcd': self.etcd,
                     'lease': {'id': '1', 'valid': True, 'time_left': 2.0,
                               'lost': None},
                     'services': {s: {
@@ -107,6 +109,9 @@ class StandInAgent(object):
                         for s, o in c.owner.items()}}
 
     def cluster_status(self):
+        if self.etcd != 'ok':
+            return {'cluster': self.cluster.name, 'host': self.host,
+                    'etcd': self.etcd, 'local': self.local_status()}
         return dict(self.cluster.status(self.host),
                     local=self.local_status())
 
@@ -367,6 +372,23 @@ def test_portal_shows_both_clusters_relays_actions_and_marks_the_silent_one(
     r = clusters.request('guest', 'GET', '/api/clusters/east/services/nope')
     assert r.status_code == 404 and 'services: web' in error_line(r)
 
+    # An agent cut off from etcd: the view comes from another, and says so.
+    followed = east_agent = None
+    for host in ('hA', 'hB'):
+        if clusters.apis[host].url == clusters.view()['east']['via']:
+            followed, east_agent = host, clusters.apis[host].agent
+    east_agent.etcd = 'cannot read the cluster: no endpoint answered'
+    other = {'hA': 'hB', 'hB': 'hA'}[followed]
+    cut_off = 'the agent of %s: cannot read the cluster: no endpoint' \
+        ' answered' % followed
+    view = clusters.wait(lambda v: v['east']['via'] ==
+                         clusters.apis[other].url and
+                         cut_off in v['east']['problems'] and v,
+                         'east seen from %s' % other)
+    assert view['east']['problems'] == ['web is frozen', cut_off]
+    assert [s['name'] for s in view['east']['services']] == ['web']
+    east_agent.etcd = 'ok'
+
     # The event stream: a view now, and the silent cluster shown as such
     # while the other keeps changing.
     events = requests.get(clusters.url + '/api/events', stream=True,
@@ -377,11 +399,12 @@ def test_portal_shows_both_clusters_relays_actions_and_marks_the_silent_one(
     assert set(next(stream)) == {'east', 'west'}
     clusters.apis['hC'].stop()
     clusters.stand_ins['east'].move('web', 'hB', 'takeover')
+    moved = clusters.stand_ins['east'].token['web']
     began = time.monotonic()
     seen = None
     for seen in stream:
         if seen['west']['state'] == 'unreachable' and \
-                seen['east']['services'][0]['token'] == 20:
+                seen['east']['services'][0]['token'] == moved:
             break
         assert time.monotonic() - began < 10, seen['west']
     events.close()

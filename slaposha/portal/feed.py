@@ -135,7 +135,14 @@ class ClusterFeed(object):
                         return
                     if event == 'status' and isinstance(data, dict):
                         self._got_status(data, url, streamed=True)
-            error = 'the event stream ended'
+                        if data.get('etcd') != 'ok' and \
+                                len(self.endpoints) > 1:
+                            # Cut off from etcd's majority, maybe alone:
+                            # another agent may see the whole cluster.
+                            error = 'its agent cannot read etcd'
+                            break
+                else:
+                    error = 'the event stream ended'
         except ApiError as e:
             error = _one_line(e)
         with self._lock:
@@ -276,9 +283,12 @@ class ClusterFeed(object):
     def _preferred(self):
         """The endpoints, those that answered last first."""
         with self._lock:
-            first = [self.streaming, self.status_via] + [
-                u for u in self.endpoints
-                if 'error' not in (self.answers.get(u) or {'error': 1})]
+            return self._preferred_locked()
+
+    def _preferred_locked(self):
+        first = [self.streaming, self.status_via] + [
+            u for u in self.endpoints
+            if 'error' not in (self.answers.get(u) or {'error': 1})]
         order = []
         for url in first + self.endpoints:
             if url and url not in order:
@@ -301,12 +311,17 @@ class ClusterFeed(object):
             if to:
                 body['to'] = to
             urls = self._preferred()
-        error = None
+        error = ApiUnreachable('no agent of cluster %s answered within'
+                               ' action_timeout' % self.name)
+        deadline = time.monotonic() + self.settings.action_timeout
         for url in urls:
+            left = deadline - time.monotonic()
+            if left < 0.1:
+                break
             try:
-                with self._client(url, self.settings.action_timeout) as c:
-                    answer = c.request('POST', '/services/%s/%s'
-                                       % (service, verb), body)
+                with self._client(url, left) as client:
+                    answer = client.request('POST', '/services/%s/%s'
+                                            % (service, verb), body)
                 return url, answer.get('message', '')
             except ApiUnreachable as e:
                 error = e   # the intent is idempotent: the next agent
@@ -315,7 +330,9 @@ class ClusterFeed(object):
     def history_now(self):
         """The history as the first agent that answers has it now (the
         cached one when none answers)."""
-        for url in self._preferred():
+        with self._lock:
+            urls = [] if self.unreachable else self._preferred_locked()
+        for url in urls:
             self._read_history(url, again=True)
             with self._lock:
                 if self.history_error is None:

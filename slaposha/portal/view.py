@@ -129,6 +129,10 @@ def cluster_view(snap, history_kept=20, user_may_act=False):
             if agent['error']:
                 problems.append('the API of %s does not answer: %s' % (
                     agent['host'] or agent['url'], agent['error']))
+        for host, (local, at) in sorted(locals_by_host.items()):
+            if local.get('etcd', 'ok') != 'ok':
+                problems.append('the agent of %s: %s' % (host,
+                                                         local['etcd']))
     if 'state' not in entry:
         entry['state'] = 'degraded' if problems else 'ok'
     return entry
