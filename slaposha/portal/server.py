@@ -348,9 +348,11 @@ class Portal(object):
         """A service's page: the service, its cluster, its takeovers and
         switches, and the decisions about it of each agent that answers."""
         feed = self._feed(cluster)
-        snap, svc = self._service(feed, name)
-        entry = self.cluster(who, cluster)
-        service = next(s for s in entry['services'] if s['name'] == name)
+        snap, _ = self._service(feed, name)
+        # The service as the same snapshot shows it.
+        entry = cluster_view(snap, self.settings.history_kept,
+                             'act' in PERMISSIONS[who.role])
+        service = [s for s in entry['services'] if s['name'] == name][0]
         decisions, errors = feed.decisions(name)
         history = feed.history_now() or []
         return {
