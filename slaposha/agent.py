@@ -39,7 +39,7 @@ import socket
 import threading
 import time
 
-from slaposha import __version__, history, intents
+from slaposha import __version__, history, intents, placement
 from slaposha.cgroup import Cgroup, CgroupError, own_cgroup
 from slaposha.cluster.etcd import Client, EtcdError
 from slaposha.cluster.lease import HostLease, Membership, Ownership, keys
@@ -155,7 +155,9 @@ class Agent(object):
                 continue
             svc = Service(conf, self.cgroup_root, self.log_dir)
             self.slots[conf.name] = ServiceSlot(
-                svc, Ownership(self.client, self.keys, conf.name, self.host))
+                svc, Ownership(self.client, self.keys, conf.name, self.host,
+                               placement.claims(self.keys, conf, self.host)))
+        self.owners = {}           # {service: owner host}, as last read
         self.api = None
         self.https_api = None
         self.health_api = None
@@ -440,6 +442,7 @@ class Agent(object):
             self._etcd_down('cannot read the cluster: %s' % e)
             return
         self.etcd_problem = None
+        self.owners = {n: v.owner.value for n, v in views.items() if v.owner}
         # We hold a lease: we are alive, announced or not yet.
         alive.setdefault(self.host, self._health())
         for name, slot in sorted(self.slots.items()):
@@ -538,16 +541,27 @@ class Agent(object):
         (None, reason). A valid switch names its host; else the most
         preferred live host that did not just fail it. Just after the agent
         started, a more preferred host that has not joined yet is waited
-        for."""
+        for. A host that runs a service excluding this one is never chosen
+        (slaposha.placement)."""
         hosts = slot.conf.hosts
+        blocked = []
+
+        def free(host):
+            why = placement.blocking(self.confs, self.owners, self.confs[
+                slot.service.name], host)
+            if why:
+                blocked.append(why)
+            return why is None
         switch = view.switch
         if switch and time.time() - (switch.get('at') or 0) > \
                 slot.conf.stop_timeout + slot.conf.start_timeout:
             switch = None  # it never happened: back to the preferences
-        if switch and switch.get('to') in hosts and switch['to'] in alive:
+        if switch and switch.get('to') in hosts and switch['to'] in alive \
+                and free(switch['to']):
             return switch['to'], 'an operator switched it to %s' % switch['to']
         target = view.target or {}
-        if target.get('host') in hosts and target['host'] in alive:
+        if target.get('host') in hosts and target['host'] in alive and \
+                free(target['host']):
             return target['host'], 'an operator started it on %s' \
                 % target['host']
         if slot.conf.orchestrate != 'ha':
@@ -565,10 +579,12 @@ class Agent(object):
                             host, self.cluster.agent.startup_grace)
                 continue
             if slot.service.name in health.get('failed', ()) or \
-                    slot.service.name in health.get('ineligible', {}):
+                    slot.service.name in health.get('ineligible', {}) or \
+                    not free(host):
                 continue
             return host, '%s is the preferred live host' % host
-        return None, 'no live host can run it'
+        return None, 'no live host can run it%s' % (
+            ': ' + '; '.join(dict.fromkeys(blocked)) if blocked else '')
 
     def _decide(self, slot, view, alive):
         slot.view = view
@@ -627,9 +643,7 @@ class Agent(object):
             return
         token = slot.ownership.acquire(self.lease.id)
         if token is None:
-            holder = slot.ownership.holder
-            self.decide(slot, 'wait', '%s took the owner key first'
-                        % (holder.value if holder else 'another host'))
+            self.decide(slot, 'wait', self._refused(slot), once=True)
             return
         slot.token = token
         slot.owner = self.host
@@ -641,6 +655,22 @@ class Agent(object):
             intents.clear(self.client, self.keys, slot.service.name, 'switch')
         if slot.state == RUNNING:
             self._record_move(slot, view)
+
+    def _refused(self, slot):
+        """Why the owner key was not ours to take, as one line."""
+        own = slot.ownership
+        if own.holder is not None or own.blocker is None:
+            return '%s took the owner key first' % (
+                own.holder.value if own.holder else 'another host')
+        # The claim of this host for an exclusive name is taken.
+        name = own.blocker.value
+        other = self.slots.get(name)
+        view = getattr(other, 'view', None)
+        return placement.refusal(
+            self.client, self.keys, self.host, own.blocker,
+            lambda n: other is not None and (other.token or
+                                             other.state != STOPPED),
+            view.owner if view is not None else None)
 
     def _record_move(self, slot, view):
         """A takeover or a switch ended here: count it and keep it in the
@@ -892,8 +922,8 @@ class Agent(object):
         by = params.get('by') or 'operator on %s' % self.host
         client = self.action_client
         try:
-            view = intents.read(client, self.keys).get(name) or \
-                intents.View(name)
+            views = intents.read(client, self.keys)
+            view = views.get(name) or intents.View(name)
             if verb == 'freeze':
                 intents.set_frozen(client, self.keys, name, True, by=by)
                 return '%s frozen: the agents will neither start nor stop' \
@@ -937,6 +967,13 @@ class Agent(object):
                     if why and not params.get('force'):
                         raise ActionError('%s may not run %s: %s'
                                           % (to, name, why))
+                    # Not even with force: their paths collide there.
+                    why = placement.blocking(self.confs, {
+                        n: v.owner.value for n, v in views.items()
+                        if v.owner}, self.confs[name], to)
+                    if why:
+                        raise ActionError('%s cannot run %s: %s' % (
+                            to, name, why))
                 if verb == 'start':
                     intents.set_target(client, self.keys, name,
                                        'started', host=to, by=by)
@@ -1004,6 +1041,7 @@ class Agent(object):
                 view.state.get('host') == view.owner.value else None
             services[name] = {
                 'orchestrate': conf.service.orchestrate,
+                'exclusive': conf.service.exclusive,
                 'hosts': conf.service.hosts,
                 'owner': view.owner.value if view.owner else None,
                 'token': view.owner.create_revision if view.owner else None,

@@ -576,6 +576,10 @@ SERVICE_SCHEMA = _keys(
         ' whole service', minimum=0.1),
     Key('stop_timeout', 'duration', 60.0, 'time allowed to stop the whole'
         ' service', minimum=0.1),
+    Key('exclusive', 'names', [], 'services that share one of these names'
+        ' never run on one host at once (every SlapOS node service:'
+        ' exclusive = slapos-node); a host running one is skipped when'
+        ' another is placed'),
 )
 
 # Keys every resource section has, whatever its kind.
@@ -677,7 +681,18 @@ def load_services(cluster):
     except OSError as e:
         raise ConfigError(folder, message='cannot read the services folder:'
                           ' %s' % (e.strerror or e))
-    return [load_service(os.path.join(folder, n), cluster) for n in names]
+    services = [load_service(os.path.join(folder, n), cluster)
+                for n in names]
+    from slaposha.placement import collisions
+    found = collisions(services)
+    if found:
+        a, b, host, path = found
+        raise ConfigError(b.path, 'service', 'exclusive', '%s and %s may both'
+                          ' run on %s and both use %s there: give them a'
+                          ' common exclusive name (e.g. exclusive ='
+                          ' slapos-node) or different paths' % (
+                              a.name, b.name, host, path))
+    return services
 
 
 def describe_sections(schema, named=()):

@@ -90,6 +90,8 @@ def render(status, only=None):
             head += ' not running anywhere'
         head += '   orchestrate %s   hosts %s' % (
             svc.get('orchestrate'), ' '.join(svc.get('hosts', [])))
+        if svc.get('exclusive'):
+            head += '   exclusive %s' % ' '.join(svc['exclusive'])
         lines.append(head)
         for label, key in (('FROZEN', 'frozen'), ('switch', 'switch'),
                            ('target', 'target')):

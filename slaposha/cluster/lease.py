@@ -196,31 +196,43 @@ class HostLease(object):
 class Ownership(object):
     """The owner key of one service, and the writes its owner makes."""
 
-    def __init__(self, client, keys, service, host):
+    def __init__(self, client, keys, service, host, claims=()):
         self.client = client
         self.keys = keys
         self.service = service
         self.host = host
         self.key = keys.owner(service)
+        # Keys taken with the owner key, on the same lease, that must be
+        # free too (slaposha.placement: exclusive services on one host).
+        self.claims = list(claims)
         self.token = None
+        self.holder = None
+        self.blocker = None
 
     def acquire(self, lease_id, timeout=None):
-        """Take the owner key if it is free. Returns the fencing token, or
-        None with the current owner's KeyValue in ``self.holder``."""
+        """Take the owner key (and the claims) if all are free. Returns the
+        fencing token, or None with the current owner's KeyValue in
+        ``self.holder`` and the first claim found taken in ``self.blocker``
+        (its value names the service that holds it)."""
+        keys = [self.key] + self.claims
         result = self.client.txn(
-            compare=[Compare.create_revision(self.key, '==', 0)],
-            success=[Op.put(self.key, self.host, lease=lease_id)],
-            failure=[Op.range(self.key)], timeout=timeout)
+            compare=[Compare.create_revision(k, '==', 0) for k in keys],
+            success=[Op.put(k, self.host if k == self.key else self.service,
+                            lease=lease_id) for k in keys],
+            failure=[Op.range(k) for k in keys], timeout=timeout)
         if result.succeeded:
             self.token = result.revision
-            self.holder = None
+            self.holder = self.blocker = None
             return self.token
-        holders = result.responses[0] if result.responses else []
-        self.holder = holders[0] if holders else None
+        found = [(r[0] if r else None) for r in result.responses]
+        found += [None] * (len(keys) - len(found))
+        self.holder = found[0]
+        self.blocker = next((kv for kv in found[1:] if kv is not None), None)
         # A replayed txn (its first answer lost) fails on our own key.
         if self.holder is not None and self.holder.lease == lease_id and \
                 self.holder.value == self.host:
             self.token = self.holder.create_revision
+            self.blocker = None
             return self.token
         self.token = None
         return None
@@ -246,7 +258,8 @@ class Ownership(object):
         if not self.token:
             return False
         result = self.client.txn(compare=self.guard(),
-                                 success=[Op.delete(self.key)],
+                                 success=[Op.delete(k) for k in
+                                          [self.key] + self.claims],
                                  timeout=timeout)
         self.token = None
         return result.succeeded
