@@ -45,8 +45,8 @@ import xmlrpc.client
 
 from slaposha.config import Key
 from slaposha.resources import (
-    DOWN, UP, WARN, Resource, ResourceError, Status, announce, copy_folder,
-    register)
+    DOWN, UP, WARN, Resource, ResourceError, Status, announce, register)
+from slaposha.slapos import identity
 from slaposha.slapos.node import (
     NodeError, compare, fingerprint, load_node, local_facts)
 
@@ -268,9 +268,6 @@ class Slapos(Resource):
         self.tls = tls
         self.host = host
 
-    def _identity_copy(self, node):
-        return os.path.join(node.instance_root, '.slaposha', 'identity')
-
     def _install_identity(self):
         """A new owner puts the identity kept in the data in place."""
         if not self.conf.identity:
@@ -279,15 +276,7 @@ class Slapos(Resource):
             node = load_node(self.conf.cfg)
         except NodeError:
             return  # no slapos.cfg here: the preflight says so
-        copy = self._identity_copy(node)
-        if os.path.isdir(copy):
-            copy_folder(copy, self.conf.identity, delete=False)
-
-    def _save_identity(self, node):
-        copy = self._identity_copy(node)
-        os.makedirs(os.path.dirname(copy), mode=0o700, exist_ok=True)
-        os.chmod(os.path.dirname(copy), 0o700)
-        copy_folder(self.conf.identity, copy, delete=True)
+        identity.install(node, self.conf.identity)
 
     def tick(self):
         """On the owner, every agent cycle: start the background work when
@@ -309,11 +298,11 @@ class Slapos(Resource):
             name='%s-standbys' % self.rid, daemon=True)
         self._worker.start()
 
-    def _keep_ready(self, identity, software):
+    def _keep_ready(self, save_identity, software):
         try:
             node = load_node(self.conf.cfg)
-            if identity:
-                self._save_identity(node)
+            if save_identity:
+                identity.save(node, self.conf.identity)
             if software:
                 self._copy_software(node)
         except (NodeError, ResourceError) as e:
