@@ -203,6 +203,15 @@ class Host(object):
             with open(path, 'w'):
                 pass
         binds = []
+        for layer in self.lab.layers:
+            # The machine's folder seen through the host's own changes,
+            # which survive its restarts (as a disk would keep them).
+            top = os.path.join(self.root, 'layers', layer.strip('/'))
+            for sub in ('upper', 'work'):
+                os.makedirs(os.path.join(top, sub), exist_ok=True)
+            binds.append('mount -t overlay overlay -o lowerdir=%s,upperdir='
+                         '%s/upper,workdir=%s/work %s' % (layer, top, top,
+                                                         layer))
         for own in self.lab.paths:
             src = os.path.join(self.root, own.strip('/'))
             if os.path.isfile(own):
@@ -305,7 +314,8 @@ class Lab(object):
     :meth:`start` and :meth:`teardown` (also on failure)."""
 
     def __init__(self, hosts=('hA', 'hB'), paths=HOST_PATHS,
-                 run_root=RUN_ROOT, work_root=WORK_ROOT, shared=None):
+                 run_root=RUN_ROOT, work_root=WORK_ROOT, shared=None,
+                 layers=()):
         if len(set(hosts)) != len(hosts) or not hosts:
             raise LabError('host names must be given and distinct: %r'
                            % (hosts,))
@@ -316,6 +326,9 @@ class Lab(object):
         # the same path on every host, as identical installs of the peers
         # (the SlapOS node's /opt/slapos), without its real parents.
         self.shared = dict(shared or {})
+        # Folders each host sees as the machine's with its own changes on
+        # top (an overlay): /etc, for users that a host creates, its cron.
+        self.layers = tuple(layers)
         self.run_root = run_root
         self.work_root = work_root
         self.id = None

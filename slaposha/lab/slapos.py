@@ -28,7 +28,7 @@ __all__ = ['make_node', 'copy_node', 'partition_address', 'slapos_command',
            'answer', 'route_partitions', 'node_install', 'deploy_node',
            'slapgrid', 'NODE', 'SR_URL', 'post_record', 'records',
            'BTRFS_PATHS', 'btrfs_srv', 'post_records', 'request',
-           'slaposha_release', 'SLAPOSHA_URL']
+           'slaposha_release', 'SLAPOSHA_URL', 'node_address', 'CRON']
 
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -75,10 +75,12 @@ software_min_free_space = 16
 instance_min_free_space = 16
 
 [slapformat]
-input_definition_file = /etc/opt/slapos/slapformat-definition.cfg
-computer_xml = /etc/opt/slapos/slapos.xml
+%(definition)scomputer_xml = /etc/opt/slapos/slapos.xml
 partition_amount = %(count)d
-alter_user = false
+partition_base_name = slappart
+user_base_name = slapuser
+tap_base_name = slaptap
+alter_user = %(alter_user)s
 alter_network = true
 interface_name = lab0
 ipv6_interface = lab0
@@ -161,15 +163,22 @@ def route_partitions(host):
     host.run(['ip', 'route', 'replace', '10.213.1.0/24', 'dev', 'lab0'])
 
 
-def _prepare(lab, node, master, partitions, others, slapos):
+def _prepare(lab, node, master, partitions, others, slapos, usual=False):
     """slapos.cfg and the pinned definition on every host, slapproxy
-    started in ``master`` with ``slapos``, ``node`` formatted."""
+    started in ``master`` with ``slapos``, ``node`` formatted. ``usual``:
+    as a node installed the usual way, on ``node`` only: format chooses the
+    addresses and creates the users (slapsoft, slapuserN)."""
     m = lab[master]
     for name in (node, master) + tuple(others):
         host = lab[name]
         with open(host.path('/etc/opt/slapos/slapos.cfg'), 'w') as f:
-            f.write(SLAPOS_CFG % {'computer': COMPUTER, 'master': m.address,
-                                  'count': partitions})
+            f.write(SLAPOS_CFG % {
+                'computer': COMPUTER, 'master': m.address,
+                'count': partitions, 'alter_user': str(usual).lower(),
+                'definition': '' if usual else 'input_definition_file = '
+                '/etc/opt/slapos/slapformat-definition.cfg\n'})
+        if usual:
+            continue
         with open(host.path('/etc/opt/slapos/slapformat-definition.cfg'),
                   'w') as f:
             f.write(_definition(host, partitions))
@@ -310,25 +319,33 @@ def slapgrid(host, *args, timeout=300, check=True):
 
 def deploy_node(lab, node='hA', master='hM', others=('hB',), partitions=1,
                 title='records', software=SR_URL, software_type=None,
-                parameters=None):
+                parameters=None, usual=False):
     """A SlapOS node deployed by SlapOS itself: slapproxy in ``master``, the
     real `slapos node format`, then ``software`` (by default recordstore,
     SR_URL) supplied, requested as ``title`` (with ``software_type`` and
     ``parameters``, see :func:`request`) and built and instantiated by the
     real `slapos node software` and `slapos node instance` (buildout runs
     as the partition's user). The lab must share NODE
-    (:func:`node_install`). Returns the proxy's Popen."""
+    (:func:`node_install`). ``usual``: installed as a node usually is, in a
+    lab whose hosts have /etc of their own (``Lab(layers=('/etc',))``):
+    format chooses the addresses and creates the users, the node runs from
+    cron (/etc/cron.d/slapos-node, :data:`CRON`). Returns the proxy's
+    Popen."""
     if not lab.shared.get(NODE):
         raise LabError('deploy_node: the lab must share %s (Lab(...,'
                        ' shared={NODE: node_install()}))' % NODE)
     proxy = _prepare(lab, node, master, partitions, others,
-                     NODE + '/bin/slapos')
+                     NODE + '/bin/slapos', usual)
     a = lab[node]
-    # slapgrid refuses to run buildout as root: the software user and the
-    # partitions' user is nobody in the lab (the hosts share /etc/passwd).
-    a.run(['chown', '65534:65534', '/opt/slapgrid'])
-    for n in range(partitions):
-        a.run(['chown', '65534:65534', '/srv/slapgrid/slappart%d' % n])
+    if usual:
+        a.run(['sh', '-c', 'cat > /etc/cron.d/slapos-node'], input=CRON)
+    else:
+        # slapgrid refuses to run buildout as root: the software user and
+        # the partitions' user is nobody in the lab (the hosts share
+        # /etc/passwd).
+        a.run(['chown', '65534:65534', '/opt/slapgrid'])
+        for n in range(partitions):
+            a.run(['chown', '65534:65534', '/srv/slapgrid/slappart%d' % n])
     slapgrid(lab[master], 'supply', software, COMPUTER)
     request(lab, master, title, software, software_type, parameters)
     slapgrid(a, 'node', 'software', '--all')
@@ -336,6 +353,24 @@ def deploy_node(lab, node='hA', master='hM', others=('hB',), partitions=1,
     # programs are up on a fresh supervisord, hence the wait of the callers.
     slapgrid(a, 'node', 'instance')
     return proxy
+
+
+# The node's cron file, as the SlapOS package installs it (slapos.package's
+# slapos-node.cron.d), with the lab's slapos.cfg.
+CRON = '''SHELL=/bin/sh
+PATH=/usr/bin:/usr/sbin:/sbin:/bin
+MAILTO=""
+
+# Run "Installation/Destruction of Software Releases" and "Deploy/Start/Stop Partitions" once per minute
+* * * * * root %(slapos)s node software --cfg %(cfg)s > /dev/null 2>&1
+* * * * * root %(slapos)s node instance --cfg %(cfg)s > /dev/null 2>&1
+
+# Run "Destroy Partitions to be destroyed" once per hour
+0 * * * * root %(slapos)s node report --maximal_delay=3600 --cfg %(cfg)s > /dev/null 2>&1
+
+# Run "Check/add IPs and so on" once per hour
+0 * * * * root %(slapos)s node format --cfg %(cfg)s >> /var/log/slapos-node-format.log 2>&1
+''' % {'slapos': NODE + '/bin/slapos', 'cfg': '/etc/opt/slapos/slapos.cfg'}
 
 
 REQUEST = """
@@ -392,12 +427,20 @@ def slaposha_release():
     return SLAPOSHA_URL
 
 
-def post_record(lab, record, via='hO', timeout=2):
+def post_record(lab, record, via='hO', timeout=2, address=None):
     """Store ``record`` in recordstore's partition (the answer, "ok N", or
-    None when it does not answer)."""
-    return get(lab, via, 'http://%s:%d/records' % (partition_address(0),
-                                                     PORT), timeout,
-               data=record)
+    None when it does not answer); ``address``: the partition's, when
+    format chose it (:func:`node_address`)."""
+    return get(lab, via, 'http://%s:%d/records' % (
+        address or partition_address(0), PORT), timeout, data=record)
+
+
+def node_address(lab, host, n=0):
+    """Partition ``n``'s IPv4 address, as format chose it on ``host``."""
+    text = lab[host].run(['cat', '/srv/slapgrid/slappart%d/.slapos-resource'
+                          % n]).stdout
+    return [a['addr'] for a in json.loads(text)['address_list']
+            if ':' not in a['addr']][0]
 
 
 POSTER = """
@@ -416,20 +459,20 @@ print(json.dumps(acked))
 """
 
 
-def post_records(lab, items, via='hO', timeout=2):
+def post_records(lab, items, via='hO', timeout=2, address=None):
     """Store every record of ``items`` in one client process in ``via``;
     returns those the partition acknowledged (stored and fsynced)."""
-    url = 'http://%s:%d/records' % (partition_address(0), PORT)
+    url = 'http://%s:%d/records' % (address or partition_address(0), PORT)
     p = lab[via].run(['python3', '-c', POSTER, url, str(timeout)],
                      input=json.dumps(list(items)), timeout=600)
     return json.loads(p.stdout)
 
 
-def records(lab, via='hO', timeout=2):
+def records(lab, via='hO', timeout=2, address=None):
     """The records the partition serves (a list, maybe empty), or None
     when it does not answer."""
-    text = get(lab, via, 'http://%s:%d/records' % (partition_address(0),
-                                                     PORT), timeout)
+    text = get(lab, via, 'http://%s:%d/records' % (
+        address or partition_address(0), PORT), timeout)
     if text is None or not text.startswith('records '):
         return None
     return text.splitlines()[1:]
@@ -447,10 +490,11 @@ def btrfs_srv(lab, hosts, size='512M', first='hA'):
     """Give each of ``hosts`` (of a lab made with ``paths=BTRFS_PATHS``) a
     btrfs disk at /srv, mounted again after a restart (as from its fstab),
     as an operator would prepare the peers; make /srv/slapgrid a subvolume
-    on ``first``."""
+    on ``first`` (None: leave it to the node, a folder)."""
     for name in hosts:
         device = lab.add_disk(name, size, label='srv')
         subprocess.run(['mkfs.btrfs', '-q', '-f', device], check=True,
                        stdout=subprocess.DEVNULL)
         lab.mount_disk(name, device, '/srv')
-    lab[first].run(['btrfs', 'subvolume', 'create', '/srv/slapgrid'])
+    if first:
+        lab[first].run(['btrfs', 'subvolume', 'create', '/srv/slapgrid'])
