@@ -339,12 +339,13 @@ _SLAPOS_CFG = (('--slapos-cfg',), dict(
 
 
 @command('slapos fingerprint', 'print, as JSON, what a standby of this node'
-         ' must have the same (paths, uids, software releases, interfaces)',
-         [_SLAPOS_CFG])
+         ' must have the same (paths, uids, software releases, interfaces)'
+         ' and what preparing one needs (accounts, slapos.cfg, SlapOS'
+         ' install)', [_SLAPOS_CFG])
 def slapos_fingerprint(args):
     import json
-    from slaposha.slapos.node import fingerprint
-    print(json.dumps(fingerprint(_node(args)), indent=2, sort_keys=True))
+    from slaposha.slapos.standby import reference
+    print(json.dumps(reference(_node(args)), indent=2, sort_keys=True))
     return 0
 
 
@@ -434,6 +435,9 @@ def slapos_partitions(args):
         for key, value in sorted((row['parameters'] or {}).items()):
             print('    %s = %s' % (key, value))
     return 0
+
+
+from slaposha.cli import adopt as _adopt  # noqa: E402,F401 (slapos adopt...)
 
 
 @command('version', 'print the version of slaposha')

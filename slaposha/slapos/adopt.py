@@ -1,0 +1,792 @@
+"""``slaposha slapos adopt`` and ``release``: a running SlapOS node put
+under the cluster's care, and given back.
+
+:class:`Adoption` reads the node as it is, on its host: slapos.cfg, the
+partitions and their addresses (each ``.slapos-resource``), the cron
+entries that run slapgrid, re6st, where instance_root lives. Its
+:meth:`~Adoption.plan` says what moves with the node, what each peer must
+have and what changes on this host; :meth:`~Adoption.apply` does it, one
+idempotent step after the other, so that a run cut short is run again:
+
+1. ``state``: what the other steps change is written first into
+   ``<identity>/slaposha-adopt.json`` (the cron files, slapos.cfg's
+   ``input_definition_file``), which moves with the node: ``release``
+   undoes it from there, on whichever host runs the node then;
+2. ``cron``: the entries that run `slapos node ...` are disabled, kept in
+   their file (:mod:`slaposha.slapos.cron`): only the owner may run
+   slapgrid, as tasks of the service;
+3. ``data``: instance_root must be a btrfs subvolume below a btrfs file
+   system root (the ``btrfs`` driver replicates it). A folder on btrfs is
+   moved into a new subvolume at the same path with ``--convert``, the
+   node's programs stopped (a copy with reflinks, then two renames; the
+   old folder is kept); anything else is said, with the commands to get
+   there;
+4. ``definition``: ``slapos node format`` keeps today's addresses wherever
+   it runs: the definition file (as format's own ``output_definition_file``
+   writes it) is made from the partitions' ``.slapos-resource`` and
+   slapos.cfg's ``[slapformat] input_definition_file`` points to it (one
+   line changed, the rest of the file as it was);
+5. ``identity`` and ``parameters``: saved into the data at once (the
+   owner refreshes them afterwards), so a takeover right after finds them;
+6. ``service``: the service file, from the node's own settings: the data,
+   re6st if the node has it, the node, and its cron entries as tasks.
+   A service file already there is kept as it is.
+
+:func:`release` gives the node back to SlapOS on the host that ran it last,
+the service stopped: the service frozen in the cluster (no agent starts it
+again) and its file set aside here, the cron entries back, slapos.cfg as it
+was, then the node started as SlapOS starts it (format, supervisord, the
+programs), without buildout and without moving any data.
+"""
+
+import configparser
+import glob
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import xmlrpc.client
+
+from slaposha.slapos import cron, identity
+from slaposha.slapos.node import NodeError, load_node
+
+__all__ = ['Adoption', 'AdoptError', 'release', 'STATE', 'DEFINITION',
+           'EXCLUSIVE', 'read_state', 'slapos_command', 'data_state']
+
+STATE = 'slaposha-adopt.json'
+DEFINITION = 'slaposha-definition.cfg'
+# The exclusive name of every SlapOS node service: their paths collide.
+EXCLUSIVE = 'slapos-node'
+SUBVOLUME_INODE = 256
+
+
+class AdoptError(Exception):
+    """What keeps adopt or release from going on, as one line (or a few,
+    when they say how to get there)."""
+
+
+def _now():
+    return time.strftime('%Y-%m-%d %H:%M:%S')
+
+
+def _read_cfg(path):
+    config = configparser.ConfigParser(interpolation=None)
+    with open(path) as f:
+        config.read_file(f, source=path)
+    return config
+
+
+def _write_atomic(path, text, mode=0o644):
+    tmp = path + '.slaposha-tmp'
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, 'w') as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    if os.path.exists(path):
+        st = os.stat(path)
+        os.chmod(tmp, st.st_mode & 0o7777)
+        os.chown(tmp, st.st_uid, st.st_gid)
+    os.rename(tmp, path)
+
+
+def set_cfg_key(path, section, key, value):
+    """Set (or with ``value`` None, remove) ``key`` of ``[section]`` in an
+    ini file, changing that line only: comments and the rest stay."""
+    with open(path) as f:
+        lines = f.read().splitlines(True)
+    out, current, done = [], None, False
+    pattern = re.compile(r'^\s*%s\s*[=:]' % re.escape(key))
+    for line in lines:
+        header = re.match(r'^\s*\[([^\]]+)\]', line)
+        if header:
+            if current == section and not done and value is not None:
+                out.append('%s = %s\n' % (key, value))
+                done = True
+            current = header.group(1).strip()
+        elif current == section and pattern.match(line):
+            if not done and value is not None:
+                out.append('%s = %s\n' % (key, value))
+            done = True
+            continue
+        out.append(line)
+    if not done and value is not None:
+        if current != section:
+            if out and not out[-1].endswith('\n'):
+                out.append('\n')
+            out.append('\n[%s]\n' % section)
+        out.append('%s = %s\n' % (key, value))
+    _write_atomic(path, ''.join(out))
+
+
+def read_state(folder):
+    """The adoption record kept in the identity folder, or None."""
+    try:
+        with open(os.path.join(folder, STATE)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise AdoptError('%s: unreadable: %s' % (os.path.join(folder, STATE),
+                                                   e))
+
+
+def _write_state(folder, state):
+    _write_atomic(os.path.join(folder, STATE),
+                  json.dumps(state, indent=1, sort_keys=True) + '\n', 0o600)
+
+
+def data_state(path):
+    """('subvolume' | 'folder' | 'elsewhere', detail): whether ``path`` is a
+    btrfs subvolume below its file system's root ('subvolume'), a folder
+    that can become one where it is ('folder', the file system's mount
+    point), or neither (why)."""
+    from slaposha.replication import ReplicationError
+    from slaposha.replication.btrfs import Volume
+    try:
+        root = Volume(path).root
+    except ReplicationError as e:
+        return 'elsewhere', str(e).split(': ', 1)[-1]
+    try:
+        subvolume = os.lstat(path).st_ino == SUBVOLUME_INODE
+    except OSError:
+        return 'elsewhere', 'missing'
+    return ('subvolume' if subvolume else 'folder'), root
+
+
+def slapos_command(entries):
+    """The node's own `slapos` program: the one its cron entries run, else
+    /opt/slapos/bin/slapos, else `slapos` on PATH."""
+    for entry in entries:
+        first = entry.command.split()[0]
+        if os.path.basename(first) == 'slapos':
+            return first
+    if os.path.exists('/opt/slapos/bin/slapos'):
+        return '/opt/slapos/bin/slapos'
+    return shutil.which('slapos') or 'slapos'
+
+
+def slapos_version(command):
+    """slapos.core's version in the install of ``command``, or None."""
+    top = os.path.dirname(os.path.dirname(os.path.realpath(command)))
+    for pattern in ('lib/python*/site-packages/slapos[._]core-*.dist-info',
+                    'lib/python*/site-packages/slapos[._]core-*.egg-info',
+                    'eggs/slapos[._]core-*.egg'):
+        for path in sorted(glob.glob(os.path.join(top, pattern))):
+            m = re.match(r'slapos[._]core-([^-]+?)(\.dist-info|\.egg-info|'
+                         r'-py.*|\.egg)$', os.path.basename(path))
+            if m:
+                return m.group(1)
+    return None
+
+
+def _definition(node, computer_address=None):
+    """The text of a format definition file that pins every partition as
+    .slapos-resource says it is (format's write_computer_definition)."""
+    lines = ['# Written by `slaposha slapos adopt` from each partition\'s'
+             ' .slapos-resource:',
+             '# `slapos node format` keeps these addresses wherever the node'
+             ' runs.', '[computer]']
+    if computer_address:
+        lines.append('address = %s' % computer_address)
+    lines.append('software_user = %s' % node.software_user)
+    for n, part in enumerate(node.partitions()):
+        res = part.resource
+        addresses = ['%s/%s' % (a['addr'], a['netmask']) for a in
+                     res.get('address_list') or [] if a.get('addr')]
+        tap = res.get('tap') or {}
+        lines += ['', '[partition_%d]' % n,
+                  'address = %s' % ' '.join(addresses),
+                  'user = %s' % part.user,
+                  'pathname = %s' % part.id,
+                  'network_interface = %s' % (
+                      tap.get('name') if isinstance(tap, dict) and
+                      tap.get('name') else node.interface)]
+        rng = res.get('ipv6_range') or {}
+        if isinstance(rng, dict) and rng.get('network'):
+            lines.append('ipv6_range = %s' % rng['network'])
+    return '\n'.join(lines) + '\n'
+
+
+def _pinned(path):
+    """{pathname: sorted addresses} of a definition file, or None."""
+    try:
+        config = _read_cfg(path)
+    except (OSError, configparser.Error):
+        return None
+    found = {}
+    for section in config.sections():
+        if section.startswith('partition_'):
+            found[config[section].get('pathname')] = sorted(
+                config[section].get('address', '').split())
+    return found
+
+
+def _supervisord_pid(node):
+    """The pid of the node's instance supervisord, when it answers."""
+    from supervisor.xmlrpc import SupervisorTransport
+    transport = SupervisorTransport(None, None,
+                                    'unix://' + node.supervisord_socket)
+    transport.timeout = 2.0
+    try:
+        return xmlrpc.client.ServerProxy(
+            'http://127.0.0.1', transport=transport).supervisor.getPID()
+    except (OSError, xmlrpc.client.Error, socket.error):
+        return None
+
+
+def _slapgrid_running(config):
+    """The slapgrid runs going on (their pid files)."""
+    slapos = config['slapos'] if config.has_section('slapos') else {}
+    found = []
+    for key, default in (('pidfile_software', '/opt/slapos/slapgrid-sr.pid'),
+                         ('pidfile_instance', '/opt/slapos/slapgrid-cp.pid'),
+                         ('pidfile_report', '/opt/slapos/slapgrid-ur.pid')):
+        path = slapos.get(key, default)
+        try:
+            with open(path) as f:
+                pid = int(f.read().strip())
+            os.kill(pid, 0)
+            found.append('%s (pid %d)' % (key, pid))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def _human(n):
+    for unit in ('B', 'KB', 'MB', 'GB', 'TB'):
+        if n < 1024 or unit == 'TB':
+            return '%d %s' % (n, unit) if unit == 'B' else \
+                '%.1f %s' % (n, unit)
+        n /= 1024.0
+
+
+def _du(path):
+    p = subprocess.run(['du', '-sb', path], stdout=subprocess.PIPE,
+                       stderr=subprocess.DEVNULL, universal_newlines=True)
+    try:
+        return int(p.stdout.split()[0])
+    except (IndexError, ValueError):
+        return None
+
+
+class Step(object):
+    """One step of the adoption: its name, whether it is done, what it
+    does (or did), and what keeps it from being done, if anything."""
+
+    def __init__(self, name, done, text, blocker=None):
+        self.name = name
+        self.done = done
+        self.text = text
+        self.blocker = blocker
+
+
+class Adoption(object):
+    """The node of ``cfg`` on this host (``host`` of ``cluster``), to become
+    the service ``name`` on ``hosts``."""
+
+    def __init__(self, cfg, cluster, host, name=None, hosts=None,
+                 cron_dir=cron.CRON_DIR, crontab=cron.CRONTAB,
+                 re6st_config='/etc/re6stnet'):
+        try:
+            self.node = load_node(cfg)
+        except NodeError as e:
+            raise AdoptError(str(e))
+        self.cfg = self.node.config_path
+        self.config = _read_cfg(self.cfg)
+        self.cluster = cluster
+        self.host = host
+        if host not in cluster.cluster.hosts:
+            raise AdoptError('%s: this host is %r (--host, or the hostname),'
+                             ' not one of [cluster] hosts (%s)' % (
+                                 cluster.path, host,
+                                 ' '.join(cluster.cluster.hosts)))
+        self.name = name or re.sub(r'[^a-z0-9_.-]', '-',
+                                   self.node.computer_id.lower())
+        self.hosts = list(hosts) if hosts else [host] + [
+            h for h in cluster.cluster.hosts if h != host]
+        for h in self.hosts:
+            if h not in cluster.cluster.hosts:
+                raise AdoptError('--hosts: %r is not one of [cluster] hosts'
+                                 ' (%s)' % (h, ' '.join(
+                                     cluster.cluster.hosts)))
+        if host not in self.hosts:
+            raise AdoptError('--hosts: this host (%s) must be one of them'
+                             % host)
+        self.identity = os.path.dirname(self.cfg)
+        self.service_file = os.path.join(cluster.services_dir,
+                                         self.name + '.cfg')
+        self.cron_dir, self.crontab = cron_dir, crontab
+        self.entries = cron.entries(cron_dir, crontab)
+        self.re6st = re6st_config if os.path.exists(
+            os.path.join(re6st_config, 're6stnet.conf')) else None
+        self.partitions = self.node.partitions()
+        self.state = read_state(self.identity)
+        self.slapos = slapos_command(self.entries + [
+            cron.Entry(None, 0, '', '', c, False) for c in
+            (self.state or {}).get('commands', [])])
+
+    # -- what is there ---------------------------------------------------------
+
+    def _format_key(self):
+        fmt = self.config['slapformat'] if self.config.has_section(
+            'slapformat') else {}
+        return fmt.get('input_definition_file') or None
+
+    def _definition_path(self):
+        return os.path.join(self.identity, DEFINITION)
+
+    def _definition_done(self):
+        current = self._format_key()
+        today = {p.id: sorted('%s/%s' % (a['addr'], a['netmask']) for a in
+                              p.resource.get('address_list') or []
+                              if a.get('addr'))
+                 for p in self.partitions}
+        return current is not None and _pinned(current) == today
+
+    def _tasks(self):
+        """[(name, command, seconds)] from the node's cron entries."""
+        tasks, names = [], set()
+        for entry in self.entries or [
+                cron.Entry(None, 0, '* * * * *', 'root', c, False)
+                for c in (self.state or {}).get('commands', [])]:
+            seconds = cron.every(entry.timing)
+            if seconds is None:
+                continue  # @reboot: never under the agent
+            m = re.search(r'\bslapos\s+node\s+([a-z-]+)', entry.command)
+            base = m.group(1) if m else 'slapos'
+            name, n = base, 2
+            while name in names:
+                name, n = '%s-%d' % (base, n), n + 1
+            names.add(name)
+            tasks.append((name, entry.command, seconds))
+        return tasks
+
+    def service_text(self):
+        """The service file, from the node's own settings."""
+        def duration(seconds):
+            for unit, size in (('h', 3600), ('m', 60)):
+                if seconds % size == 0:
+                    return '%d%s' % (seconds // size, unit)
+            return '%ds' % seconds
+        slaposha = os.path.join(os.path.dirname(sys.executable), 'slaposha')
+        if not os.path.exists(slaposha):
+            slaposha = 'slaposha'
+        lines = [
+            '# The SlapOS node %s (%s) as a service of the cluster: written'
+            % (self.node.computer_id, self.cfg),
+            '# by `slaposha slapos adopt` on %s, %s. Yours to edit: adopt'
+            ' keeps it as it is.' % (self.host, _now()),
+            '[service]',
+            'hosts = %s' % ' '.join(self.hosts),
+            '# SlapOS nodes share their paths: never two on one host',
+            'exclusive = %s' % EXCLUSIVE,
+            '',
+            '# instance_root, sent to the standbys as btrfs snapshots',
+            '[btrfs#slapgrid]',
+            'volume = %s' % self.node.instance_root,
+            '']
+        if self.re6st:
+            lines += ['# the node\'s re6st identity and state, moved with it',
+                      '[re6st#mesh]', 'config = %s' % self.re6st,
+                      'cfg = %s' % self.cfg, '']
+        lines += ['# the partitions\' addresses, the instance supervisord and'
+                  ' the programs', '[slapos#node]', 'cfg = %s' % self.cfg,
+                  'identity = %s' % self.identity, '']
+        origin = sorted({e.path for e in self.entries}) or ['the cron entries'
+                                                           ' kept at adopt']
+        for name, command, seconds in self._tasks():
+            lines += ['# from %s: only where the node runs' % ', '.join(
+                origin), '[task#%s]' % name, 'command = %s' % command,
+                'schedule = %s' % duration(seconds), '']
+        lines += ['# the instance parameters, kept in the data',
+                  '[task#parameters]',
+                  'command = %s slapos save-parameters --slapos-cfg %s'
+                  % (slaposha, self.cfg), 'schedule = 5m', '']
+        return '\n'.join(lines)
+
+    def steps(self, convert=False):
+        """The steps, in the order apply takes them."""
+        steps = []
+        kept = os.path.join(self.identity, STATE)
+        steps.append(Step('state', self.state is not None, 'what adopt'
+                          ' changes is recorded in %s (moves with the node;'
+                          ' `slaposha slapos release` undoes it)' % kept))
+        enabled = [e for e in self.entries if not e.disabled]
+        steps.append(Step('cron', not enabled, '%s: %d cron entr%s that run'
+                          ' `slapos node` disabled, kept in their file' % (
+                              ', '.join(sorted({e.path for e in
+                                                self.entries})) or 'cron',
+                              len(self.entries),
+                              'y' if len(self.entries) == 1 else 'ies')
+                          if self.entries else 'no cron entry runs `slapos'
+                          ' node` here'))
+        kind, detail = data_state(self.node.instance_root)
+        root = self.node.instance_root
+        if kind == 'subvolume':
+            steps.append(Step('data', True, '%s is a btrfs subvolume (file'
+                              ' system at %s)' % (root, detail)))
+        elif kind == 'folder':
+            blocker = None
+            if not convert:
+                blocker = (
+                    '%s is a folder on the btrfs file system at %s, not a'
+                    ' subvolume: with the node\'s programs stopped (`%s node'
+                    ' supervisorctl --cfg %s shutdown`), run again with'
+                    ' --convert: it moves the data into a new subvolume at'
+                    ' the same path (a copy with reflinks: no data written'
+                    ' twice; the folder is kept as %s.before-slaposha)' % (
+                        root, detail, self.slapos, self.cfg, root))
+            steps.append(Step('data', False, 'the data of %s moved into a'
+                              ' new btrfs subvolume at the same path' % root,
+                              blocker))
+        else:
+            parent = os.path.dirname(root)
+            steps.append(Step('data', False, '%s on a btrfs subvolume' % root,
+                              '%s is %s: slaposha replicates it as a btrfs'
+                              ' subvolume below a btrfs file system root. To'
+                              ' get there, with the node\'s programs stopped:'
+                              '\n  mkfs.btrfs DEVICE     # a disk or'
+                              ' partition for the node\'s data'
+                              '\n  mount DEVICE /mnt && cp -a %s/. /mnt/ &&'
+                              ' umount /mnt'
+                              '\n  mv %s %s.before-slaposha && mkdir %s &&'
+                              ' mount DEVICE %s     # and in /etc/fstab'
+                              '\nthen run `slaposha slapos adopt --apply'
+                              ' --convert`: it makes %s a subvolume there' % (
+                                  root, 'not on btrfs (%s)' % detail
+                                  if 'btrfs' not in detail else detail,
+                                  parent, parent, parent, parent, parent,
+                                  root)))
+        steps.append(Step('definition', self._definition_done(),
+                          '`slapos node format` pins today\'s addresses: %s'
+                          ' [slapformat] input_definition_file = %s' % (
+                              self.cfg, self._format_key()
+                              if self._definition_done() else
+                              self._definition_path())))
+        copy = identity.copy_path(self.node)
+        steps.append(Step('identity', os.path.isdir(copy), 'the node\'s'
+                          ' identity (%s) saved into the data (%s)' % (
+                              self.identity, copy)))
+        from slaposha.slapos.parameters import parameters_path
+        steps.append(Step('parameters', os.path.exists(parameters_path(
+            self.node)), 'the instance parameters from the master (%s)'
+            ' saved into the data (%s)' % (self.node.master_url,
+                                          parameters_path(self.node))))
+        exists = os.path.exists(self.service_file)
+        steps.append(Step('service', exists, 'service file %s%s' % (
+            self.service_file, ' (kept as it is)' if exists else '')))
+        if not self.cluster.cluster.tls:
+            steps.insert(0, Step('cluster', False, 'the cluster replicates'
+                                 ' over TLS', '%s: [cluster] tls = false:'
+                                 ' the btrfs data replicates over TLS: set'
+                                 ' tls = true (and give each host its'
+                                 ' certificate)' % self.cluster.path))
+        return steps
+
+    def plan(self, convert=False):
+        """What adopt does (or did), as lines."""
+        node = self.node
+        started = [p.id for p in self.partitions if p.started]
+        size = _du(node.instance_root)
+        out = ['adopt %s (%s) as service %s of cluster %s, hosts %s' % (
+            node.computer_id, self.cfg, self.name, self.cluster.name,
+            ' '.join(self.hosts)), '',
+            'What moves with the node (to whichever host runs it):',
+            '  - %s: %d partition(s), %d started%s' % (
+                node.instance_root, len(self.partitions), len(started),
+                ', %s' % _human(size) if size is not None else ''),
+            '  - its identity %s (slapos.cfg, certificates) and the instance'
+            ' parameters, kept inside it' % self.identity]
+        addresses = node.addresses()
+        if addresses:
+            out.append('  - the partitions\' addresses: %s' % ', '.join(
+                '%s/%d on %s' % a for a in addresses[:6]) +
+                (' and %d more' % (len(addresses) - 6)
+                 if len(addresses) > 6 else ''))
+        if self.re6st:
+            out.append('  - re6st (%s): the node\'s place in the mesh'
+                       % self.re6st)
+        releases = node.software_releases()
+        out.append('  - %d software release(s) of %s, copied to each standby'
+                   ' once complete' % (len(releases), node.software_root))
+        peers = [h for h in self.hosts if h != self.host]
+        out += ['', 'What each peer (%s) must have (`slaposha slapos'
+                ' prepare-standby` does what it can):' % (
+                    ' '.join(peers) or 'none yet')]
+        from slaposha.slapos.node import fingerprint
+        users = fingerprint(node)['users']
+        out.append('  - the users with the same uids and gids: %s' % ', '.join(
+            '%s %d:%d' % (u, ids[0], ids[1]) for u, ids in
+            sorted(users.items()) if ids))
+        version = slapos_version(self.slapos)
+        out.append('  - the same SlapOS install: %s%s' % (
+            self.slapos, ' (slapos.core %s)' % version if version else ''))
+        out.append('  - %s on a btrfs file system (instance_root arrives as'
+                   ' snapshots), %s, interface(s) %s' % (
+                       os.path.dirname(node.instance_root),
+                       node.software_root, ' '.join(sorted({
+                           node.interface, node.ipv6_interface}))))
+        if self.re6st:
+            out.append('  - re6st installed, its own service disabled (the'
+                       ' agent runs the daemon where the node runs)')
+        out += ['', 'What changes on this host:']
+        for step in self.steps(convert):
+            out.append('  [%s] %s' % ('done' if step.done else
+                                      '    ', step.text))
+            if step.blocker and not step.done:
+                out += ['         ! ' + line
+                        for line in step.blocker.splitlines()]
+        return out
+
+    # -- doing it --------------------------------------------------------------
+
+    def apply(self, convert=False):
+        """Every step not done yet, in order; lines saying what was done.
+        Raises AdoptError (nothing changed) when a step cannot be done."""
+        steps = self.steps(convert)
+        for step in steps:
+            if step.blocker and not step.done:
+                raise AdoptError(step.blocker)
+        done = []
+        for step in steps:
+            if step.done and step.name not in ('state', 'identity'):
+                continue
+            line = getattr(self, '_do_' + step.name)()
+            if line:
+                done.append(line)
+        return done
+
+    def _do_state(self):
+        state = self.state or {'adopted': _now(), 'host': self.host,
+                               'service': self.name, 'cron': {},
+                               'commands': []}
+        # Only what is not recorded yet: a run after a failure must keep
+        # the originals, not what the first run changed.
+        for path in sorted({e.path for e in self.entries}):
+            if path not in state['cron']:
+                with open(path) as f:
+                    state['cron'][path] = f.read()
+        for entry in self.entries:
+            if entry.command not in state['commands']:
+                state['commands'].append(entry.command)
+        state.setdefault('input_definition_file', self._format_key())
+        if state != self.state:
+            _write_state(self.identity, state)
+            self.state = state
+            return 'recorded what adopt changes in %s' % os.path.join(
+                self.identity, STATE)
+        return None
+
+    def _do_cron(self):
+        changed = cron.disable(self.entries)
+        self.entries = cron.entries(self.cron_dir, self.crontab)
+        return 'cron: %d entr%s disabled (%s)' % (
+            changed, 'y' if changed == 1 else 'ies', ', '.join(sorted(
+                {e.path for e in self.entries})))
+
+    def _do_data(self):
+        root = self.node.instance_root
+        busy = _slapgrid_running(self.config)
+        pid = _supervisord_pid(self.node)
+        if pid or busy:
+            raise AdoptError(
+                'the node is running (%s): stop its programs first: `%s node'
+                ' supervisorctl --cfg %s shutdown` (its cron entries are'
+                ' disabled now), then run again' % (
+                    ', '.join((['instance supervisord pid %d' % pid]
+                               if pid else []) + busy), self.slapos,
+                    self.cfg))
+        new = root + '.slaposha-new'
+        old = root + '.before-slaposha'
+        if os.path.lexists(old) and not os.path.exists(root):
+            pass  # cut between the two renames: the copy is complete
+        else:
+            if os.path.lexists(new):  # a copy cut short: again
+                _btrfs(['subvolume', 'delete', new])
+            if os.path.lexists(old):
+                raise AdoptError('%s exists already (an earlier conversion):'
+                                 ' move it away first' % old)
+            _btrfs(['subvolume', 'create', new])
+            st = os.stat(root)
+            p = subprocess.run(['cp', '-a', '--reflink=auto', root + '/.',
+                                new + '/'], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT,
+                               universal_newlines=True)
+            if p.returncode:
+                raise AdoptError('cannot copy %s into the new subvolume: %s'
+                                 % (root, p.stdout.strip()[-300:]))
+            os.chown(new, st.st_uid, st.st_gid)
+            os.chmod(new, st.st_mode & 0o7777)
+            os.rename(root, old)
+        os.rename(new, root)
+        return 'data: %s is now a btrfs subvolume; the former folder is kept' \
+            ' as %s (delete it once the node runs well)' % (root, old)
+
+    def _do_definition(self):
+        path = self._definition_path()
+        _write_atomic(path, _definition(self.node))
+        set_cfg_key(self.cfg, 'slapformat', 'input_definition_file', path)
+        self.config = _read_cfg(self.cfg)
+        return 'definition: %s pins the addresses of %d partition(s); %s' \
+            ' [slapformat] input_definition_file points to it' % (
+                path, len(self.partitions), self.cfg)
+
+    def _do_identity(self):
+        copy = identity.save(self.node, self.identity)
+        return 'identity: %s saved into %s' % (self.identity, copy)
+
+    def _do_parameters(self):
+        from slaposha.slapos.parameters import ParametersError, fetch, save
+        try:
+            path = save(self.node, fetch(self.node, timeout=10))
+        except ImportError:
+            return 'parameters: not saved (the slap library, slapos.core, is' \
+                ' not installed with slaposha)'
+        except ParametersError as e:
+            return 'parameters: not saved now (%s); the service\'s task saves' \
+                ' them every 5 minutes' % e
+        return 'parameters: saved in %s' % path
+
+    def _do_service(self):
+        os.makedirs(os.path.dirname(self.service_file), exist_ok=True)
+        _write_atomic(self.service_file, self.service_text())
+        from slaposha.config import load_service
+        load_service(self.service_file, self.cluster)  # what agents will say
+        return 'service: %s written; copy it to the services folder of every' \
+            ' host (%s)' % (self.service_file, ' '.join(self.hosts))
+
+
+def _btrfs(args):
+    p = subprocess.run(['btrfs'] + args, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, universal_newlines=True)
+    if p.returncode:
+        raise AdoptError('btrfs %s: %s' % (' '.join(args),
+                                            p.stdout.strip()[-300:]))
+
+
+# -- release --------------------------------------------------------------------
+
+def release(cfg, cluster, host, agent=None, apply=False, start=True,
+            cron_dir=cron.CRON_DIR, crontab=cron.CRONTAB):
+    """Give the adopted node back to SlapOS on this host. ``agent(method,
+    route, body)`` asks this host's agent (None: no agent answers). Returns
+    lines: the plan, or what was done with ``apply``."""
+    try:
+        node = load_node(cfg)
+    except NodeError as e:
+        raise AdoptError(str(e))
+    folder = os.path.dirname(node.config_path)
+    state = read_state(folder)
+    if state is None:
+        raise AdoptError('%s: no %s: this node was not adopted (or its'
+                         ' identity is not on this host)' % (folder, STATE))
+    name = state['service']
+    if not os.path.isdir(node.instance_root) or \
+            data_state(node.instance_root)[0] != 'subvolume':
+        raise AdoptError('%s is not here: release the node on the host that'
+                         ' ran it last' % node.instance_root)
+    notes = []
+    if agent is not None:
+        status = agent('GET', '/status', None)
+        svc = (status.get('services') or {}).get(name)
+        if svc is None and status.get('services') is not None:
+            notes.append('the agents do not know %s' % name)
+        elif svc is not None and svc.get('owner'):
+            raise AdoptError('%s runs on %s: stop it first (`slaposha stop %s`:'
+                             ' its programs stop and a last snapshot goes to'
+                             ' the standbys), then release it on %s' % (
+                                 name, svc['owner'], name, svc['owner']))
+        history = agent('GET', '/history', None).get('history') or []
+        moves = [h for h in history if h.get('service') == name]
+        last = moves[-1]['to'] if moves else state.get('host')
+        if last != host:
+            raise AdoptError('%s ran on %s last, not here: release it there'
+                             ' (its data is the newest there)' % (name, last))
+    else:
+        notes.append('no agent answers here: make sure no agent runs %s any'
+                     ' more (its service file is set aside here; remove it'
+                     ' on the other hosts too)' % name)
+    service_file = os.path.join(cluster.services_dir, name + '.cfg')
+    entries = cron.entries(cron_dir, crontab)
+    disabled = [e for e in entries if e.disabled]
+    missing = [p for p in sorted(state.get('cron', {}))
+               if not any(e.path == p for e in entries)]
+    slapos = slapos_command(entries + [cron.Entry(None, 0, '', '', c, False)
+                                       for c in state.get('commands', [])])
+    restore_cfg = state.get('host') == host
+    plan = ['release %s (service %s) on %s: a plain SlapOS node again, no'
+            ' data moved' % (node.computer_id, name, host)]
+    plan += ['  - ' + n for n in notes]
+    steps = [
+        ('frozen in the cluster: no agent starts %s again' % name,
+         agent is not None),
+        ('%s set aside as %s.released' % (service_file, service_file),
+         os.path.exists(service_file)),
+        ('cron: %d entr%s back' % (len(disabled), 'y' if len(disabled) == 1
+                                   else 'ies'), bool(disabled)),
+        ('cron: %s written back as it was at adopt' % ', '.join(missing),
+         bool(missing)),
+        ('%s [slapformat] input_definition_file back to %s' % (
+            node.config_path, state.get('input_definition_file') or
+            '(none)') if restore_cfg else 'the pinned definition file is'
+         ' kept: it holds the addresses the node has (adopted on %s)'
+         % state.get('host'), restore_cfg),
+        ('the node started as SlapOS starts it, no buildout: `%s node format'
+         ' --now`, then `node start all`' % slapos, start),
+    ]
+    if not apply:
+        return plan + ['  [%s] %s' % ('    ' if todo else 'skip', text)
+                       for text, todo in steps]
+    done = []
+    if agent is not None:
+        agent('POST', '/services/%s/freeze' % name,
+              {'by': 'slaposha slapos release on %s' % host})
+        done.append('%s frozen: no agent starts it again' % name)
+    if os.path.exists(service_file):
+        os.rename(service_file, service_file + '.released')
+        done.append('%s set aside as %s.released' % (service_file,
+                                                      service_file))
+    if disabled:
+        cron.enable(disabled)
+        done.append('cron: %d entr%s back' % (
+            len(disabled), 'y' if len(disabled) == 1 else 'ies'))
+    for path in missing:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        _write_atomic(path, state['cron'][path])
+        done.append('cron: %s written back' % path)
+    if restore_cfg:
+        set_cfg_key(node.config_path, 'slapformat', 'input_definition_file',
+                    state.get('input_definition_file'))
+        done.append('%s: input_definition_file as it was' % node.config_path)
+    state['released'] = {'host': host, 'at': _now()}
+    _write_state(folder, state)
+    if start:
+        done += _start_node(node, slapos)
+    return done
+
+
+def _start_node(node, slapos):
+    """As SlapOS brings a node up, without buildout: its addresses (format,
+    with the pinned definition), its instance supervisord, the programs of
+    the started partitions."""
+    env = {'PATH': '/usr/sbin:/usr/bin:/sbin:/bin', 'HOME': '/root',
+           'LANG': 'C.UTF-8', 'SLAPOS_CONFIGURATION': node.config_path}
+    done = []
+    # `node start` launches the instance supervisord first, as slapgrid.
+    for args in (['node', 'format', '--now', '--cfg', node.config_path],
+                 ['node', 'start', '--cfg', node.config_path, 'all']):
+        p = subprocess.run([slapos] + args, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, universal_newlines=True,
+                           timeout=600)
+        # format exits 0, or with OFFLINE_SUCCESS when the master is away.
+        if p.returncode and not (args[1] == 'format' and p.returncode == 2):
+            raise AdoptError('`%s %s` failed (exit %d): %s' % (
+                slapos, ' '.join(args), p.returncode,
+                p.stdout.strip().splitlines()[-1:] or ''))
+        done.append('`slapos %s`: done' % ' '.join(args[:2]))
+    return done

@@ -1,0 +1,101 @@
+"""adopt's pieces without a lab: the cron entries that run a node, disabled
+and brought back as they were; slapos.cfg changed by one line; the format
+definition that pins what .slapos-resource says."""
+
+import json
+import os
+
+from slaposha.slapos import cron
+from slaposha.slapos.adopt import _definition, _pinned, set_cfg_key
+from slaposha.slapos.node import load_node
+
+CRON = '''SHELL=/bin/sh
+PATH=/usr/bin:/usr/sbin:/sbin:/bin
+MAILTO=root
+
+* * * * * root /opt/slapos/bin/slapos node software --verbose
+* * * * * root /opt/slapos/bin/slapos node instance --verbose
+SLAPOS_REPORT_COMMAND="/opt/slapos/bin/slapos node report --maximal_delay=3600"
+0 * * * * root $SLAPOS_REPORT_COMMAND
+0 * * * * root /opt/slapos/bin/slapos node format >> /opt/slapos/f.log 2>&1
+@reboot root /opt/slapos/bin/slapos node boot
+*/5 * * * * root /usr/bin/something-else
+'''
+
+
+def test_cron_entries_disabled_then_back_as_they_were(tmp_path):
+    (tmp_path / 'slapos-node').write_text(CRON)
+    os.chmod(tmp_path / 'slapos-node', 0o640)
+    (tmp_path / 'other.dpkg-old').write_text('* * * * * root slapos node x\n')
+    found = cron.entries(str(tmp_path), None)
+    assert [(e.line, e.timing) for e in found] == [
+        (5, '* * * * *'), (6, '* * * * *'), (8, '0 * * * *'),
+        (9, '0 * * * *'), (10, '@reboot')]
+    # The variable of the file is expanded, as cron's shell would.
+    assert found[2].command == '/opt/slapos/bin/slapos node report' \
+        ' --maximal_delay=3600'
+    assert cron.disable(found) == 5
+    text = (tmp_path / 'slapos-node').read_text()
+    assert text.count(cron.MARK) == 5 and 'something-else' in text
+    assert oct(os.stat(tmp_path / 'slapos-node').st_mode & 0o777) == '0o640'
+    again = cron.entries(str(tmp_path), None)
+    assert all(e.disabled for e in again) and len(again) == 5
+    assert cron.disable(again) == 0  # idempotent
+    assert cron.enable(again) == 5
+    assert (tmp_path / 'slapos-node').read_text() == CRON
+    assert cron.enable(cron.entries(str(tmp_path), None)) == 0
+
+
+def test_cron_timings_become_task_schedules():
+    assert cron.every('* * * * *') == 60
+    assert cron.every('*/5 * * * *') == 300
+    assert cron.every('0 * * * *') == 3600
+    assert cron.every('0 */2 * * *') == 7200
+    assert cron.every('30 3 * * *') == 86400
+    assert cron.every('@hourly') == 3600
+    assert cron.every('@reboot') is None  # `node boot` never under an agent
+
+
+def test_one_key_of_slapos_cfg_changes_the_rest_stays(tmp_path):
+    cfg = tmp_path / 'slapos.cfg'
+    text = ('[slapos]\n# the node\ncomputer_id = COMP-1\n\n[slapformat]\n'
+            'interface_name = lo\n# keep me\n\n[networkcache]\nx = 1\n')
+    cfg.write_text(text)
+    set_cfg_key(str(cfg), 'slapformat', 'input_definition_file', '/d.cfg')
+    assert cfg.read_text() == text.replace(
+        '# keep me\n\n[networkcache]',
+        '# keep me\n\ninput_definition_file = /d.cfg\n[networkcache]')
+    set_cfg_key(str(cfg), 'slapformat', 'input_definition_file', '/e.cfg')
+    assert 'input_definition_file = /e.cfg\n' in cfg.read_text()
+    set_cfg_key(str(cfg), 'slapformat', 'input_definition_file', None)
+    assert cfg.read_text() == text
+    cfg.write_text('[slapos]\ncomputer_id = C\n')
+    set_cfg_key(str(cfg), 'slapformat', 'input_definition_file', '/d.cfg')
+    assert cfg.read_text() == '[slapos]\ncomputer_id = C\n\n[slapformat]\n' \
+        'input_definition_file = /d.cfg\n'
+
+
+def test_the_definition_pins_what_format_recorded(tmp_path):
+    root = tmp_path / 'srv'
+    for n, (v4, v6) in enumerate([('10.0.0.7', 'fd00::7'),
+                                  ('10.0.0.9', 'fd00::9')]):
+        part = root / ('slappart%d' % n)
+        part.mkdir(parents=True)
+        (part / '.slapos-resource').write_text(json.dumps({
+            'user': {'name': 'slapuser%d' % n},
+            'address_list': [{'addr': v4, 'netmask': '255.255.255.255'},
+                             {'addr': v6, 'netmask': 'ffff:ffff::'}],
+            'ipv6_range': {'network': 'fd00:%d::/80' % n},
+            'tap': {'name': 'slaptap%d' % n}}))
+    cfg = tmp_path / 'slapos.cfg'
+    cfg.write_text('[slapos]\ncomputer_id = C\ninstance_root = %s\n'
+                   'software_root = /opt/slapgrid\n[slapformat]\n'
+                   'interface_name = eth0\n' % root)
+    text = _definition(load_node(str(cfg)))
+    assert '[partition_1]\naddress = 10.0.0.9/255.255.255.255' \
+        ' fd00::9/ffff:ffff::\nuser = slapuser1\npathname = slappart1\n' \
+        'network_interface = slaptap1\nipv6_range = fd00:1::/80\n' in text
+    (tmp_path / 'd.cfg').write_text(text)
+    assert _pinned(str(tmp_path / 'd.cfg')) == {
+        'slappart0': ['10.0.0.7/255.255.255.255', 'fd00::7/ffff:ffff::'],
+        'slappart1': ['10.0.0.9/255.255.255.255', 'fd00::9/ffff:ffff::']}
