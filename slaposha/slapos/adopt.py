@@ -774,6 +774,8 @@ def _start_node(node, slapos):
     """As SlapOS brings a node up, without buildout: its addresses (format,
     with the pinned definition), its instance supervisord, the programs of
     the started partitions."""
+    if _supervisord_pid(node):
+        return ['the node runs already (its instance supervisord answers)']
     env = {'PATH': '/usr/sbin:/usr/bin:/sbin:/bin', 'HOME': '/root',
            'LANG': 'C.UTF-8', 'SLAPOS_CONFIGURATION': node.config_path}
     done = []
