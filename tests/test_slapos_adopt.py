@@ -30,8 +30,8 @@ import pytest
 from slaposha.lab import wait_for
 from slaposha.lab.cluster import LabCluster
 from slaposha.lab.slapos import (
-    BTRFS_PATHS, NODE, btrfs_srv, deploy_node, node_address, node_install,
-    post_records, records, route_partitions, slapgrid)
+    BTRFS_PATHS, NODE, btrfs_srv, buildout_facts, deploy_node, node_address,
+    node_install, post_records, records, route_partitions, slapgrid)
 
 pytestmark = pytest.mark.lab
 
@@ -39,18 +39,7 @@ pytest.importorskip('slapos.grid.svcbackend',
                     reason='slapos.core is not installed')
 
 CFG = '/etc/opt/slapos/slapos.cfg'
-FACTS = """
-import hashlib, json, os
-part = '/srv/slapgrid/slappart0'
-print(json.dumps({n: [hashlib.sha256(open(os.path.join(part, n), 'rb').read()
-                                     ).hexdigest(),
-                      os.stat(os.path.join(part, n)).st_mtime]
-                  for n in ('.installed.cfg', '.timestamp', 'buildout.cfg')}))
-"""
-
-
-def facts(lab, host):
-    return json.loads(lab[host].run(['python3', '-c', FACTS]).stdout)
+facts = buildout_facts
 
 
 def addresses(lab, host):

@@ -9,7 +9,6 @@ the ``btrfs`` driver replicates; the agents move the node between two hosts
 address from the peer with every record it had acknowledged, without any
 buildout there."""
 
-import json
 import os
 import subprocess
 import time
@@ -19,8 +18,8 @@ import pytest
 from slaposha.lab import wait_for
 from slaposha.lab.cluster import LabCluster
 from slaposha.lab.slapos import (
-    BTRFS_PATHS, NODE, btrfs_srv, deploy_node, node_install, post_record,
-    post_records, records, route_partitions, slapgrid)
+    BTRFS_PATHS, NODE, btrfs_srv, buildout_facts, deploy_node, node_install,
+    post_record, post_records, records, route_partitions, slapgrid)
 
 pytestmark = pytest.mark.lab
 
@@ -37,26 +36,7 @@ SERVICE = '''
     [slapos#node]
 ''' % INTERVAL
 PART = '/srv/slapgrid/slappart0'
-
-
-FACTS = """
-import hashlib, json, os
-found = {}
-for name in ('.installed.cfg', '.timestamp', 'buildout.cfg',
-             'etc/service/recordsrv'):
-    path = os.path.join('%s', name)
-    with open(path, 'rb') as f:
-        found[name] = [hashlib.sha256(f.read()).hexdigest(),
-                       os.stat(path).st_mtime]
-print(json.dumps(found))
-""" % PART
-
-
-def facts(lab, host):
-    """What a buildout run would change: .installed.cfg (content, mtime),
-    .timestamp's mtime, the partition's buildout.cfg and program file
-    (read in the host: its /srv is its own disk)."""
-    return json.loads(lab[host].run(['python3', '-c', FACTS]).stdout)
+facts = buildout_facts
 
 
 def write(lab, first, count):

@@ -6,7 +6,6 @@ Each prints what it would do; ``--apply`` does it. Every step is
 idempotent: a run cut short is run again.
 """
 
-import json
 import sys
 
 from slaposha.cli import main_module
@@ -84,15 +83,7 @@ def _default_cfg():
          ])
 def slapos_prepare_standby(args):
     from slaposha.slapos.standby import Preparation, PrepareError
-    try:
-        if args.reference == '-':
-            ref = json.load(sys.stdin)
-        else:
-            with open(args.reference) as f:
-                ref = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError('%s: cannot read the fingerprint: %s'
-                        % (args.reference, e))
+    ref = main.read_reference(args.reference)
     try:
         prep = Preparation(ref, args.slapos_cfg, cron_dir=args.cron_dir)
         if not args.apply:

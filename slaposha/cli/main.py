@@ -349,23 +349,30 @@ def slapos_fingerprint(args):
     return 0
 
 
+def read_reference(path):
+    """An owner's fingerprint, from a file or - (stdin)."""
+    import json
+    try:
+        if path == '-':
+            return json.load(sys.stdin)
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError('%s: cannot read the fingerprint: %s' % (path, e))
+
+
 @command('slapos check', 'check that this host may be a standby of the node'
          ' described by a fingerprint: one line per thing to fix', [
              _SLAPOS_CFG,
              (('--reference',), dict(metavar='FILE', required=True,
                                      help='the owner\'s fingerprint (JSON, from'
-                                     ' `slaposha slapos fingerprint`)')),
+                                     ' `slaposha slapos fingerprint`), - for'
+                                     ' stdin')),
          ])
 def slapos_check(args):
-    import json
     from slaposha.slapos.node import compare, local_facts
     node = _node(args)
-    try:
-        with open(args.reference) as f:
-            reference = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError('%s: cannot read the fingerprint: %s'
-                        % (args.reference, e))
+    reference = read_reference(args.reference)
     problems = compare(reference, local_facts(node, reference))
     for line in problems:
         print('- %s' % line)

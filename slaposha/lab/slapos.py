@@ -28,7 +28,8 @@ __all__ = ['make_node', 'copy_node', 'partition_address', 'slapos_command',
            'answer', 'route_partitions', 'node_install', 'deploy_node',
            'slapgrid', 'NODE', 'SR_URL', 'post_record', 'records',
            'BTRFS_PATHS', 'btrfs_srv', 'post_records', 'request',
-           'slaposha_release', 'SLAPOSHA_URL', 'node_address', 'CRON']
+           'slaposha_release', 'SLAPOSHA_URL', 'node_address', 'CRON',
+           'buildout_facts']
 
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -433,6 +434,27 @@ def post_record(lab, record, via='hO', timeout=2, address=None):
     format chose it (:func:`node_address`)."""
     return get(lab, via, 'http://%s:%d/records' % (
         address or partition_address(0), PORT), timeout, data=record)
+
+
+BUILDOUT_FACTS = """
+import hashlib, json, os, sys
+found = {}
+for name in sys.argv[1:]:
+    path = os.path.join('/srv/slapgrid/slappart0', name)
+    with open(path, 'rb') as f:
+        found[name] = [hashlib.sha256(f.read()).hexdigest(),
+                       os.stat(path).st_mtime]
+print(json.dumps(found))
+"""
+
+
+def buildout_facts(lab, host, names=('.installed.cfg', '.timestamp',
+                                     'buildout.cfg',
+                                     'etc/service/recordsrv')):
+    """What a buildout run in partition 0 would change: these files'
+    content and mtime (read in the host: its /srv is its own disk)."""
+    return json.loads(lab[host].run(['python3', '-c', BUILDOUT_FACTS] +
+                                    list(names)).stdout)
 
 
 def node_address(lab, host, n=0):
