@@ -3,29 +3,34 @@
 On one machine, in the lab (network and mount namespaces, nothing leaves
 it): hA and hB can run the node, hW is a witness (an etcd member only), hM
 runs the SlapOS master (slapproxy), hO is a client outside the cluster.
-Each node host has its own btrfs disk at /srv; instance_root, /srv/slapgrid,
-is a subvolume.
+Each node host has its own btrfs disk at /srv and its own /etc;
+instance_root, /srv/slapgrid, is a subvolume.
 
-1. SlapOS deploys the node: slapproxy on hM, the real `slapos node format`,
-   `slapos node software` and `slapos node instance` on hA build and start
-   recordstore, a small software release whose partition stores what it
-   is sent (buildout runs as the partition's user);
-2. the agents start on hA and hB (each with its etcd member) and the
+1. SlapOS deploys the node as it is usually installed: slapproxy on hM,
+   the real `slapos node format` (it chooses the partition's addresses and
+   creates the users slapsoft and slapuser0), `slapos node software` and
+   `slapos node instance` on hA build and start recordstore, a small
+   software release whose partition stores what it is sent (buildout runs
+   as the partition's user); the package's cron file runs slapgrid;
+2. the operator's commands: `slaposha slapos adopt` on hA prints the plan
+   and, with --apply, pins the addresses, disables the cron entries and
+   writes the service file; `slaposha slapos prepare-standby` on hB, from
+   hA's fingerprint, creates the users with hA's uids and gids;
+3. the agents start on hA and hB (each with its etcd member) and the
    witness on hW; hA owns the node: its data goes to hB every second as
    btrfs snapshots, its software release is copied to hB, and hB becomes
    an eligible standby; `slaposha status` shows the tree;
-3. hO writes records through the partition; each is acknowledged once on
+4. hO writes records through the partition; each is acknowledged once on
    disk;
-4. hA crashes (link down, every process killed); the demo prints how long
+5. hA crashes (link down, every process killed); the demo prints how long
    until the partition answered again, from hB, at the same address, that
    every acknowledged record is there and that no buildout ran on hB;
-5. hA comes back (as after a reboot) and becomes hB's standby: the demo
+6. hA comes back (as after a reboot) and becomes hB's standby: the demo
    shows that only the changes were sent to it, not a full copy;
-6. everything is torn down.
+7. everything is torn down.
 """
 
 import contextlib
-import json
 import re
 import sys
 import time
@@ -34,29 +39,6 @@ from slaposha.lab import Lab, LabError, wait_for
 
 _T0 = time.monotonic()
 INTERVAL = 1.0
-
-SERVICE = '''
-    [service]
-    hosts = hA hB
-    [btrfs#slapgrid]
-    volume = /srv/slapgrid
-    interval = %g
-    [slapos#node]
-    [task#slapgrid-instance]
-    command = /opt/slapos/bin/slapos node instance --cfg /etc/opt/slapos/slapos.cfg
-    schedule = 1h
-''' % INTERVAL
-
-# What a buildout run rewrites, read inside a host (its /srv is its disk).
-FACTS = '''
-import hashlib, json, os
-part = '/srv/slapgrid/slappart0'
-print(json.dumps({n: [hashlib.sha256(open(os.path.join(part, n), 'rb').read()
-                                     ).hexdigest(),
-                      os.stat(os.path.join(part, n)).st_mtime]
-                  for n in ('.installed.cfg', '.timestamp', 'buildout.cfg')}))
-'''
-
 
 def say(text):
     print('[%6.2fs] %s' % (time.monotonic() - _T0, text))
@@ -91,15 +73,16 @@ def main():
         return 1
     from slaposha.lab.cluster import LabCluster
     from slaposha.lab.slapos import (
-        BTRFS_PATHS, NODE, SR_URL, btrfs_srv, deploy_node, node_install,
-        partition_address, post_records, records, route_partitions)
+        BTRFS_PATHS, NODE, SR_URL, btrfs_srv, buildout_facts, deploy_node,
+        node_address, node_install, post_records, records, route_partitions)
     proxy = lc = None
     say('the SlapOS node install (slapos.core in a virtualenv, shared at %s'
         ' by every host as on identical peers; built once)' % NODE)
     source = node_install()
     try:
         with Lab(['hA', 'hB', 'hW', 'hM', 'hO'], paths=BTRFS_PATHS,
-                 shared={NODE: source}) as lab, _explained(lambda: lc):
+                 shared={NODE: source}, layers=('/etc',)) as lab, \
+                _explained(lambda: lc):
             say('lab %s: hA hB (node hosts), hW (witness), hM (SlapOS'
                 ' master), hO (client); private bridge, no route out'
                 % lab.id)
@@ -107,18 +90,31 @@ def main():
             say('hA and hB each have a btrfs disk at /srv; /srv/slapgrid is'
                 ' a subvolume on hA')
             started = time.monotonic()
-            proxy = deploy_node(lab, 'hA', 'hM', others=('hB',))
+            proxy = deploy_node(lab, 'hA', 'hM', others=(), usual=True)
             route_partitions(lab['hO'])
-            address = partition_address(0)
-            say('SlapOS deployed %s on hA in %.1f s: slapproxy on hM, then'
-                ' `slapos node format`, `software`, `instance`'
+            address = node_address(lab, 'hA')
+            say('SlapOS deployed %s on hA in %.1f s as a node is usually'
+                ' installed: slapproxy on hM, `slapos node format` (its'
+                ' users and addresses), `software`, `instance`, the cron file'
                 % (SR_URL, time.monotonic() - started))
-            lc = LabCluster(lab, ['hA', 'hB'], ['hW'], tls=True,
-                            services={'comp-lab': SERVICE})
+            lc = LabCluster(lab, ['hA', 'hB'], ['hW'], tls=True)
+            say('on hA: `slaposha slapos adopt` prints the plan:')
+            show(lc.cli('hA', 'slapos', 'adopt').stdout.split(
+                '\nWhat changes')[0])
+            say('on hA: `slaposha slapos adopt --apply`:')
+            show(lc.cli('hA', 'slapos', 'adopt', '--apply').stdout)
+            fingerprint = lc.cli('hA', 'slapos', 'fingerprint').stdout
+            with open(lab['hB'].path('/var/lib/slaposha/owner.json'),
+                      'w') as f:
+                f.write(fingerprint)
+            say('on hB: `slaposha slapos prepare-standby --reference'
+                ' owner.json --apply` (hA\'s fingerprint):')
+            show(lc.cli('hB', 'slapos', 'prepare-standby', '--reference',
+                        '/var/lib/slaposha/owner.json', '--apply').stdout)
             lc.start()
             say('agents on hA and hB, witness on hW: etcd members, leases,'
                 ' TLS between hosts')
-            wait_for(lambda: records(lab) is not None, 60,
+            wait_for(lambda: records(lab, address=address) is not None, 60,
                      what='the partition answering from hA')
 
             tree = lc.wait_standby('hB', 'btrfs#slapgrid', 90)
@@ -131,22 +127,23 @@ def main():
                            'slappart0/srv/dataset', 'bs=1M', 'count=64',
                            'status=none'])
             acked = post_records(lab, ['record-%d' % n
-                                       for n in range(1, 201)])
+                                       for n in range(1, 201)],
+                                 address=address)
             say('the partition holds 64 MB of data; hO wrote %d records to'
                 ' http://%s:8080/records, each acknowledged after fsync'
                 % (len(acked), address))
             time.sleep(2 * INTERVAL)  # the next snapshot carries them
-            before = json.loads(lab['hA'].run(['python3', '-c',
-                                               FACTS]).stdout)
+            before = buildout_facts(lab, 'hA')
 
             say('crash hA: link down, every process of hA killed')
             crashed = time.monotonic()
             lab.crash('hA')
-            got = wait_for(lambda: records(lab, timeout=0.3) is not None, 60,
-                           interval=0.05,
+            got = wait_for(lambda: records(lab, timeout=0.3,
+                                           address=address) is not None,
+                           60, interval=0.05,
                            what='the partition answering from hB')
             took = time.monotonic() - crashed
-            got = records(lab)
+            got = records(lab, address=address)
             say('the partition answers again from hB %.2f s after the crash,'
                 ' at the same address' % took)
             lost = [r for r in acked if r not in got]
@@ -154,8 +151,7 @@ def main():
                 len(acked) - len(lost), len(acked),
                 ' (missing: %s)' % ', '.join(lost[:5]) if lost else
                 ', none lost'))
-            after = json.loads(lab['hB'].run(['python3', '-c',
-                                              FACTS]).stdout)
+            after = buildout_facts(lab, 'hB')
             say('no buildout ran on hB: %s (.installed.cfg, buildout.cfg and'
                 ' .timestamp as hA left them)' % (after == before))
             time.sleep(1)
@@ -165,7 +161,8 @@ def main():
                 ' standby')
             lab.restart('hA')
             lc.start_agent('hA')
-            post_records(lab, ['record-%d' % n for n in range(201, 211)])
+            post_records(lab, ['record-%d' % n for n in range(201, 211)],
+                         address=address)
 
             def resynced():
                 found = re.findall(r'/srv/slapgrid <- hB: received (\S+)'
@@ -183,10 +180,15 @@ def main():
                 say('what hA held that hB never got is kept aside, not'
                     ' discarded: %s' % diverged[0].split(': ', 1)[-1])
             # hA's receiver answers again: the owner's next round finds the
-            # software release already there.
-            tree = wait_for(lambda: lc.cli('hB', 'status').stdout if
-                            'comp-lab   up' in lc.cli('hB', 'status').stdout
-                            else None, 60, interval=1,
+            # software release already there, and reports hA's copy, one of
+            # hB's snapshots (named <seq>-<hB's token>).
+            def standby():
+                out = lc.cli('hB', 'status').stdout
+                token = re.search(r'comp-lab   up       on hB \(token'
+                                  r' (\d+)\)', out)
+                return token and re.search(r'hA: \d+-%s, ' % token.group(1),
+                                           out) and out
+            tree = wait_for(standby, 60, interval=1,
                             what='the service up with hA as its standby')
             show(tree)
             say('tearing the lab down')
