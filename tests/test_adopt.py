@@ -6,7 +6,8 @@ import json
 import os
 
 from slaposha.slapos import cron
-from slaposha.slapos.adopt import _definition, _pinned, set_cfg_key
+from slaposha.slapos.adopt import _definition, _pinned
+from slaposha.slapos.files import set_key
 from slaposha.slapos.node import load_node
 
 CRON = '''SHELL=/bin/sh
@@ -61,16 +62,16 @@ def test_one_key_of_slapos_cfg_changes_the_rest_stays(tmp_path):
     text = ('[slapos]\n# the node\ncomputer_id = COMP-1\n\n[slapformat]\n'
             'interface_name = lo\n# keep me\n\n[networkcache]\nx = 1\n')
     cfg.write_text(text)
-    set_cfg_key(str(cfg), 'slapformat', 'input_definition_file', '/d.cfg')
+    set_key(str(cfg), 'slapformat', 'input_definition_file', '/d.cfg')
     assert cfg.read_text() == text.replace(
         '# keep me\n\n[networkcache]',
         '# keep me\n\ninput_definition_file = /d.cfg\n[networkcache]')
-    set_cfg_key(str(cfg), 'slapformat', 'input_definition_file', '/e.cfg')
+    set_key(str(cfg), 'slapformat', 'input_definition_file', '/e.cfg')
     assert 'input_definition_file = /e.cfg\n' in cfg.read_text()
-    set_cfg_key(str(cfg), 'slapformat', 'input_definition_file', None)
+    set_key(str(cfg), 'slapformat', 'input_definition_file', None)
     assert cfg.read_text() == text
     cfg.write_text('[slapos]\ncomputer_id = C\n')
-    set_cfg_key(str(cfg), 'slapformat', 'input_definition_file', '/d.cfg')
+    set_key(str(cfg), 'slapformat', 'input_definition_file', '/d.cfg')
     assert cfg.read_text() == '[slapos]\ncomputer_id = C\n\n[slapformat]\n' \
         'input_definition_file = /d.cfg\n'
 
@@ -99,3 +100,69 @@ def test_the_definition_pins_what_format_recorded(tmp_path):
     assert _pinned(str(tmp_path / 'd.cfg')) == {
         'slappart0': ['10.0.0.7/255.255.255.255', 'fd00::7/ffff:ffff::'],
         'slappart1': ['10.0.0.9/255.255.255.255', 'fd00::9/ffff:ffff::']}
+
+
+def _node(tmp_path):
+    """A formatted node in tmp_path (not on btrfs), its cron file and a
+    cluster file of two hosts."""
+    root = tmp_path / 'srv' / 'slapgrid'
+    part = root / 'slappart0'
+    part.mkdir(parents=True)
+    (part / '.slapos-resource').write_text(json.dumps({
+        'user': {'name': 'slapuser0'},
+        'address_list': [{'addr': '10.0.0.7', 'netmask': '255.255.255.255'}]
+    }))
+    etc = tmp_path / 'etc'
+    etc.mkdir()
+    (etc / 'slapos.cfg').write_text(
+        '[slapos]\ncomputer_id = COMP-42\ninstance_root = %s\n'
+        'software_root = %s\nmaster_url = http://127.0.0.1:9\n'
+        '[slapformat]\ninterface_name = lo\n' % (root, tmp_path / 'opt'))
+    (tmp_path / 'cron.d').mkdir()
+    (tmp_path / 'cron.d' / 'slapos-node').write_text(CRON)
+    (tmp_path / 'cluster.cfg').write_text(
+        '[cluster]\nname = c\nhosts = hA hB\nwitnesses = hW\ntls = true\n'
+        '[host hA]\naddress = 10.0.0.1\n[host hB]\naddress = 10.0.0.2\n'
+        '[host hW]\naddress = 10.0.0.3\n')
+    from slaposha.config import load_cluster
+    return str(etc / 'slapos.cfg'), load_cluster(str(tmp_path /
+                                                     'cluster.cfg'))
+
+
+def test_the_plan_says_how_to_get_the_data_onto_btrfs_and_changes_nothing(
+        tmp_path):
+    from slaposha.slapos.adopt import AdoptError, Adoption
+    cfg, cluster = _node(tmp_path)
+    adoption = Adoption(cfg, cluster, 'hA', cron_dir=str(tmp_path /
+                                                         'cron.d'))
+    assert adoption.name == 'comp-42' and adoption.hosts == ['hA', 'hB']
+    plan = '\n'.join(adoption.plan())
+    assert 'the partitions\' addresses: 10.0.0.7/32 on lo' in plan
+    assert '5 cron entries that run `slapos node` disabled' in plan
+    assert 'mkfs.btrfs DEVICE' in plan and '--convert' in plan
+    service = adoption.service_text()
+    assert '[task#instance]\ncommand = /opt/slapos/bin/slapos node instance' \
+        ' --verbose\nschedule = 1m\n' in service
+    assert '[task#report]' in service and '[task#boot]' not in service
+    try:
+        adoption.apply()
+    except AdoptError as e:
+        assert 'slaposha slapos adopt --apply --convert' in str(e)
+    else:
+        raise AssertionError('adopted a node whose data is not on btrfs')
+    assert (tmp_path / 'cron.d' / 'slapos-node').read_text() == CRON
+    assert not os.path.exists(tmp_path / 'etc' / 'slaposha-adopt.json')
+
+
+def test_release_refuses_a_node_that_was_not_adopted(tmp_path):
+    from slaposha.slapos.adopt import AdoptError
+    from slaposha.slapos.release import release
+    cfg, cluster = _node(tmp_path)
+    try:
+        release(cfg, cluster, 'hA', cron_dir=str(tmp_path / 'cron.d'))
+    except AdoptError as e:
+        assert str(e) == '%s: no slaposha-adopt.json: this node was not' \
+            ' adopted (or its identity is not on this host)' % (
+                tmp_path / 'etc')
+    else:
+        raise AssertionError('released a node that was not adopted')

@@ -121,19 +121,20 @@ def slapos_prepare_standby(args):
          ])
 def slapos_release(args):
     from slaposha.api.local import AgentUnreachable
-    from slaposha.slapos.adopt import AdoptError, release
+    from slaposha.slapos.adopt import AdoptError
+    from slaposha.slapos.release import release
     cluster = main._cluster(args)
     host = main._local_host(args, cluster, cluster.cluster.hosts, 'hosts')
 
-    def agent(method, route, body):
+    def ask(method, route, body):
         return main._agent_call(args, method, route, body)
     try:
-        main._agent_call(args, 'GET', '/local')
+        ask('GET', '/local', None)
     except (UserError, AgentUnreachable):
-        agent = None
+        ask = None  # no agent here: release says what that means
     try:
         lines = release(args.slapos_cfg or _default_cfg(), cluster, host,
-                        agent, apply=args.apply, start=not args.no_start,
+                        ask, apply=args.apply, start=not args.no_start,
                         cron_dir=args.cron_dir)
     except AdoptError as e:
         raise UserError(str(e))

@@ -1,5 +1,6 @@
-"""``slaposha slapos adopt`` and ``release``: a running SlapOS node put
-under the cluster's care, and given back.
+"""``slaposha slapos adopt``: a running SlapOS node put under the
+cluster's care (``release``, :mod:`slaposha.slapos.release`, gives it
+back).
 
 :class:`Adoption` reads the node as it is, on its host: slapos.cfg, the
 partitions and their addresses (each ``.slapos-resource``), the cron
@@ -31,12 +32,6 @@ idempotent step after the other, so that a run cut short is run again:
 6. ``service``: the service file, from the node's own settings: the data,
    re6st if the node has it, the node, and its cron entries as tasks.
    A service file already there is kept as it is.
-
-:func:`release` gives the node back to SlapOS on the host that ran it last,
-the service stopped: the service frozen in the cluster (no agent starts it
-again) and its file set aside here, the cron entries back, slapos.cfg as it
-was, then the node started as SlapOS starts it (format, supervisord, the
-programs), without buildout and without moving any data.
 """
 
 import configparser
@@ -45,17 +40,19 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
 import xmlrpc.client
 
 from slaposha.slapos import cron, identity
+from slaposha.slapos.files import read_ini, set_key, write_atomic
 from slaposha.slapos.node import NodeError, load_node
+from slaposha.units import human_bytes
 
-__all__ = ['Adoption', 'AdoptError', 'release', 'STATE', 'DEFINITION',
-           'EXCLUSIVE', 'read_state', 'slapos_command', 'data_state']
+__all__ = ['Adoption', 'AdoptError', 'STATE', 'DEFINITION', 'EXCLUSIVE',
+           'read_state', 'write_state', 'slapos_command', 'slapos_version',
+           'data_state', 'supervisord_pid']
 
 STATE = 'slaposha-adopt.json'
 DEFINITION = 'slaposha-definition.cfg'
@@ -73,56 +70,6 @@ def _now():
     return time.strftime('%Y-%m-%d %H:%M:%S')
 
 
-def _read_cfg(path):
-    config = configparser.ConfigParser(interpolation=None)
-    with open(path) as f:
-        config.read_file(f, source=path)
-    return config
-
-
-def _write_atomic(path, text, mode=0o644):
-    tmp = path + '.slaposha-tmp'
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, 'w') as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    if os.path.exists(path):
-        st = os.stat(path)
-        os.chmod(tmp, st.st_mode & 0o7777)
-        os.chown(tmp, st.st_uid, st.st_gid)
-    os.rename(tmp, path)
-
-
-def set_cfg_key(path, section, key, value):
-    """Set (or with ``value`` None, remove) ``key`` of ``[section]`` in an
-    ini file, changing that line only: comments and the rest stay."""
-    with open(path) as f:
-        lines = f.read().splitlines(True)
-    out, current, done = [], None, False
-    pattern = re.compile(r'^\s*%s\s*[=:]' % re.escape(key))
-    for line in lines:
-        header = re.match(r'^\s*\[([^\]]+)\]', line)
-        if header:
-            if current == section and not done and value is not None:
-                out.append('%s = %s\n' % (key, value))
-                done = True
-            current = header.group(1).strip()
-        elif current == section and pattern.match(line):
-            if not done and value is not None:
-                out.append('%s = %s\n' % (key, value))
-            done = True
-            continue
-        out.append(line)
-    if not done and value is not None:
-        if current != section:
-            if out and not out[-1].endswith('\n'):
-                out.append('\n')
-            out.append('\n[%s]\n' % section)
-        out.append('%s = %s\n' % (key, value))
-    _write_atomic(path, ''.join(out))
-
-
 def read_state(folder):
     """The adoption record kept in the identity folder, or None."""
     try:
@@ -135,8 +82,8 @@ def read_state(folder):
                                                    e))
 
 
-def _write_state(folder, state):
-    _write_atomic(os.path.join(folder, STATE),
+def write_state(folder, state):
+    write_atomic(os.path.join(folder, STATE),
                   json.dumps(state, indent=1, sort_keys=True) + '\n', 0o600)
 
 
@@ -184,15 +131,13 @@ def slapos_version(command):
     return None
 
 
-def _definition(node, computer_address=None):
+def _definition(node):
     """The text of a format definition file that pins every partition as
     .slapos-resource says it is (format's write_computer_definition)."""
     lines = ['# Written by `slaposha slapos adopt` from each partition\'s'
              ' .slapos-resource:',
              '# `slapos node format` keeps these addresses wherever the node'
              ' runs.', '[computer]']
-    if computer_address:
-        lines.append('address = %s' % computer_address)
     lines.append('software_user = %s' % node.software_user)
     for n, part in enumerate(node.partitions()):
         res = part.resource
@@ -215,7 +160,7 @@ def _definition(node, computer_address=None):
 def _pinned(path):
     """{pathname: sorted addresses} of a definition file, or None."""
     try:
-        config = _read_cfg(path)
+        config = read_ini(path)
     except (OSError, configparser.Error):
         return None
     found = {}
@@ -226,7 +171,7 @@ def _pinned(path):
     return found
 
 
-def _supervisord_pid(node):
+def supervisord_pid(node):
     """The pid of the node's instance supervisord, when it answers."""
     from supervisor.xmlrpc import SupervisorTransport
     transport = SupervisorTransport(None, None,
@@ -235,7 +180,7 @@ def _supervisord_pid(node):
     try:
         return xmlrpc.client.ServerProxy(
             'http://127.0.0.1', transport=transport).supervisor.getPID()
-    except (OSError, xmlrpc.client.Error, socket.error):
+    except (OSError, xmlrpc.client.Error):
         return None
 
 
@@ -255,14 +200,6 @@ def _slapgrid_running(config):
         except (OSError, ValueError):
             continue
     return found
-
-
-def _human(n):
-    for unit in ('B', 'KB', 'MB', 'GB', 'TB'):
-        if n < 1024 or unit == 'TB':
-            return '%d %s' % (n, unit) if unit == 'B' else \
-                '%.1f %s' % (n, unit)
-        n /= 1024.0
 
 
 def _du(path):
@@ -297,7 +234,7 @@ class Adoption(object):
         except NodeError as e:
             raise AdoptError(str(e))
         self.cfg = self.node.config_path
-        self.config = _read_cfg(self.cfg)
+        self.config = read_ini(self.cfg)
         self.cluster = cluster
         self.host = host
         if host not in cluster.cluster.hosts:
@@ -499,7 +436,7 @@ class Adoption(object):
             'What moves with the node (to whichever host runs it):',
             '  - %s: %d partition(s), %d started%s' % (
                 node.instance_root, len(self.partitions), len(started),
-                ', %s' % _human(size) if size is not None else ''),
+                ', %s' % human_bytes(size) if size is not None else ''),
             '  - its identity %s (slapos.cfg, certificates) and the instance'
             ' parameters, kept inside it' % self.identity]
         addresses = node.addresses()
@@ -576,7 +513,7 @@ class Adoption(object):
                 state['commands'].append(entry.command)
         state.setdefault('input_definition_file', self._format_key())
         if state != self.state:
-            _write_state(self.identity, state)
+            write_state(self.identity, state)
             self.state = state
             return 'recorded what adopt changes in %s' % os.path.join(
                 self.identity, STATE)
@@ -592,7 +529,7 @@ class Adoption(object):
     def _do_data(self):
         root = self.node.instance_root
         busy = _slapgrid_running(self.config)
-        pid = _supervisord_pid(self.node)
+        pid = supervisord_pid(self.node)
         if pid or busy:
             raise AdoptError(
                 'the node is running (%s): stop its programs first: `%s node'
@@ -629,9 +566,9 @@ class Adoption(object):
 
     def _do_definition(self):
         path = self._definition_path()
-        _write_atomic(path, _definition(self.node))
-        set_cfg_key(self.cfg, 'slapformat', 'input_definition_file', path)
-        self.config = _read_cfg(self.cfg)
+        write_atomic(path, _definition(self.node))
+        set_key(self.cfg, 'slapformat', 'input_definition_file', path)
+        self.config = read_ini(self.cfg)
         return 'definition: %s pins the addresses of %d partition(s); %s' \
             ' [slapformat] input_definition_file points to it' % (
                 path, len(self.partitions), self.cfg)
@@ -654,7 +591,7 @@ class Adoption(object):
 
     def _do_service(self):
         os.makedirs(os.path.dirname(self.service_file), exist_ok=True)
-        _write_atomic(self.service_file, self.service_text())
+        write_atomic(self.service_file, self.service_text())
         from slaposha.config import load_service
         load_service(self.service_file, self.cluster)  # what agents will say
         return 'service: %s written; copy it to the services folder of every' \
@@ -667,128 +604,3 @@ def _btrfs(args):
     if p.returncode:
         raise AdoptError('btrfs %s: %s' % (' '.join(args),
                                             p.stdout.strip()[-300:]))
-
-
-# -- release --------------------------------------------------------------------
-
-def release(cfg, cluster, host, agent=None, apply=False, start=True,
-            cron_dir=cron.CRON_DIR, crontab=cron.CRONTAB):
-    """Give the adopted node back to SlapOS on this host. ``agent(method,
-    route, body)`` asks this host's agent (None: no agent answers). Returns
-    lines: the plan, or what was done with ``apply``."""
-    try:
-        node = load_node(cfg)
-    except NodeError as e:
-        raise AdoptError(str(e))
-    folder = os.path.dirname(node.config_path)
-    state = read_state(folder)
-    if state is None:
-        raise AdoptError('%s: no %s: this node was not adopted (or its'
-                         ' identity is not on this host)' % (folder, STATE))
-    name = state['service']
-    if not os.path.isdir(node.instance_root) or \
-            data_state(node.instance_root)[0] != 'subvolume':
-        raise AdoptError('%s is not here: release the node on the host that'
-                         ' ran it last' % node.instance_root)
-    notes = []
-    if agent is not None:
-        status = agent('GET', '/status', None)
-        svc = (status.get('services') or {}).get(name)
-        if svc is None and status.get('services') is not None:
-            notes.append('the agents do not know %s' % name)
-        elif svc is not None and svc.get('owner'):
-            raise AdoptError('%s runs on %s: stop it first (`slaposha stop %s`:'
-                             ' its programs stop and a last snapshot goes to'
-                             ' the standbys), then release it on %s' % (
-                                 name, svc['owner'], name, svc['owner']))
-        history = agent('GET', '/history', None).get('history') or []
-        moves = [h for h in history if h.get('service') == name]
-        last = moves[-1]['to'] if moves else state.get('host')
-        if last != host:
-            raise AdoptError('%s ran on %s last, not here: release it there'
-                             ' (its data is the newest there)' % (name, last))
-    else:
-        notes.append('no agent answers here: make sure no agent runs %s any'
-                     ' more (its service file is set aside here; remove it'
-                     ' on the other hosts too)' % name)
-    service_file = os.path.join(cluster.services_dir, name + '.cfg')
-    entries = cron.entries(cron_dir, crontab)
-    disabled = [e for e in entries if e.disabled]
-    missing = [p for p in sorted(state.get('cron', {}))
-               if not any(e.path == p for e in entries)]
-    slapos = slapos_command(entries + [cron.Entry(None, 0, '', '', c, False)
-                                       for c in state.get('commands', [])])
-    restore_cfg = state.get('host') == host
-    plan = ['release %s (service %s) on %s: a plain SlapOS node again, no'
-            ' data moved' % (node.computer_id, name, host)]
-    plan += ['  - ' + n for n in notes]
-    steps = [
-        ('frozen in the cluster: no agent starts %s again' % name,
-         agent is not None),
-        ('%s set aside as %s.released' % (service_file, service_file),
-         os.path.exists(service_file)),
-        ('cron: %d entr%s back' % (len(disabled), 'y' if len(disabled) == 1
-                                   else 'ies'), bool(disabled)),
-        ('cron: %s written back as it was at adopt' % ', '.join(missing),
-         bool(missing)),
-        ('%s [slapformat] input_definition_file back to %s' % (
-            node.config_path, state.get('input_definition_file') or
-            '(none)') if restore_cfg else 'the pinned definition file is'
-         ' kept: it holds the addresses the node has (adopted on %s)'
-         % state.get('host'), restore_cfg),
-        ('the node started as SlapOS starts it, no buildout: `%s node format'
-         ' --now`, then `node start all`' % slapos, start),
-    ]
-    if not apply:
-        return plan + ['  [%s] %s' % ('    ' if todo else 'skip', text)
-                       for text, todo in steps]
-    done = []
-    if agent is not None:
-        agent('POST', '/services/%s/freeze' % name,
-              {'by': 'slaposha slapos release on %s' % host})
-        done.append('%s frozen: no agent starts it again' % name)
-    if os.path.exists(service_file):
-        os.rename(service_file, service_file + '.released')
-        done.append('%s set aside as %s.released' % (service_file,
-                                                      service_file))
-    if disabled:
-        cron.enable(disabled)
-        done.append('cron: %d entr%s back' % (
-            len(disabled), 'y' if len(disabled) == 1 else 'ies'))
-    for path in missing:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        _write_atomic(path, state['cron'][path])
-        done.append('cron: %s written back' % path)
-    if restore_cfg:
-        set_cfg_key(node.config_path, 'slapformat', 'input_definition_file',
-                    state.get('input_definition_file'))
-        done.append('%s: input_definition_file as it was' % node.config_path)
-    state['released'] = {'host': host, 'at': _now()}
-    _write_state(folder, state)
-    if start:
-        done += _start_node(node, slapos)
-    return done
-
-
-def _start_node(node, slapos):
-    """As SlapOS brings a node up, without buildout: its addresses (format,
-    with the pinned definition), its instance supervisord, the programs of
-    the started partitions."""
-    if _supervisord_pid(node):
-        return ['the node runs already (its instance supervisord answers)']
-    env = {'PATH': '/usr/sbin:/usr/bin:/sbin:/bin', 'HOME': '/root',
-           'LANG': 'C.UTF-8', 'SLAPOS_CONFIGURATION': node.config_path}
-    done = []
-    # `node start` launches the instance supervisord first, as slapgrid.
-    for args in (['node', 'format', '--now', '--cfg', node.config_path],
-                 ['node', 'start', '--cfg', node.config_path, 'all']):
-        p = subprocess.run([slapos] + args, env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, universal_newlines=True,
-                           timeout=600)
-        # format exits 0, or with OFFLINE_SUCCESS when the master is away.
-        if p.returncode and not (args[1] == 'format' and p.returncode == 2):
-            raise AdoptError('`%s %s` failed (exit %d): %s' % (
-                slapos, ' '.join(args), p.returncode,
-                p.stdout.strip().splitlines()[-1:] or ''))
-        done.append('`slapos %s`: done' % ' '.join(args[:2]))
-    return done

@@ -14,6 +14,8 @@ import os
 import re
 from collections import namedtuple
 
+from slaposha.slapos.files import write_atomic
+
 __all__ = ['Entry', 'entries', 'disable', 'enable', 'every', 'CRON_DIR',
            'MARK']
 
@@ -97,15 +99,7 @@ def _rewrite(path, change):
     new = [change(number, line) for number, line in enumerate(lines, 1)]
     if new == lines:
         return 0
-    tmp = path + '.slaposha-tmp'
-    with open(tmp, 'w') as f:
-        f.writelines(new)
-        f.flush()
-        os.fsync(f.fileno())
-    st = os.stat(path)
-    os.chmod(tmp, st.st_mode & 0o7777)
-    os.chown(tmp, st.st_uid, st.st_gid)
-    os.rename(tmp, path)
+    write_atomic(path, ''.join(new))
     return sum(1 for a, b in zip(lines, new) if a != b)
 
 

@@ -109,7 +109,6 @@ class Preparation(object):
         self._look()
 
     def _look(self):
-        ref = self.ref
         entries = [e for e in cron.entries(self.cron_dir, self.crontab)
                    if not e.disabled]
         if entries:
