@@ -52,7 +52,7 @@ from slaposha.units import human_bytes
 
 __all__ = ['Adoption', 'AdoptError', 'STATE', 'DEFINITION', 'EXCLUSIVE',
            'read_state', 'write_state', 'slapos_command', 'slapos_version',
-           'data_state', 'supervisord_pid']
+           'data_state', 'supervisord_pid', 'kept_entries']
 
 STATE = 'slaposha-adopt.json'
 DEFINITION = 'slaposha-definition.cfg'
@@ -131,14 +131,20 @@ def slapos_version(command):
     return None
 
 
+def kept_entries(state):
+    """The cron entries that adopt recorded (for a host that has not
+    them: the node moved there)."""
+    return [cron.Entry(None, 0, timing, user, command, True)
+            for timing, user, command in (state or {}).get('entries', [])]
+
+
 def _definition(node):
     """The text of a format definition file that pins every partition as
     .slapos-resource says it is (format's write_computer_definition)."""
     lines = ['# Written by `slaposha slapos adopt` from each partition\'s'
              ' .slapos-resource:',
              '# `slapos node format` keeps these addresses wherever the node'
-             ' runs.', '[computer]']
-    lines.append('software_user = %s' % node.software_user)
+             ' runs.', '[computer]', 'software_user = %s' % node.software_user]
     for n, part in enumerate(node.partitions()):
         res = part.resource
         addresses = ['%s/%s' % (a['addr'], a['netmask']) for a in
@@ -173,13 +179,9 @@ def _pinned(path):
 
 def supervisord_pid(node):
     """The pid of the node's instance supervisord, when it answers."""
-    from supervisor.xmlrpc import SupervisorTransport
-    transport = SupervisorTransport(None, None,
-                                    'unix://' + node.supervisord_socket)
-    transport.timeout = 2.0
+    from slaposha.resources.slapos import _rpc
     try:
-        return xmlrpc.client.ServerProxy(
-            'http://127.0.0.1', transport=transport).supervisor.getPID()
+        return _rpc(node.supervisord_socket, 2.0).supervisor.getPID()
     except (OSError, xmlrpc.client.Error):
         return None
 
@@ -263,9 +265,7 @@ class Adoption(object):
             os.path.join(re6st_config, 're6stnet.conf')) else None
         self.partitions = self.node.partitions()
         self.state = read_state(self.identity)
-        self.slapos = slapos_command(self.entries + [
-            cron.Entry(None, 0, '', '', c, False) for c in
-            (self.state or {}).get('commands', [])])
+        self.slapos = slapos_command(self.entries or kept_entries(self.state))
 
     # -- what is there ---------------------------------------------------------
 
@@ -288,9 +288,7 @@ class Adoption(object):
     def _tasks(self):
         """[(name, command, seconds)] from the node's cron entries."""
         tasks, names = [], set()
-        for entry in self.entries or [
-                cron.Entry(None, 0, '* * * * *', 'root', c, False)
-                for c in (self.state or {}).get('commands', [])]:
+        for entry in self.entries or kept_entries(self.state):
             seconds = cron.every(entry.timing)
             if seconds is None:
                 continue  # @reboot: never under the agent
@@ -501,7 +499,7 @@ class Adoption(object):
     def _do_state(self):
         state = self.state or {'adopted': _now(), 'host': self.host,
                                'service': self.name, 'cron': {},
-                               'commands': []}
+                               'entries': []}
         # Only what is not recorded yet: a run after a failure must keep
         # the originals, not what the first run changed.
         for path in sorted({e.path for e in self.entries}):
@@ -509,8 +507,9 @@ class Adoption(object):
                 with open(path) as f:
                     state['cron'][path] = f.read()
         for entry in self.entries:
-            if entry.command not in state['commands']:
-                state['commands'].append(entry.command)
+            kept = [entry.timing, entry.user, entry.command]
+            if kept not in state['entries']:
+                state['entries'].append(kept)
         state.setdefault('input_definition_file', self._format_key())
         if state != self.state:
             write_state(self.identity, state)

@@ -23,7 +23,7 @@ import time
 
 from slaposha.slapos import cron
 from slaposha.slapos.adopt import (
-    STATE, AdoptError, data_state, read_state, slapos_command,
+    STATE, AdoptError, data_state, kept_entries, read_state, slapos_command,
     supervisord_pid, write_state)
 from slaposha.slapos.files import set_key, write_atomic
 from slaposha.slapos.node import NodeError, load_node
@@ -76,8 +76,7 @@ def release(cfg, cluster, host, agent=None, apply=False, start=True,
     disabled = [e for e in entries if e.disabled]
     missing = [p for p in sorted(state.get('cron', {}))
                if not any(e.path == p for e in entries)]
-    slapos = slapos_command(entries + [cron.Entry(None, 0, '', '', c, False)
-                                       for c in state.get('commands', [])])
+    slapos = slapos_command(entries or kept_entries(state))
     restore_cfg = state.get('host') == host
     plan = ['release %s (service %s) on %s: a plain SlapOS node again, no'
             ' data moved' % (node.computer_id, name, host)]
