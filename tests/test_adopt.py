@@ -166,3 +166,22 @@ def test_release_refuses_a_node_that_was_not_adopted(tmp_path):
                 tmp_path / 'etc')
     else:
         raise AssertionError('released a node that was not adopted')
+
+
+def test_a_bad_fingerprint_is_one_line(tmp_path):
+    from slaposha.slapos.standby import Preparation, PrepareError
+    for ref, line in (
+            ([], 'top level: expected a JSON object'),
+            ({'instance_root': 'srv'}, 'instance_root: expected an absolute'
+             ' path'),
+            ({'instance_root': '/srv/slapgrid', 'software_root': '/opt/s',
+              'users': {'slapuser0': 'x'}}, 'users: slapuser0: expected'
+             ' [uid, gid]')):
+        try:
+            Preparation(ref, str(tmp_path / 'slapos.cfg'),
+                        cron_dir=str(tmp_path))
+        except PrepareError as e:
+            assert str(e) == 'the fingerprint\'s %s (is it the output of' \
+                ' `slaposha slapos fingerprint`?)' % line
+        else:
+            raise AssertionError('took %r' % ref)

@@ -118,6 +118,9 @@ def slapos_prepare_standby(args):
              main._SLAPOS_CFG, main._HOST_ARG, _APPLY, _CRON,
              (('--no-start',), dict(action='store_true', help='leave the'
                                     ' node stopped')),
+             (('--timeout',), dict(type=float, default=600.0, metavar='S',
+                                   help='time allowed to each SlapOS command'
+                                   ' that starts the node (default 600)')),
          ])
 def slapos_release(args):
     from slaposha.api.local import AgentUnreachable
@@ -135,7 +138,7 @@ def slapos_release(args):
     try:
         lines = release(args.slapos_cfg or _default_cfg(), cluster, host,
                         ask, apply=args.apply, start=not args.no_start,
-                        cron_dir=args.cron_dir)
+                        cron_dir=args.cron_dir, timeout=args.timeout)
     except AdoptError as e:
         raise UserError(str(e))
     except OSError as e:

@@ -204,12 +204,15 @@ def _slapgrid_running(config):
     return found
 
 
-def _du(path):
-    p = subprocess.run(['du', '-sb', path], stdout=subprocess.PIPE,
-                       stderr=subprocess.DEVNULL, universal_newlines=True)
+def _du(path, timeout=30):
+    """Bytes under ``path``, or None when unknown (too many files to count
+    within ``timeout``: the plan says so rather than wait)."""
     try:
+        p = subprocess.run(['du', '-sb', path], stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL, universal_newlines=True,
+                           timeout=timeout)
         return int(p.stdout.split()[0])
-    except (IndexError, ValueError):
+    except (subprocess.TimeoutExpired, IndexError, ValueError):
         return None
 
 

@@ -30,9 +30,14 @@ from slaposha.slapos.node import NodeError, load_node
 
 __all__ = ['release']
 
+# Seconds each SlapOS command that starts the node is given by default
+# (format may wait for the master): `slaposha slapos release --timeout`.
+START_TIMEOUT = 600
+
 
 def release(cfg, cluster, host, agent=None, apply=False, start=True,
-            cron_dir=cron.CRON_DIR, crontab=cron.CRONTAB):
+            cron_dir=cron.CRON_DIR, crontab=cron.CRONTAB,
+            timeout=START_TIMEOUT):
     """Give the adopted node back to SlapOS on this host. ``agent(method,
     route, body)`` asks this host's agent (None: no agent answers). Returns
     lines: the plan, or what was done with ``apply``."""
@@ -120,17 +125,17 @@ def release(cfg, cluster, host, agent=None, apply=False, start=True,
         done.append('cron: %s written back' % path)
     if restore_cfg:
         set_key(node.config_path, 'slapformat', 'input_definition_file',
-                    state.get('input_definition_file'))
+                state.get('input_definition_file'))
         done.append('%s: input_definition_file as it was' % node.config_path)
     state['released'] = {'host': host,
                          'at': time.strftime('%Y-%m-%d %H:%M:%S')}
     write_state(folder, state)
     if start:
-        done += _start_node(node, slapos)
+        done += _start_node(node, slapos, timeout)
     return done
 
 
-def _start_node(node, slapos):
+def _start_node(node, slapos, timeout):
     """As SlapOS brings a node up, without buildout: its addresses (format,
     with the pinned definition), its instance supervisord, the programs of
     the started partitions."""
@@ -142,13 +147,18 @@ def _start_node(node, slapos):
     # `node start` launches the instance supervisord first, as slapgrid.
     for args in (['node', 'format', '--now', '--cfg', node.config_path],
                  ['node', 'start', '--cfg', node.config_path, 'all']):
-        p = subprocess.run([slapos] + args, env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, universal_newlines=True,
-                           timeout=600)
+        try:
+            p = subprocess.run([slapos] + args, env=env,
+                               stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT,
+                               universal_newlines=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AdoptError('`%s %s` did not end within %g s (--timeout)' % (
+                slapos, ' '.join(args), timeout))
         # format exits 0, or with OFFLINE_SUCCESS when the master is away.
         if p.returncode and not (args[1] == 'format' and p.returncode == 2):
             raise AdoptError('`%s %s` failed (exit %d): %s' % (
                 slapos, ' '.join(args), p.returncode,
-                p.stdout.strip().splitlines()[-1:] or ''))
+                (p.stdout.strip().splitlines() or [''])[-1]))
         done.append('`slapos %s`: done' % ' '.join(args[:2]))
     return done

@@ -30,6 +30,7 @@ import pwd
 import subprocess
 
 from slaposha.slapos import cron
+from slaposha.slapos.files import write_atomic
 from slaposha.slapos.adopt import (
     data_state, slapos_command, slapos_version)
 from slaposha.slapos.node import (
@@ -98,9 +99,7 @@ class Preparation(object):
 
     def __init__(self, ref, cfg=None, cron_dir=cron.CRON_DIR,
                  crontab=cron.CRONTAB):
-        if not isinstance(ref, dict) or not ref.get('instance_root'):
-            raise PrepareError('not a fingerprint of `slaposha slapos'
-                               ' fingerprint` (no instance_root)')
+        _check(ref)
         self.ref = ref
         self.cfg = cfg or (ref.get('slapos_cfg') or {}).get('path') or \
             '/etc/opt/slapos/slapos.cfg'
@@ -283,8 +282,7 @@ class Preparation(object):
 
     def _do_cfg(self, text):
         os.makedirs(os.path.dirname(self.cfg), mode=0o755, exist_ok=True)
-        with open(self.cfg, 'w') as f:
-            f.write(text)
+        write_atomic(self.cfg, text)
 
     def _do_folder(self, path):
         os.makedirs(path, mode=0o755, exist_ok=True)
@@ -300,6 +298,33 @@ class Preparation(object):
         except NodeError as e:
             return [str(e)]
         return compare(self.ref, local_facts(node, self.ref))
+
+
+def _check(ref):
+    """One line naming what is wrong in a fingerprint, if anything."""
+    def bad(field, expected):
+        raise PrepareError('the fingerprint\'s %s: expected %s (is it the'
+                           ' output of `slaposha slapos fingerprint`?)' % (
+                               field, expected))
+    if not isinstance(ref, dict):
+        bad('top level', 'a JSON object')
+    for key in ('instance_root', 'software_root'):
+        if not isinstance(ref.get(key), str) or not ref[key].startswith('/'):
+            bad(key, 'an absolute path')
+    for user, ids in (ref.get('users') or {}).items():
+        if ids is not None and not (isinstance(ids, list) and len(ids) == 2
+                                    and all(isinstance(i, int) for i in ids)):
+            bad('users: %s' % user, '[uid, gid]')
+    for group, gid in (ref.get('groups') or {}).items():
+        if not isinstance(gid, int):
+            bad('groups: %s' % group, 'a gid')
+    for user, account in (ref.get('accounts') or {}).items():
+        if not isinstance(account, dict) or not isinstance(
+                account.get('groups', []), list):
+            bad('accounts: %s' % user, '{"home", "group", "groups": [...]}')
+    for key in ('slapos_cfg', 'slapos'):
+        if not isinstance(ref.get(key) or {}, dict):
+            bad(key, 'an object')
 
 
 def _gid_exists(name):
