@@ -46,8 +46,8 @@ def slapos_adopt(args):
     cluster = main._cluster(args)
     host = main._local_host(args, cluster, cluster.cluster.hosts, 'hosts')
     try:
-        adoption = Adoption(args.slapos_cfg or _default_cfg(), cluster, host,
-                            args.service, args.hosts, cron_dir=args.cron_dir)
+        adoption = Adoption(args.slapos_cfg, cluster, host, args.service,
+                            args.hosts, cron_dir=args.cron_dir)
         if not args.apply:
             _say(adoption.plan(args.convert))
             print('\n(nothing changed: --apply does it)')
@@ -64,12 +64,6 @@ def slapos_adopt(args):
           ' --reference FILE --apply` there, then the agents'
           % (adoption.node.computer_id, adoption.name))
     return 0
-
-
-def _default_cfg():
-    import os
-    from slaposha.slapos.node import DEFAULT_SLAPOS_CFG
-    return os.environ.get('SLAPOS_CONFIGURATION') or DEFAULT_SLAPOS_CFG
 
 
 @command('slapos prepare-standby', 'make this host ready to take over the'
@@ -136,7 +130,7 @@ def slapos_release(args):
     except (UserError, AgentUnreachable):
         ask = None  # no agent here: release says what that means
     try:
-        lines = release(args.slapos_cfg or _default_cfg(), cluster, host,
+        lines = release(args.slapos_cfg, cluster, host,
                         ask, apply=args.apply, start=not args.no_start,
                         cron_dir=args.cron_dir, timeout=args.timeout)
     except AdoptError as e:

@@ -45,6 +45,7 @@ import sys
 import time
 import xmlrpc.client
 
+from slaposha.config import NAME_RE
 from slaposha.slapos import cron, identity
 from slaposha.slapos.files import read_ini, set_key, write_atomic
 from slaposha.slapos.node import NodeError, load_node
@@ -249,6 +250,9 @@ class Adoption(object):
                                  ' '.join(cluster.cluster.hosts)))
         self.name = name or re.sub(r'[^a-z0-9_.-]', '-',
                                    self.node.computer_id.lower())
+        if not NAME_RE.match(self.name):
+            raise AdoptError('--service: %r is not a service name (letters,'
+                             ' digits, "-", "_" or ".")' % self.name)
         self.hosts = list(hosts) if hosts else [host] + [
             h for h in cluster.cluster.hosts if h != host]
         for h in self.hosts:
