@@ -707,7 +707,10 @@ def describe_sections(schema, named=()):
 
 
 def describe_schema():
-    """Every key of both files, one per line, for ``slaposha config keys``."""
+    """Every key of both files, one per line, for ``slaposha config keys``:
+    the cluster file's, the service file's and every resource kind's."""
+    from slaposha import resources as resources_module
+    resources_module.load_drivers()  # each kind declares its keys
     lines = ['# cluster file'] + describe_sections(CLUSTER_SCHEMA,
                                                    _NAMED_SECTIONS)
     lines.append('# service file')

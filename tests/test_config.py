@@ -197,6 +197,17 @@ def test_cli_help_lists_commands(slaposha_cmd):
     assert 'renew_interval (duration, default 1.0)' in p.stdout
 
 
+def test_cli_config_keys_lists_every_key_of_every_resource_kind(
+        slaposha_cmd):
+    from slaposha.resources import DRIVERS, driver
+    out = run(slaposha_cmd, 'config', 'keys').stdout
+    for kind in DRIVERS:
+        section = out.split('\n[%s#<name>]' % kind)[1].split('\n[')[0]
+        for key in ('disable', 'optional') + tuple(
+                k.name for k in driver(kind).keys):
+            assert '\n  %s (' % key in section, (kind, key)
+
+
 def test_cli_config_check(tmp_path, slaposha_cmd):
     p = run(slaposha_cmd, '--cluster', os.path.join(EXAMPLES, 'cluster.cfg'),
             'config', 'check')
