@@ -92,6 +92,7 @@ class ServiceSlot(object):
         self.fenced = False
         self.seen_owner = False    # an owner was seen since the agent began
         self.resources = []        # [(rid, state, message)] last checked
+        self.details = {}          # rid: more status lines (partitions)
         self.published = None
         self.facts = None          # what the owner last published of them
         self.lags = {}             # rid: age of this host's copy (standby)
@@ -797,14 +798,18 @@ class Agent(object):
         self._check(slot)
 
     def _check(self, slot):
-        slot.resources = [(rid, st.state, st.message)
-                          for rid, st in slot.service.status()]
+        statuses = slot.service.status()
+        slot.resources = [(rid, st.state, st.message) for rid, st in statuses]
+        slot.details = {rid: st.details for rid, st in statuses
+                        if getattr(st, 'details', None)}
         return slot.resources
 
     def _publish(self, slot):
         """The owner's view of the service, written under its token."""
         state = {'host': self.host, 'state': slot.state,
                  'resources': slot.resources}
+        if slot.details:
+            state['details'] = slot.details
         if state != slot.published and \
                 slot.ownership.write('state', json.dumps(state)):
             slot.published = state
@@ -1048,6 +1053,7 @@ class Agent(object):
                 'frozen': view.frozen, 'target': view.target,
                 'switch': view.switch,
                 'resources': (published or {}).get('resources', []),
+                'details': (published or {}).get('details', {}),
                 'on': {h: (alive.get(h) or {}).get('services', {}).get(name)
                        for h in conf.service.hosts},
             }

@@ -1,12 +1,19 @@
 """The SlapOS node as it changes, on folders laid out as slapgrid leaves
-them (no lab): the fingerprint and what a standby lacks (named by URL)."""
+them (no lab): the fingerprint and what a standby lacks (named by URL),
+the partitions set aside when the instance supervisord (the real one)
+refuses their files, and the per-partition status."""
 
 import hashlib
 import os
+import subprocess
+import sys
 import textwrap
 
 from slaposha.slapos.node import (
     compare, fingerprint, load_node, local_facts, release_url)
+from slaposha.slapos.partitions import (
+    ASIDE_SUFFIX, AsideBook, missing_folders, partition_rows,
+    refused_partition, row_line)
 
 URL = 'http://example.org/sr/second/software.cfg'
 MD5 = hashlib.md5(URL.encode()).hexdigest()
@@ -97,3 +104,109 @@ def test_a_standby_lacking_a_release_is_told_its_url_and_folder(tmp_path):
     assert compare(owner, local_facts(standby, owner))[0].startswith(
         'software release %s/%s is incomplete' % (standby.software_root,
                                                    MD5))
+
+
+def supervisord(node):
+    """Run the real supervisord on the node's configuration as slapgrid
+    does; returns (exit code, output). A daemon that started is shut
+    down."""
+    conf = os.path.join(node.instance_root, 'etc', 'supervisord.conf')
+    with open(conf, 'w') as f:
+        f.write(textwrap.dedent('''\
+            [unix_http_server]
+            file = %(root)s/sv.sock
+            [supervisord]
+            logfile = %(root)s/supervisord.log
+            pidfile = %(root)s/supervisord.pid
+            [rpcinterface:supervisor]
+            supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+            [include]
+            files = %(root)s/etc/supervisord.conf.d/*.conf
+            ''' % {'root': node.instance_root}))
+    from slaposha.slapos.supervisor import SUPERVISORD, rpc
+    p = subprocess.run([sys.executable, '-c', SUPERVISORD, conf],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       universal_newlines=True, timeout=30)
+    if p.returncode == 0:
+        rpc(node.supervisord_socket).supervisor.shutdown()
+    return p.returncode, p.stdout
+
+
+def test_a_partition_supervisord_refuses_is_named_and_set_aside(tmp_path):
+    node = make_node(tmp_path)
+    conf_dir = node.supervisord_conf_dir
+    # slappart1's folder is gone, its program file still there: the real
+    # supervisord refuses the whole configuration, naming the file.
+    os.rename(os.path.join(node.instance_root, 'slappart1'),
+              str(tmp_path / 'elsewhere'))
+    code, output = supervisord(node)
+    assert code != 0
+    assert refused_partition(node, output) == 'slappart1'
+    assert missing_folders(node) == {
+        'slappart1': 'its folder %s/slappart1 is missing while etc/'
+        'supervisord.conf.d/slappart1.conf is still there'
+        % node.instance_root}
+    book = AsideBook(node)
+    assert book.set_aside('slappart1', 'its folder is missing') == [
+        'slappart1.conf']
+    assert sorted(os.listdir(conf_dir)) == [
+        'slappart0.conf', 'slappart1' + ASIDE_SUFFIX, 'slappart2.conf']
+    assert supervisord(node)[0] == 0  # the others start
+    rows = partition_rows(node, aside=AsideBook(node).current())
+    assert [(r['id'], r['requested'], r['problem']) for r in rows] == [
+        ('slappart0', 'started', None),
+        ('slappart1', 'started', rows[1]['problem']),
+        ('slappart2', 'started', None)]
+    assert rows[1]['problem'].endswith(': its folder is missing')
+    assert row_line(rows[1]).startswith('slappart1  started    ! set aside')
+    # A file that does not parse: named too.
+    with open(os.path.join(conf_dir, 'slappart2.conf'), 'a') as f:
+        f.write('garbage\n')
+    assert refused_partition(node, supervisord(node)[1]) == 'slappart2'
+    # The next start puts every file back and checks again; a file that
+    # slapgrid wrote meanwhile wins over the one set aside.
+    with open(os.path.join(conf_dir, 'slappart1.conf'), 'w') as f:
+        f.write('# rewritten by slapgrid\n')
+    AsideBook(node).restore()
+    assert sorted(os.listdir(conf_dir)) == [
+        'slappart0.conf', 'slappart1.conf', 'slappart2.conf']
+    with open(os.path.join(conf_dir, 'slappart1.conf')) as f:
+        assert f.read() == '# rewritten by slapgrid\n'
+    assert AsideBook(node).records == {}
+
+
+def test_partition_rows_show_programs_and_drop_destroyed_partitions(
+        tmp_path):
+    node = make_node(tmp_path)
+    # slapgrid destroyed slappart2: folder emptied, program file removed.
+    part2 = os.path.join(node.instance_root, 'slappart2')
+    os.unlink(os.path.join(part2, 'software_release'))
+    os.unlink(os.path.join(node.supervisord_conf_dir, 'slappart2.conf'))
+    saved = {'partitions': {'slappart2': {'state': 'started'},
+                            'slappart1': {'state': 'stopped'}}}
+    infos = [{'group': 'slappart0', 'name': 'slappart0_service-on-watch',
+              'statename': 'RUNNING'},
+             {'group': 'slappart1', 'name': 'slappart1_service-on-watch',
+              'statename': 'FATAL'}]
+    rows = partition_rows(node, infos, saved,
+                          failed={'slappart0': 'its programs did not start'})
+    assert [row_line(r) for r in rows] == [
+        'slappart0  started   1/1 running',
+        'slappart1  stopped   0/1 running  ! not running:'
+        ' slappart1_service-on-watch FATAL']
+
+
+def test_status_tree_shows_each_partition_of_a_degraded_node():
+    from slaposha.cli.status import render
+    status = {'cluster': 'c', 'etcd': 'ok', 'host': 'hB', 'local': {},
+              'services': {'node': {
+                  'owner': 'hB', 'token': 7, 'orchestrate': 'ha',
+                  'hosts': ['hA', 'hB'],
+                  'resources': [['slapos#node', 'warn', 'degraded: x']],
+                  'details': {'slapos#node': ['slappart0  started   1/1'
+                                              ' running']},
+                  'on': {'hB': {'state': 'running'}}}}}
+    lines = render(status)
+    assert lines[1].startswith('node       warn     on hB (token 7)')
+    assert lines[-2:] == ['    slapos#node    warn  degraded: x',
+                          '      slappart0  started   1/1 running']

@@ -399,43 +399,63 @@ def slapos_save_parameters(args):
     return 0
 
 
-@command('slapos partitions', 'each partition of the node: state, addresses,'
-         ' software release and the parameters it was deployed with', [
+@command('slapos partitions', 'each partition of the node in use: requested'
+         ' state, programs (where supervisord runs), what is wrong,'
+         ' addresses, software release and the parameters it was deployed'
+         ' with; free and destroyed partitions are left out', [
              _SLAPOS_CFG,
              (('--json',), dict(action='store_true', help='print JSON')),
          ])
 def slapos_partitions(args):
     import json
     import time
+    import xmlrpc.client
+    from slaposha.slapos.node import NodeError
     from slaposha.slapos.parameters import ParametersError, load
+    from slaposha.slapos.partitions import (
+        AsideBook, partition_rows, row_line)
+    from slaposha.slapos.supervisor import rpc
     node = _node(args)
     try:
         saved = load(node) or {}
     except ParametersError as e:
         raise UserError(str(e))
+    try:
+        infos = rpc(node.supervisord_socket, 2.0).supervisor.\
+            getAllProcessInfo()
+    except (OSError, xmlrpc.client.Error):
+        infos = None  # not running here: a standby
     kept = saved.get('partitions', {})
-    rows = []
-    for part in node.partitions():
-        info = kept.get(part.id, {})
-        rows.append({'id': part.id, 'started': part.started,
-                     'user': part.user, 'uid': part.uid,
-                     'addresses': ['%s/%d' % a for a in part.addresses],
-                     'software_release': info.get('software_release'),
-                     'state': info.get('state'), 'title': info.get('title'),
-                     'parameters': info.get('parameters')})
+    try:
+        parts = {p.id: p for p in node.partitions()}
+        rows = partition_rows(node, infos, saved, AsideBook(node).current())
+    except NodeError as e:
+        raise UserError(str(e))
+    for row in rows:
+        part = parts.get(row['id'])
+        info = kept.get(row['id'], {})
+        row.update({
+            'user': part.user if part else None,
+            'uid': part.uid if part else None,
+            'addresses': ['%s/%d' % a for a in part.addresses] if part
+            else [], 'software_release': info.get('software_release'),
+            'state': info.get('state'), 'title': info.get('title'),
+            'parameters': info.get('parameters')})
     if args.json:
         print(json.dumps({'saved': saved.get('saved'), 'partitions': rows},
                          indent=2, sort_keys=True))
         return 0
-    print('%s: %d partition(s); parameters saved %s' % (
-        node.computer_id, len(rows), time.strftime(
+    print('%s: %d partition(s) in use%s; parameters saved %s' % (
+        node.computer_id, len(rows), '' if infos is not None else
+        ' (supervisord not running here)', time.strftime(
             '%Y-%m-%d %H:%M:%S', time.localtime(saved['saved']))
         if saved.get('saved') else 'never (run `slaposha slapos'
         ' save-parameters` on the owner)'))
     for row in rows:
-        print('%-10s %-8s %-8s %s' % (
-            row['id'], 'started' if row['started'] else 'stopped',
-            row['user'], ' '.join(row['addresses'])))
+        print(row_line(row))
+        if row['user'] or row['addresses']:
+            print('    %s %s' % (row['user'] or '-',
+                                 ' '.join(row['addresses'])))
         if row['software_release']:
             print('    %s (%s) %s' % (row['title'], row['state'],
                                       row['software_release']))

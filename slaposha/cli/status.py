@@ -12,7 +12,9 @@ def _when(decision):
 
 
 def service_state(svc):
-    """up, warn, down or frozen, from what the owner published."""
+    """up, warn (up, degraded: a resource in warn, e.g. a partition set
+    aside), down or starting, from what the owner published (the portal
+    shows and filters the same words)."""
     if not svc.get('owner'):
         return 'down'
     states = [r[1] for r in svc.get('resources') or []]
@@ -117,6 +119,9 @@ def render(status, only=None):
                 host, on.get('state'),
                 '%s: %s (%s)' % (d[1], d[2], _when(d)) if d else ''))
             if host == svc.get('owner'):
+                details = svc.get('details') or {}
                 for rid, state, message in svc.get('resources') or []:
                     lines.append('    %-14s %-5s %s' % (rid, state, message))
+                    lines.extend('      %s' % line
+                                 for line in details.get(rid) or ())
     return lines

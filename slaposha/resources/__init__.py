@@ -18,7 +18,16 @@ __all__ = ['Resource', 'ResourceError', 'Status', 'UP', 'DOWN', 'WARN', 'NA',
 
 UP, DOWN, WARN, NA = 'up', 'down', 'warn', 'n/a'
 
-Status = namedtuple('Status', 'state message')
+
+class Status(namedtuple('Status', 'state message')):
+    """A resource's state (UP, DOWN, WARN, NA) and one line saying why;
+    ``details``: more lines for the status tree (e.g. one per partition of
+    a SlapOS node), not part of the tuple."""
+
+    def __new__(cls, state, message, details=()):
+        self = super().__new__(cls, state, message)
+        self.details = list(details)
+        return self
 
 
 class ResourceError(Exception):

@@ -11,6 +11,13 @@ has put instance_root, software_root and /etc/opt/slapos in place, start
 3. the programs of every started partition (those with a file in
    ``supervisord.conf.d``), through supervisor's XML-RPC.
 
+One damaged partition never keeps the others down (DESIGN.md 6): a
+partition that cannot start (its folder gone, a program file supervisord
+refuses, programs that fail) is set aside with one line saying why, in the
+log and the status; the others start and the node is degraded, not down
+(:mod:`slaposha.slapos.partitions`). The status shows each partition: its
+requested state, its running programs and what is wrong.
+
 No buildout, no ``slapos node boot`` (it deletes every ``.timestamp``), no
 ``slapos node instance`` (with the master reachable it would leave the
 programs stopped). ``.timestamp`` files and their mtimes are not touched.
@@ -49,22 +56,14 @@ from slaposha.resources import (
 from slaposha.slapos import identity
 from slaposha.slapos.node import (
     NodeError, compare, fingerprint, load_node, local_facts)
+from slaposha.slapos.partitions import (
+    AsideBook, load_saved, missing_folders, partition_rows, refusal_reason,
+    refused_partition, row_line)
+from slaposha.slapos.supervisor import STARTED, SUPERVISORD, rpc, state
 
 __all__ = ['Slapos']
 
 logger = logging.getLogger(__name__)
-
-SUPERVISORD = ('import sys; import supervisor.supervisord; '
-               'sys.argv[1:1] = ["-c", sys.argv.pop(1)]; '
-               'supervisor.supervisord.main()')
-
-
-def _rpc(socket_path, timeout=5.0):
-    from supervisor.xmlrpc import SupervisorTransport
-    transport = SupervisorTransport(None, None, 'unix://' + socket_path)
-    transport.timeout = timeout
-    return xmlrpc.client.ServerProxy('http://127.0.0.1', transport=transport)
-
 
 @register
 class Slapos(Resource):
@@ -99,6 +98,7 @@ class Slapos(Resource):
         self.host = None
         self.copied = set()        # (peer, release folder) sent since start
         self.copy_errors = {}      # peer: last error, for status
+        self.failed = {}           # partition: why its programs did not start
         self._worker = None
         self._next_identity = 0.0
         self._next_copy = 0.0
@@ -130,13 +130,6 @@ class Slapos(Resource):
 
     # -- supervisord --------------------------------------------------------
 
-    def _supervisord_state(self, node):
-        try:
-            return _rpc(node.supervisord_socket, 2.0).supervisor.getState()[
-                'statename']
-        except (OSError, xmlrpc.client.Error):
-            return None
-
     def _adopt(self, node):
         """An instance supervisord this resource did not start (slapgrid
         did, before the node was put under the agent): it and every
@@ -144,7 +137,7 @@ class Slapos(Resource):
         fence reach them. A child forked meanwhile is in the new group
         already once its parent moved."""
         try:
-            pid = _rpc(node.supervisord_socket, 2.0).supervisor.getPID()
+            pid = rpc(node.supervisord_socket, 2.0).supervisor.getPID()
         except (OSError, xmlrpc.client.Error):
             return
         mine = set(self.cgroup.pids())
@@ -164,31 +157,84 @@ class Slapos(Resource):
                     ' and %d process(es) below it', self.rid, pid,
                     len(moved) - 1)
 
+    def _set_aside(self, book, pid, reason):
+        book.set_aside(pid, reason)
+        logger.warning('%s: partition %s set aside: %s', self.rid, pid,
+                       reason)
+
     def _launch_supervisord(self, node):
-        if self._supervisord_state(node) == 'RUNNING':
+        if state(node) == 'RUNNING':
             self._adopt(node)
             return
         if not os.path.exists(node.supervisord_conf):
             raise ResourceError('%s: %s is missing: this node never ran'
                                 ' `slapos node instance`' % (
                                     self.rid, node.supervisord_conf))
+        # What was set aside is checked again: it may have been repaired.
+        book = AsideBook(node)
+        book.restore()
+        for pid, reason in missing_folders(node).items():
+            self._set_aside(book, pid, reason)
+        deadline = time.monotonic() + self.conf.timeout
         # As slapgrid does: its configuration, an empty environment. The
         # daemon's parent returns once the socket is bound.
         argv = self.cgroup.wrap([sys.executable, '-c', SUPERVISORD,
                                  node.supervisord_conf])
         env = {'PYTHONPATH': os.pathsep.join(p for p in sys.path if p)}
-        p = subprocess.run(argv, env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, universal_newlines=True,
-                           timeout=self.conf.timeout)
-        if p.returncode:
-            raise ResourceError('%s: supervisord did not start: %s' % (
-                self.rid, p.stdout.strip()[-300:]))
-        deadline = time.monotonic() + self.conf.timeout
-        while self._supervisord_state(node) != 'RUNNING':
+        while True:
+            p = subprocess.run(argv, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT,
+                               universal_newlines=True,
+                               timeout=self.conf.timeout)
+            if not p.returncode:
+                break
+            # One partition's file refused: set it aside, start the others.
+            pid = refused_partition(node, p.stdout)
+            if pid is None or time.monotonic() > deadline:
+                raise ResourceError('%s: supervisord did not start: %s' % (
+                    self.rid, p.stdout.strip()[-300:]))
+            self._set_aside(book, pid, refusal_reason(p.stdout))
+        if book.records and not any(node.program_files().values()):
+            raise ResourceError('%s: no partition can start: %s' % (
+                self.rid, '; '.join('%s %s' % (pid, r['reason']) for pid, r
+                                    in sorted(book.records.items()))))
+        while state(node) != 'RUNNING':
             if time.monotonic() > deadline:
                 raise ResourceError('%s: supervisord not RUNNING after %gs'
                                     % (self.rid, self.conf.timeout))
             time.sleep(0.02)
+
+    def _start_partitions(self, node):
+        """Start the programs of every started partition; one whose
+        programs fail is reported, the others run."""
+        server = rpc(node.supervisord_socket, self.conf.timeout)
+        self.failed = {}
+        started = 0
+        for part in node.partitions():
+            if not part.started:
+                continue
+            try:
+                results = server.supervisor.startProcessGroup(part.id, True)
+            except xmlrpc.client.Fault as e:
+                why = e.faultString
+            except OSError as e:
+                raise ResourceError('%s: %s: supervisord: %s'
+                                    % (self.rid, part.id, e))
+            else:
+                bad = [r for r in results if r.get('status') != STARTED]
+                if not bad:
+                    started += 1
+                    continue
+                why = ', '.join('%s %s' % (r.get('name'),
+                                           r.get('description'))
+                                for r in bad[:3])
+            self.failed[part.id] = 'its programs did not start: %s' % why
+            logger.warning('%s: partition %s set aside: %s', self.rid,
+                           part.id, self.failed[part.id])
+        if self.failed and not started:
+            raise ResourceError('%s: no partition started: %s' % (
+                self.rid, '; '.join('%s %s' % item for item in
+                                    sorted(self.failed.items()))))
 
     # -- verbs --------------------------------------------------------------
 
@@ -208,27 +254,15 @@ class Slapos(Resource):
                 except OSError:
                     pass  # a neighbour learns late; the service still runs
         self._launch_supervisord(node)
-        rpc = _rpc(node.supervisord_socket, self.conf.timeout)
-        for part in node.partitions():
-            if not part.started:
-                continue
-            try:
-                rpc.supervisor.startProcessGroup(part.id, True)
-            except xmlrpc.client.Fault as e:
-                if 'ALREADY_STARTED' not in e.faultString:
-                    raise ResourceError('%s: %s: %s' % (
-                        self.rid, part.id, e.faultString))
-            except OSError as e:
-                raise ResourceError('%s: %s: supervisord: %s'
-                                    % (self.rid, part.id, e))
+        self._start_partitions(node)
 
     def stop(self):
         node = self.node()
-        if self._supervisord_state(node) is not None:
-            rpc = _rpc(node.supervisord_socket, self.conf.timeout)
+        if state(node) is not None:
+            server = rpc(node.supervisord_socket, self.conf.timeout)
             try:
-                rpc.supervisor.stopAllProcesses(True)
-                rpc.supervisor.shutdown()
+                server.supervisor.stopAllProcesses(True)
+                server.supervisor.shutdown()
             except (OSError, xmlrpc.client.Error) as e:
                 raise ResourceError('%s: cannot stop supervisord: %s'
                                     % (self.rid, e))
@@ -356,34 +390,33 @@ class Slapos(Resource):
             node = self.node()
         except ResourceError as e:
             return Status(DOWN, str(e))
-        if self._supervisord_state(node) != 'RUNNING':
+        if state(node) != 'RUNNING':
             return Status(DOWN, 'instance supervisord not running')
-        started = {p.id for p in node.partitions() if p.started}
         try:
-            infos = _rpc(node.supervisord_socket).supervisor.\
+            infos = rpc(node.supervisord_socket).supervisor.\
                 getAllProcessInfo()
         except (OSError, xmlrpc.client.Error) as e:
             return Status(WARN, 'supervisord: %s' % e)
-        running, other = 0, []
-        for info in infos:
-            if info['group'] not in started:
-                continue
-            if info['statename'] == 'RUNNING':
-                running += 1
-            elif info['statename'] not in ('EXITED',) or \
-                    info['name'].endswith('-on-watch'):
-                other.append('%s:%s %s' % (info['group'], info['name'],
-                                           info['statename']))
-        if other:
-            return Status(WARN, '%d running; %s' % (running,
-                                                    ', '.join(other[:5])))
+        try:
+            rows = partition_rows(node, infos, load_saved(node),
+                                  AsideBook(node).current(), self.failed)
+        except NodeError as e:
+            return Status(WARN, str(e))
+        started = {r['id'] for r in rows if r['programs'] is not None}
+        running = sum(1 for i in infos if i['group'] in started and
+                      i['statename'] == 'RUNNING')
         text = '%d partition(s) started, %d program(s) running' % (
             len(started), running)
-        if self.copy_errors:
-            return Status(WARN, text + '; ' + '; '.join(
-                'software to %s: %s' % item
-                for item in sorted(self.copy_errors.items())))
-        return Status(UP, text)
+        wrong = ['%s %s' % (r['id'], r['problem']) for r in rows
+                 if r['problem']]
+        wrong += ['software to %s: %s' % item
+                  for item in sorted(self.copy_errors.items())]
+        details = [row_line(r) for r in rows]
+        if wrong:
+            return Status(WARN, 'degraded: %s%s; %s' % (
+                '; '.join(wrong[:3]), ' (and %d more)' % (len(wrong) - 3)
+                if len(wrong) > 3 else '', text), details)
+        return Status(UP, text, details)
 
 
 def _children(pid):

@@ -180,9 +180,9 @@ def _pinned(path):
 
 def supervisord_pid(node):
     """The pid of the node's instance supervisord, when it answers."""
-    from slaposha.resources.slapos import _rpc
+    from slaposha.slapos.supervisor import rpc
     try:
-        return _rpc(node.supervisord_socket, 2.0).supervisor.getPID()
+        return rpc(node.supervisord_socket, 2.0).supervisor.getPID()
     except (OSError, xmlrpc.client.Error):
         return None
 
