@@ -71,6 +71,18 @@ class ActionError(Exception):
     """An operator action that cannot be done, as one line."""
 
 
+def _changes(old, new):
+    """'slapos#node: partitions, software_releases': what changed between
+    two publications of the resources' facts."""
+    parts = []
+    for rid in sorted(set(old) | set(new)):
+        a, b = old.get(rid) or {}, new.get(rid) or {}
+        keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        if keys:
+            parts.append('%s: %s' % (rid, ', '.join(keys)))
+    return '; '.join(parts)
+
+
 def default_host():
     return socket.gethostname().split('.')[0]
 
@@ -95,6 +107,9 @@ class ServiceSlot(object):
         self.details = {}          # rid: more status lines (partitions)
         self.published = None
         self.facts = None          # what the owner last published of them
+        self.next_facts = 0.0      # when the owner computes them again
+        self.checked_facts = None  # the owner's facts this standby checked
+        self.report = {}           # rid: what this standby has, for the owner
         self.lags = {}             # rid: age of this host's copy (standby)
         self.owner_had_data = False  # an owner was seen: data exists there
         self.ineligible = []       # why this host may not take it over
@@ -452,8 +467,12 @@ class Agent(object):
                              alive)
             except EtcdError as e:
                 self._etcd_down('service %s: %s' % (name, e))
-        for slot in self.slots.values():
+        for name, slot in self.slots.items():
             if slot.state == RUNNING:
+                # What each standby reports it has (e.g. software releases).
+                slot.service.reported({
+                    h: (alive.get(h) or {}).get('reports', {}).get(name)
+                    for h in slot.conf.hosts if h != self.host})
                 slot.service.tick()
         try:
             self._announce()
@@ -470,6 +489,8 @@ class Agent(object):
                              if s.failed_until > now),
             'ineligible': {n: s.ineligible[0] for n, s in self.slots.items()
                            if s.ineligible},
+            'reports': {n: s.report for n, s in self.slots.items()
+                        if s.report and not s.token},
             'services': {n: {'state': s.state, 'decision': s.decision}
                          for n, s in self.slots.items()},
         }
@@ -719,9 +740,11 @@ class Agent(object):
         paths, uids, software releases): a host that differs never takes
         the service over, and says why."""
         now = time.monotonic()
-        if now < slot.next_eligibility:
-            return
+        if now < slot.next_eligibility and view.facts == slot.checked_facts:
+            return  # checked lately, against these facts
         slot.next_eligibility = now + self.cluster.agent.monitor_interval
+        slot.checked_facts = view.facts
+        slot.report = slot.service.reports()
         if self.cannot_run:
             problems = [self.cannot_run]
         else:
@@ -794,7 +817,9 @@ class Agent(object):
         slot.failures = 0
         slot.next_check = 0.0
         slot.facts = None  # published again from this host
+        slot.next_facts = 0.0
         slot.ineligible = []
+        slot.report = {}
         self._check(slot)
 
     def _check(self, slot):
@@ -813,15 +838,26 @@ class Agent(object):
         if state != slot.published and \
                 slot.ownership.write('state', json.dumps(state)):
             slot.published = state
-        if slot.facts is None and slot.state == RUNNING:
-            try:
-                facts = slot.service.facts()
-            except Exception as e:  # a driver's bad day is not the loop's
-                logger.warning('service %s: cannot publish facts: %s',
-                               slot.service.name, e)
-                return
-            if facts and slot.ownership.write('facts', json.dumps(facts)):
-                slot.facts = facts
+        # What standbys must match, published again whenever it changes
+        # (a software release or a partition added, ids changed).
+        now = time.monotonic()
+        if slot.state != RUNNING or now < slot.next_facts:
+            return
+        slot.next_facts = now + self.cluster.agent.monitor_interval
+        try:
+            facts = slot.service.facts()
+        except Exception as e:  # a driver's bad day is not the loop's
+            logger.warning('service %s: cannot publish facts: %s',
+                           slot.service.name, e)
+            return
+        if not facts or facts == slot.facts or \
+                not slot.ownership.write('facts', json.dumps(facts)):
+            return
+        if slot.facts is not None:
+            logger.info('service %s: what a standby must match changed (%s):'
+                        ' published again', slot.service.name,
+                        _changes(slot.facts, facts))
+        slot.facts = facts
 
     def _monitor(self, slot):
         now = time.monotonic()

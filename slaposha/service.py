@@ -125,6 +125,31 @@ class Service(object):
                           for p in res.problems(facts[res.rid])]
         return lines
 
+    def reports(self):
+        """{rid: report} of the resources that report to the owner what
+        this standby has."""
+        found = {}
+        for res in self.resources:
+            if res.report is None:
+                continue
+            try:
+                report = res.report()
+            except Exception as e:  # a driver's bad day is not the loop's
+                logger.warning('service %s: %s: no report: %s', self.name,
+                               res.rid, e)
+                continue
+            if report is not None:
+                found[res.rid] = report
+        return found
+
+    def reported(self, reports):
+        """On the owner: {host: {rid: report} or None} from the standbys,
+        handed to each resource as {host: its report or None}."""
+        for res in self.resources:
+            if res.report is not None:
+                res.reported({host: (by_rid or {}).get(res.rid)
+                              for host, by_rid in reports.items()})
+
     def fence_targets(self):
         cgroups, addresses = [self.cgroup.path], []
         for res in self.resources:

@@ -1,7 +1,8 @@
 """The SlapOS node as it changes, on folders laid out as slapgrid leaves
 them (no lab): the fingerprint and what a standby lacks (named by URL),
-the partitions set aside when the instance supervisord (the real one)
-refuses their files, and the per-partition status."""
+the copies of software releases driven by the standbys' reports, the
+partitions set aside when the instance supervisord (the real one) refuses
+their files, and the per-partition status."""
 
 import hashlib
 import os
@@ -14,6 +15,7 @@ from slaposha.slapos.node import (
 from slaposha.slapos.partitions import (
     ASIDE_SUFFIX, AsideBook, missing_folders, partition_rows,
     refused_partition, row_line)
+from slaposha.slapos.releases import Copies
 
 URL = 'http://example.org/sr/second/software.cfg'
 MD5 = hashlib.md5(URL.encode()).hexdigest()
@@ -104,6 +106,38 @@ def test_a_standby_lacking_a_release_is_told_its_url_and_folder(tmp_path):
     assert compare(owner, local_facts(standby, owner))[0].startswith(
         'software release %s/%s is incomplete' % (standby.software_root,
                                                    MD5))
+
+
+def test_copies_follow_the_standbys_reports_with_backoff():
+    copies = Copies(retry_min=5, retry_max=20, confirm_within=15)
+    have = ['r1', 'r2']
+    # hB has r1, hC nothing; hD sent no report (not alive): left alone.
+    assert copies.due(have, {'hB': {'r1'}, 'hC': set()}, now=0) == [
+        ('hB', 'r2'), ('hC', 'r1'), ('hC', 'r2')]
+    copies.sent('hB', 'r2', now=1)
+    assert copies.failed('hC', 'r1', 'connection refused', now=1) == 5
+    assert copies.failed('hC', 'r2', 'connection refused', now=1) == 5
+    # Sent but not yet reported, or waiting for its retry: not now.
+    assert copies.due(have, {'hB': {'r1'}, 'hC': set()}, now=2) == []
+    assert copies.next_retry() == 6
+    assert copies.problems(lambda r: 'URL-' + r, now=3) == [
+        'software release URL-%s to hC: 1 failed try, the last 2.0 s ago:'
+        ' connection refused; next try in 3.0 s' % r for r in have]
+    assert copies.due(have, {'hB': {'r1'}, 'hC': set()}, now=6) == [
+        ('hC', 'r1'), ('hC', 'r2')]
+    assert copies.failed('hC', 'r1', 'refused', now=6) == 10
+    assert copies.failed('hC', 'r1', 'refused', now=16) == 20
+    assert copies.failed('hC', 'r1', 'refused', now=36) == 20  # the cap
+    # The standby reports r2: confirmed. Deleted there later: sent again
+    # at once, whatever the owner remembers.
+    assert copies.due(have, {'hB': {'r1', 'r2'}}, now=7) == []
+    assert copies.due(have, {'hB': {'r1'}}, now=8) == [('hB', 'r2')]
+    # A copy the standby never confirms is sent again after
+    # confirm_within.
+    copies.sent('hB', 'r2', now=8)
+    assert copies.due(have, {'hB': {'r1'}}, now=22) == []
+    assert copies.due(have, {'hB': {'r1'}}, now=24) == [('hB', 'r2')]
+    assert copies.problems(str, now=24) == []
 
 
 def supervisord(node):

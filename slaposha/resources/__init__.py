@@ -19,6 +19,7 @@ __all__ = ['Resource', 'ResourceError', 'Status', 'UP', 'DOWN', 'WARN', 'NA',
 UP, DOWN, WARN, NA = 'up', 'down', 'warn', 'n/a'
 
 
+
 class Status(namedtuple('Status', 'state message')):
     """A resource's state (UP, DOWN, WARN, NA) and one line saying why;
     ``details``: more lines for the status tree (e.g. one per partition of
@@ -157,6 +158,15 @@ class Resource(object):
         """Lines saying why this host cannot take over, given what the
         owner published; [] when it can."""
         return []
+
+    # Drivers whose owner works from what each standby has (e.g. the
+    # software releases it still lacks) define both: report() on each
+    # standby (JSON-able, announced with its host's health), reported() on
+    # the owner, every agent cycle, with {host: report or None}.
+    report = None
+
+    def reported(self, reports):
+        """What each standby last reported (None: no report: not alive)."""
 
     def fence_targets(self):
         """(cgroups, addresses) that the watchdog kills and drops for this

@@ -29,36 +29,32 @@ resource's cgroup, so that a fence kills them too.
 
 While it owns the node, the driver also keeps the standbys ready
 (configured by the agent with ``configure_peers``, worked in ``tick``, in a
-thread of its own, never blocking the agent's cycle):
+thread of its own, never blocking the agent's cycle): the node's identity
+in the replicated data, its software releases copied to every standby
+(:mod:`slaposha.slapos.standbys`).
 
-- the node's identity, ``identity`` (/etc/opt/slapos: slapos.cfg, the
-  node's certificate and key, the partitions' certificates), is copied
-  into the replicated data (``instance_root/.slaposha/identity``, 0700)
-  every ``identity_interval``; a new owner installs it before it starts;
-- every completed software release (``.completed``; it never changes
-  after that) is copied once to each standby over the cluster's channel
-  (:func:`slaposha.replication.rsync.copy_tree`, under /opt/slapgrid), so a
-  takeover never builds; the standby's preflight lists what it still
-  lacks.
+Standbys report the completed software releases they have (``report``);
+the owner publishes what they must match (``publish``, the fingerprint of
+:mod:`slaposha.slapos.node`) again whenever it changes, and a standby that
+lacks a release the partitions run is not eligible, naming its URL.
 """
 
 import logging
 import os
 import subprocess
 import sys
-import threading
 import time
 import xmlrpc.client
 
 from slaposha.config import Key
 from slaposha.resources import (
     DOWN, UP, WARN, Resource, ResourceError, Status, announce, register)
-from slaposha.slapos import identity
 from slaposha.slapos.node import (
     NodeError, compare, fingerprint, load_node, local_facts)
 from slaposha.slapos.partitions import (
     AsideBook, load_saved, missing_folders, partition_rows, refusal_reason,
     refused_partition, row_line)
+from slaposha.slapos.standbys import Standbys
 from slaposha.slapos.supervisor import STARTED, SUPERVISORD, rpc, state
 
 __all__ = ['Slapos']
@@ -84,24 +80,28 @@ class Slapos(Resource):
             ' refreshes the copy of the identity in the replicated data',
             minimum=1.0),
         Key('copy_software', 'boolean', True, 'copy every completed'
-            ' software release to the standbys'),
-        Key('copy_interval', 'duration', 30.0, 'how often the owner looks'
-            ' for software releases a standby lacks', minimum=1.0),
+            ' software release to the standbys that report they lack it'),
+        Key('copy_interval', 'duration', 5.0, 'how often the owner compares'
+            ' its completed software releases with what each standby'
+            ' reports (a new report is acted on at once); a copy not yet in'
+            ' a standby\'s report is not sent again within 3 intervals',
+            minimum=0.5),
+        Key('copy_retry', 'duration', 5.0, 'wait before a failed software'
+            ' release copy is tried again; it doubles after each failure',
+            minimum=0.1),
+        Key('copy_retry_max', 'duration', 300.0, 'longest wait between two'
+            ' tries of a failing software release copy', minimum=0.1),
+        Key('copy_timeout', 'duration', 600.0, 'time allowed to one copy'
+            ' of a software release to one standby', minimum=1.0),
         Key('port', 'integer', 1216, 'the standbys\' replication port (their'
             ' receiver takes the software releases)'),
     )
 
     def __init__(self, section, context):
         Resource.__init__(self, section, context)
-        self.peers = {}
-        self.tls = None
-        self.host = None
-        self.copied = set()        # (peer, release folder) sent since start
-        self.copy_errors = {}      # peer: last error, for status
+        self.peers = {}            # standby: address
+        self.standbys = Standbys(self.rid, self.conf)
         self.failed = {}           # partition: why its programs did not start
-        self._worker = None
-        self._next_identity = 0.0
-        self._next_copy = 0.0
 
     def node(self):
         try:
@@ -240,7 +240,7 @@ class Slapos(Resource):
 
     def start(self):
         self.cgroup.create()
-        self._install_identity()
+        self.standbys.install_identity()
         node = self.node()
         addresses = node.addresses()
         self._ip_batch('replace', addresses)
@@ -299,84 +299,31 @@ class Slapos(Resource):
         TLS files and this host's name (the token is not needed: software
         releases never change once completed)."""
         self.peers = dict(peers)
-        self.tls = tls
-        self.host = host
+        self.standbys.configure(peers, tls, host)
 
-    def _install_identity(self):
-        """A new owner puts the identity kept in the data in place."""
-        if not self.conf.identity:
-            return
+    def reported(self, reports):
+        """On the owner, every agent cycle: the completed software releases
+        each standby has ({host: report or None})."""
+        self.standbys.reported(reports)
+
+    def report(self):
+        """On a standby: the completed software releases it has."""
         try:
-            node = load_node(self.conf.cfg)
-        except NodeError:
-            return  # no slapos.cfg here: the preflight says so
-        identity.install(node, self.conf.identity)
+            return {'software': self.node().completed_releases()}
+        except (ResourceError, NodeError):
+            return None
 
     def tick(self):
-        """On the owner, every agent cycle: start the background work when
-        it is due and none runs."""
-        now = time.monotonic()
-        if self._worker is not None and self._worker.is_alive():
-            return
-        due_identity = self.conf.identity and now >= self._next_identity
-        due_copy = self.conf.copy_software and self.peers and \
-            self.tls and now >= self._next_copy
-        if not (due_identity or due_copy):
-            return
-        if due_identity:
-            self._next_identity = now + self.conf.identity_interval
-        if due_copy:
-            self._next_copy = now + self.conf.copy_interval
-        self._worker = threading.Thread(
-            target=self._keep_ready, args=(due_identity, due_copy),
-            name='%s-standbys' % self.rid, daemon=True)
-        self._worker.start()
-
-    def _keep_ready(self, save_identity, software):
-        try:
-            node = load_node(self.conf.cfg)
-            if save_identity:
-                identity.save(node, self.conf.identity)
-            if software:
-                self._copy_software(node)
-        except (NodeError, ResourceError) as e:
-            logger.warning('%s: %s', self.rid, e)
-        except Exception:  # never let the thread die silently
-            logger.exception('%s: keeping the standbys ready', self.rid)
-
-    def _copy_software(self, node):
-        from slaposha.replication import Peer, ReplicationError
-        from slaposha.replication.rsync import copy_tree
-        releases = []
-        for name in sorted(os.listdir(node.software_root)):
-            folder = os.path.join(node.software_root, name)
-            if os.path.exists(os.path.join(folder, '.completed')):
-                releases.append(folder)
-        for peer, address in sorted(self.peers.items()):
-            for folder in releases:
-                if (peer, folder) in self.copied:
-                    continue
-                started = time.monotonic()
-                try:
-                    copy_tree(folder, Peer(peer, address, self.conf.port),
-                              folder, self.tls, self.host)
-                except ReplicationError as e:
-                    self.copy_errors[peer] = str(e)
-                    logger.warning('%s: cannot copy %s to %s: %s', self.rid,
-                                   folder, peer, e)
-                    # e.g. a standby that is booting: soon again
-                    self._next_copy = min(self._next_copy,
-                                          time.monotonic() + 5.0)
-                    break
-                self.copy_errors.pop(peer, None)
-                self.copied.add((peer, folder))
-                logger.info('%s: software release %s copied to %s in %.1f s',
-                            self.rid, os.path.basename(folder), peer,
-                            time.monotonic() - started)
+        """On the owner, every agent cycle: the standbys' identity and
+        software release copies (:mod:`slaposha.slapos.standbys`)."""
+        self.standbys.tick()
 
     def publish(self):
-        """What a standby must have the same (DESIGN.md 4)."""
-        return fingerprint(self.node())
+        """What a standby must have the same (DESIGN.md 4 and 6)."""
+        try:
+            return fingerprint(self.node())
+        except NodeError as e:
+            raise ResourceError('%s: %s' % (self.rid, e))
 
     def problems(self, published):
         try:
@@ -409,8 +356,7 @@ class Slapos(Resource):
             len(started), running)
         wrong = ['%s %s' % (r['id'], r['problem']) for r in rows
                  if r['problem']]
-        wrong += ['software to %s: %s' % item
-                  for item in sorted(self.copy_errors.items())]
+        wrong += self.standbys.problems(node)
         details = [row_line(r) for r in rows]
         if wrong:
             return Status(WARN, 'degraded: %s%s; %s' % (
