@@ -29,7 +29,7 @@ __all__ = ['make_node', 'copy_node', 'partition_address', 'slapos_command',
            'slapgrid', 'NODE', 'SR_URL', 'post_record', 'records',
            'BTRFS_PATHS', 'btrfs_srv', 'post_records', 'request',
            'slaposha_release', 'SLAPOSHA_URL', 'node_address', 'CRON',
-           'buildout_facts']
+           'buildout_facts', 'COMPUTER_ADDRESS6']
 
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -145,9 +145,15 @@ def slapos_command(host, *args, timeout=300):
                     env=_env(), timeout=timeout)
 
 
-def _definition(host, count):
+# The computer's own address, the same on every host: a /64 of its own,
+# so that `slapos node format` on whichever host holds it (the ``slapos``
+# resource with computer_address) posts it to the master.
+COMPUTER_ADDRESS6 = 'fd42:213:0:1::1'
+
+
+def _definition(count):
     lines = ['[computer]',
-             'address = %s/ffff:ffff:ffff:ffff::' % host.address6,
+             'address = %s/ffff:ffff:ffff:ffff::' % COMPUTER_ADDRESS6,
              'software_user = nobody', '']
     for n in range(count):
         lines += ['[partition_%d]' % n,
@@ -182,7 +188,7 @@ def _prepare(lab, node, master, partitions, others, slapos, usual=False):
             continue
         with open(host.path('/etc/opt/slapos/slapformat-definition.cfg'),
                   'w') as f:
-            f.write(_definition(host, partitions))
+            f.write(_definition(partitions))
     proxy = m.spawn([slapos, 'proxy', 'start', '--cfg',
                      '/etc/opt/slapos/slapos.cfg'], name='slapproxy',
                     env=_env())

@@ -18,6 +18,12 @@ log and the status; the others start and the node is degraded, not down
 (:mod:`slaposha.slapos.partitions`). The status shows each partition: its
 requested state, its running programs and what is wrong.
 
+With ``computer_address``, the computer's own address (``[computer]
+address`` of the format definition file) is held by the owner like the
+partitions' addresses: `slapos node format`, run by whichever host owns
+the node, then finds it on the interface and posts it to the master
+unchanged, instead of that host's own address.
+
 No buildout, no ``slapos node boot`` (it deletes every ``.timestamp``), no
 ``slapos node instance`` (with the master reachable it would leave the
 programs stopped). ``.timestamp`` files and their mtimes are not touched.
@@ -39,6 +45,8 @@ the owner publishes what they must match (``publish``, the fingerprint of
 lacks a release the partitions run is not eligible, naming its URL.
 """
 
+import ipaddress
+import json
 import logging
 import os
 import subprocess
@@ -95,6 +103,12 @@ class Slapos(Resource):
             ' of a software release to one standby', minimum=1.0),
         Key('port', 'integer', 1216, 'the standbys\' replication port (their'
             ' receiver takes the software releases)'),
+        Key('computer_address', 'boolean', False, 'the owner holds the'
+            ' computer\'s own address ([computer] address of the format'
+            ' definition file) like the partitions\', so that `slapos node'
+            ' format` on any owner posts it to the master: an address of'
+            ' the node alone, never a host\'s, and the lowest of its network'
+            ' on every host (e.g. in a /64 of its own)'),
     )
 
     def __init__(self, section, context):
@@ -110,6 +124,34 @@ class Slapos(Resource):
             raise ResourceError('%s: %s' % (self.rid, e))
 
     # -- addresses ----------------------------------------------------------
+
+    def _addresses(self, node, strict=True):
+        """[(address, prefix, interface)] the owner holds: the partitions'
+        and, with computer_address, the computer's own. Not ``strict``
+        (fence, stop): an unreadable definition file costs the computer's
+        address only."""
+        found = node.addresses()
+        if not self.conf.computer_address:
+            return found
+        try:
+            own = node.computer_address()
+        except NodeError as e:
+            if strict:
+                raise ResourceError('%s: computer_address: %s' % (self.rid, e))
+            logger.warning('%s: computer_address: %s', self.rid, e)
+            return found
+        if own is None:
+            return found
+        hosts = [h for h, a in sorted(self.peers.items()) if a == own[0]]
+        if hosts and not strict:
+            return found
+        if hosts:
+            # Never take (nor later drop) a host's own address.
+            raise ResourceError(
+                '%s: computer_address: %s, [computer] address of %s, is the'
+                ' address of host %s: give the node an address of its own'
+                % (self.rid, own[0], node.definition_file, ' '.join(hosts)))
+        return [(own[0], own[1], node.device(own[0]))] + found
 
     def _ip_batch(self, verb, addresses):
         lines = []
@@ -127,6 +169,38 @@ class Slapos(Resource):
         if p.returncode and verb == 'replace':
             raise ResourceError('%s: cannot add partition addresses: %s'
                                 % (self.rid, p.stderr.strip()[-300:]))
+
+    def _format_would_post(self, node):
+        """The address `slapos node format` would post here as the
+        computer's (slapos.format: the lowest global address of the IPv6
+        interface in the network of the pinned one), or None when it is the
+        pinned one or unknown."""
+        try:
+            own = node.computer_address()
+        except NodeError as e:
+            return str(e)
+        if own is None:
+            return None
+        p = subprocess.run(['ip', '-j', '-6', 'addr', 'show', 'dev',
+                            node.ipv6_interface, 'scope', 'global'],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                           universal_newlines=True)
+        try:
+            infos = json.loads(p.stdout or '[]')
+        except ValueError:
+            return None
+        mine = ipaddress.ip_address(own[0])
+        held = [ipaddress.ip_interface('%s/%s' % (a['local'], a['prefixlen']))
+                for info in infos for a in info.get('addr_info', [])
+                if a.get('family') == 'inet6']
+        suitable = [i.ip for i in held if mine in i.network]
+        chosen = min(suitable) if suitable else None
+        if chosen is None or chosen == mine:
+            return None
+        return ('`slapos node format` here would post %s as the computer\'s'
+                ' address, not %s ([computer] address): %s is lower in the'
+                ' same network; give the node a network of its own'
+                % (chosen, own[0], chosen))
 
     # -- supervisord --------------------------------------------------------
 
@@ -242,7 +316,7 @@ class Slapos(Resource):
         self.cgroup.create()
         self.standbys.install_identity()
         node = self.node()
-        addresses = node.addresses()
+        addresses = self._addresses(node)
         self._ip_batch('replace', addresses)
         if self.conf.announce:
             by_dev = {}
@@ -272,13 +346,13 @@ class Slapos(Resource):
                     break
                 time.sleep(0.02)
         self.cgroup.kill()
-        self._ip_batch('del', node.addresses())
+        self._ip_batch('del', self._addresses(node, strict=False))
         self.cgroup.remove()
 
     def fence(self):
         self.cgroup.kill()
         try:
-            self._ip_batch('del', self.node().addresses())
+            self._ip_batch('del', self._addresses(self.node(), strict=False))
         except (ResourceError, NodeError):
             pass
 
@@ -286,8 +360,8 @@ class Slapos(Resource):
         # Before a takeover promotes the data, the node may not be there
         # yet: nothing of it to drop then; asked again once started.
         try:
-            addresses = [('%s/%d' % (a, p), d)
-                         for a, p, d in self.node().addresses()]
+            addresses = [('%s/%d' % (a, p), d) for a, p, d in
+                         self._addresses(self.node(), strict=False)]
         except (ResourceError, NodeError):
             addresses = []
         return [self.cgroup.path], addresses
@@ -357,6 +431,10 @@ class Slapos(Resource):
         wrong = ['%s %s' % (r['id'], r['problem']) for r in rows
                  if r['problem']]
         wrong += self.standbys.problems(node)
+        if self.conf.computer_address:
+            posted = self._format_would_post(node)
+            if posted:
+                wrong.append(posted)
         details = [row_line(r) for r in rows]
         if wrong:
             return Status(WARN, 'degraded: %s%s; %s' % (
