@@ -1090,6 +1090,7 @@ class Agent(object):
                 'switch': view.switch,
                 'resources': (published or {}).get('resources', []),
                 'details': (published or {}).get('details', {}),
+                'facts': view.facts,
                 'on': {h: (alive.get(h) or {}).get('services', {}).get(name)
                        for h in conf.service.hosts},
             }

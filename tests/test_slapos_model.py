@@ -244,3 +244,18 @@ def test_status_tree_shows_each_partition_of_a_degraded_node():
     assert lines[1].startswith('node       warn     on hB (token 7)')
     assert lines[-2:] == ['    slapos#node    warn  degraded: x',
                           '      slappart0  started   1/1 running']
+
+
+def test_check_without_an_agent_says_how_in_one_line(tmp_path, slaposha_cmd):
+    cluster = tmp_path / 'cluster.cfg'
+    cluster.write_text('[cluster]\nname = c\nhosts = hA hB hC\n'
+                       'run_dir = %s\n[host hA]\naddress = 10.0.0.1\n'
+                       '[host hB]\naddress = 10.0.0.2\n[host hC]\n'
+                       'address = 10.0.0.3\n' % tmp_path)
+    p = subprocess.run(slaposha_cmd + ['-c', str(cluster), 'slapos',
+                                       'check'],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       universal_newlines=True)
+    assert p.returncode == 2
+    assert p.stderr.count('\n') == 1 and 'Traceback' not in p.stderr
+    assert 'agent' in p.stderr, p.stderr

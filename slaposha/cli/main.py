@@ -361,27 +361,85 @@ def read_reference(path):
         raise UserError('%s: cannot read the fingerprint: %s' % (path, e))
 
 
-@command('slapos check', 'check that this host may be a standby of the node'
-         ' described by a fingerprint: one line per thing to fix', [
+def _published_fingerprint(args):
+    """(service, resource id, fingerprint, owner) of the SlapOS node the
+    owner's agent published, read through this host's agent (or --api):
+    the service named by args.service, or the only one with a slapos
+    resource."""
+    try:
+        answer = _agent_call(args, 'GET', '/status')
+    except UserError as e:
+        raise UserError('%s; or compare with a fingerprint: --reference'
+                        ' FILE' % e)
+    if answer.get('services') is None:
+        raise UserError('the agent cannot read the cluster: %s; or compare'
+                        ' with a fingerprint: --reference FILE'
+                        % answer.get('etcd'))
+    found = []
+    for name, svc in sorted(answer['services'].items()):
+        for rid, facts in sorted((svc.get('facts') or {}).items()):
+            if rid.startswith('slapos#') and (args.service in (None, name)):
+                found.append((name, rid, facts, svc.get('owner')))
+    if args.service and args.service not in answer['services']:
+        raise UserError('no service %r (services: %s)' % (
+            args.service, ', '.join(sorted(answer['services'])) or 'none'))
+    if not found:
+        raise UserError('%s: no owner has published a SlapOS node yet (it'
+                        ' must run somewhere); give --reference FILE instead'
+                        % (args.service or 'no service'))
+    if len(found) > 1:
+        raise UserError('several SlapOS nodes (%s): name the service' % (
+            ', '.join('%s %s' % f[:2] for f in found)))
+    return found[0], answer.get('host')
+
+
+@command('slapos check', 'check that this host may be a standby of the node:'
+         ' its paths, uids, software releases and interfaces against the'
+         ' fingerprint its owner published (or --reference); one line per'
+         ' thing to fix', [
+             (('service',), dict(nargs='?', help='the service of the node'
+                                 ' (default: the only one with a slapos'
+                                 ' resource)')),
              _SLAPOS_CFG,
-             (('--reference',), dict(metavar='FILE', required=True,
-                                     help='the owner\'s fingerprint (JSON, from'
-                                     ' `slaposha slapos fingerprint`), - for'
-                                     ' stdin')),
+             (('--reference',), dict(metavar='FILE', help='compare with this'
+                                     ' fingerprint (JSON, from `slaposha'
+                                     ' slapos fingerprint` on the owner; -'
+                                     ' for stdin) instead of asking the'
+                                     ' cluster')),
          ])
 def slapos_check(args):
     from slaposha.slapos.node import compare, local_facts
-    node = _node(args)
-    reference = read_reference(args.reference)
+    if args.reference:
+        reference = read_reference(args.reference)
+        if not isinstance(reference, dict):
+            raise UserError('%s: not a fingerprint (expected a JSON object)'
+                            % args.reference)
+        node = _node(args)
+        source = args.reference
+    else:
+        (service, rid, reference, owner), here = _published_fingerprint(args)
+        if owner == here:
+            print('%s owns %s: it is the reference, nothing to check here'
+                  % (here, service))
+            return 0
+        if not args.slapos_cfg:
+            # The node's slapos.cfg as the service file names it.
+            args.slapos_cfg = next((
+                r.cfg for c in config.load_services(_cluster(args))
+                if c.name == service for r in c.resources if r.rid == rid),
+                None)
+        node = _node(args)
+        source = '%s of %s, published by %s' % (rid, service, owner)
     problems = compare(reference, local_facts(node, reference))
     for line in problems:
         print('- %s' % line)
     if problems:
-        print('%s: not eligible as a standby of %s (%d problem(s))' % (
-            node.config_path, reference.get('computer_id'), len(problems)))
+        print('%s: not eligible as a standby of %s (%s): %d problem(s)' % (
+            node.config_path, reference.get('computer_id'), source,
+            len(problems)))
         return 1
-    print('%s: eligible as a standby of %s' % (
-        node.config_path, reference.get('computer_id')))
+    print('%s: eligible as a standby of %s (%s)' % (
+        node.config_path, reference.get('computer_id'), source))
     return 0
 
 
