@@ -29,7 +29,8 @@ __all__ = ['make_node', 'copy_node', 'partition_address', 'slapos_command',
            'slapgrid', 'NODE', 'SR_URL', 'post_record', 'records',
            'BTRFS_PATHS', 'btrfs_srv', 'post_records', 'request',
            'slaposha_release', 'SLAPOSHA_URL', 'node_address', 'CRON',
-           'buildout_facts', 'COMPUTER_ADDRESS6']
+           'buildout_facts', 'COMPUTER_ADDRESS6', 'SR2_URL',
+           'computer_address_on_master']
 
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -56,6 +57,9 @@ NODE_REQUIREMENTS = ('slapos.core==1.24.1', 'setuptools<81',
                      'cryptography==50.0.2')
 SR_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'sr')
 SR_URL = NODE + '/sr/recordstore/software.cfg'
+# A second software release (another URL, so another folder of
+# /opt/slapgrid; the same recordstore), for a node that gains one.
+SR2_URL = NODE + '/sr/recordstore/second.cfg'
 # slaposha's own software release, built from this checkout into the node
 # install by slaposha_release().
 SLAPOSHA_URL = NODE + '/sr/slaposha/software.cfg'
@@ -380,31 +384,52 @@ MAILTO=""
 ''' % {'slapos': NODE + '/bin/slapos', 'cfg': '/etc/opt/slapos/slapos.cfg'}
 
 
+COMPUTER_ADDRESS = """
+import sqlite3, sys
+db = sqlite3.connect('/var/lib/slaposha/proxy.db')
+# computer<schema version> (17 in slapos.core 1.24.1)
+table, = [name for name, in db.execute("SELECT name FROM sqlite_master"
+          " WHERE type = 'table' AND name GLOB 'computer[0-9]*'")]
+print(db.execute('SELECT address FROM %s WHERE reference = ?' % table,
+                 (sys.argv[1],)).fetchone()[0])
+"""
+
+
+def computer_address_on_master(lab, master='hM'):
+    """The computer's address as the slapproxy of ``master`` recorded it
+    (the last `slapos node format` posted it)."""
+    return lab[master].run(['python3', '-c', COMPUTER_ADDRESS, COMPUTER]
+                           ).stdout.strip()
+
+
 REQUEST = """
 import json, sys
 from slapos import slap
-master, software, title, software_type, parameters = json.loads(sys.argv[1])
+master, software, title, software_type, parameters, state = json.loads(
+    sys.argv[1])
 connection = slap.slap()
 connection.initializeConnection(master)
 partition = connection.registerOpenOrder().request(
     software, title, partition_parameter_kw=parameters,
-    software_type=software_type)
+    software_type=software_type, state=state)
 print(json.dumps(partition.getConnectionParameterDict()))
 """
 
 
 def request(lab, master, title, software=SR_URL, software_type=None,
-            parameters=None):
+            parameters=None, state=None):
     """Request instance ``title`` of ``software`` from the slapproxy of
     ``master`` as `slapos request` does (the slap library of the node
-    install): ``software_type`` (None: default) and ``parameters`` (a dict
-    of strings). Returns the instance's connection parameters, empty until
-    its partition published them; requesting again with the same
-    parameters changes nothing and reads them again."""
+    install): ``software_type`` (None: default), ``parameters`` (a dict
+    of strings) and ``state`` (None: started; stopped, destroyed). Returns
+    the instance's connection parameters, empty until its partition
+    published them; requesting again with the same parameters changes
+    nothing and reads them again."""
     m = lab[master]
     p = m.run([NODE + '/bin/python', '-c', REQUEST, json.dumps([
         'http://%s:18080' % m.address, software, title, software_type,
-        parameters or {}])], env={'PATH': '/usr/bin:/bin', 'HOME': '/root'})
+        parameters or {}, state])], env={'PATH': '/usr/bin:/bin',
+                                         'HOME': '/root'})
     return json.loads(p.stdout)
 
 
