@@ -31,8 +31,9 @@ from slaposha.lab import wait_for
 from slaposha.lab.cluster import LabCluster
 from slaposha.lab.slapos import (
     BTRFS_PATHS, COMPUTER, COMPUTER_ADDRESS6, NODE, SR2_URL, btrfs_srv,
-    computer_address_on_master, deploy_node, node_install, partition_address,
-    post_record, post_records, records, request, route_partitions, slapgrid)
+    computer_address_on_master, deploy_node, node_install, node_service,
+    partition_address, post_record, post_records, records, request,
+    route_partitions, slapgrid)
 from slaposha.lab.web import get
 from slaposha.slapos.node import release_name
 
@@ -42,18 +43,12 @@ pytest.importorskip('slapos.grid.svcbackend',
                     reason='slapos.core is not installed')
 
 INTERVAL = 0.5
-SERVICE = '''
-    [service]
-    hosts = hA hB
-    [btrfs#slapgrid]
-    volume = /srv/slapgrid
-    interval = %s
-    [slapos#node]
+SERVICE = node_service(INTERVAL, '''
     copy_interval = 1
     copy_retry = 1
     copy_retry_max = 4
     computer_address = true
-''' % INTERVAL
+''')
 SR2 = '/opt/slapgrid/' + release_name(SR2_URL)
 
 

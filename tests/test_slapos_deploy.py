@@ -19,7 +19,8 @@ from slaposha.lab import wait_for
 from slaposha.lab.cluster import LabCluster
 from slaposha.lab.slapos import (
     BTRFS_PATHS, NODE, btrfs_srv, buildout_facts, deploy_node, node_install,
-    post_record, post_records, records, route_partitions, slapgrid)
+    node_service, post_record, post_records, records, route_partitions,
+    slapgrid)
 
 pytestmark = pytest.mark.lab
 
@@ -27,14 +28,7 @@ pytest.importorskip('slapos.grid.svcbackend',
                     reason='slapos.core is not installed')
 
 INTERVAL = 0.5
-SERVICE = '''
-    [service]
-    hosts = hA hB
-    [btrfs#slapgrid]
-    volume = /srv/slapgrid
-    interval = %s
-    [slapos#node]
-''' % INTERVAL
+SERVICE = node_service(INTERVAL)
 PART = '/srv/slapgrid/slappart0'
 facts = buildout_facts
 

@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 
 from slaposha.lab import HOST_PATHS, LabError, wait_for
 from slaposha.lab.web import get
@@ -30,7 +31,7 @@ __all__ = ['make_node', 'copy_node', 'partition_address', 'slapos_command',
            'BTRFS_PATHS', 'btrfs_srv', 'post_records', 'request',
            'slaposha_release', 'SLAPOSHA_URL', 'node_address', 'CRON',
            'buildout_facts', 'COMPUTER_ADDRESS6', 'SR2_URL',
-           'computer_address_on_master']
+           'computer_address_on_master', 'node_service']
 
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -238,6 +239,20 @@ def make_node(lab, node='hA', master='hM', partitions=1, others=('hB',)):
         subprocess.run(['chown', '-R', '65534:65534', part], check=True)
         os.chmod(part, 0o750)
     return proxy
+
+
+def node_service(interval, more=''):
+    """The service file of a node on hA and hB whose instance_root
+    (/srv/slapgrid) is a btrfs subvolume sent every ``interval`` seconds;
+    ``more``: lines after ``[slapos#node]`` (its keys, other sections)."""
+    return textwrap.dedent('''\
+        [service]
+        hosts = hA hB
+        [btrfs#slapgrid]
+        volume = /srv/slapgrid
+        interval = %g
+        [slapos#node]
+        ''') % interval + textwrap.dedent(more)
 
 
 def copy_node(lab, src, dst):
