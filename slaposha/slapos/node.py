@@ -19,9 +19,10 @@ running buildout (reference/slapos-internals.md, sections 1 to 3):
 :func:`fingerprint` condenses what must be the same on a standby and
 :func:`compare` says, one line per mismatch, what is wrong on the standby.
 
-The fingerprint (``slaposha slapos fingerprint``, published by the owner's
-agent in etcd and read by standbys and ``slaposha slapos check``) is a JSON
-object, version 2 (FINGERPRINT_VERSION)::
+The fingerprint (published by the owner's agent in etcd, read by standbys
+and ``slaposha slapos check``; ``slaposha slapos fingerprint`` prints it
+with what preparing a standby needs besides, :mod:`slaposha.slapos.standby`)
+is a JSON object, version 2 (FINGERPRINT_VERSION)::
 
     version            2 (absent in version 1)
     computer_id        the node's computer_id
