@@ -4,9 +4,10 @@ definition that pins what .slapos-resource says."""
 
 import json
 import os
+import subprocess
 
 from slaposha.slapos import cron
-from slaposha.slapos.adopt import _definition, _pinned
+from slaposha.slapos.adopt import _definition, _pinned, processes_in
 from slaposha.slapos.files import set_key
 from slaposha.slapos.node import load_node
 
@@ -185,3 +186,26 @@ def test_a_bad_fingerprint_is_one_line(tmp_path):
                 ' `slaposha slapos fingerprint`?)' % line
         else:
             raise AssertionError('took %r' % ref)
+
+
+def test_a_process_using_the_instance_root_is_found(tmp_path):
+    # What keeps --convert from copying a node that still runs: a program
+    # with its working folder there, or a file open there.
+    root = tmp_path / 'srv' / 'slapgrid'
+    (root / 'slappart0').mkdir(parents=True)
+    assert processes_in(str(root)) == []
+    inside = subprocess.Popen(['sleep', '60'], cwd=str(root / 'slappart0'))
+    log = open(str(root / 'supervisord.log'), 'w')
+    holder = subprocess.Popen(['sleep', '60'], stdout=log, cwd='/')
+    try:
+        found = processes_in(str(root), limit=10)
+        assert (inside.pid, 'sleep') in found and \
+            (holder.pid, 'sleep') in found, found
+        # A folder whose name only begins like it is not inside.
+        assert processes_in(str(root) + '-old') == []
+    finally:
+        for p in (inside, holder):
+            p.kill()
+            p.wait()
+        log.close()
+    assert processes_in(str(root)) == []

@@ -101,6 +101,11 @@ def test_a_node_installed_the_usual_way_is_adopted_taken_over_released(
                        '--cfg', CFG, 'shutdown'])
         wait_for(lambda: records(lab, address=address, timeout=0.5) is None,
                  20, what='the node stopped')
+        # supervisord goes on a moment after its programs (log, socket):
+        # adopt refuses to copy the data while anything uses it.
+        wait_for(lambda: lab['hA'].run(['test', '-e', '/srv/slapgrid/sv.sock'],
+                                       check=False).returncode,
+                 20, what='the instance supervisord gone')
         done = sha('hA', 'slapos', 'adopt', '--host', 'hA', '--apply',
                    '--convert').stdout
         assert '/srv/slapgrid is now a btrfs subvolume' in done, done

@@ -53,7 +53,7 @@ from slaposha.units import human_bytes
 
 __all__ = ['Adoption', 'AdoptError', 'STATE', 'DEFINITION', 'EXCLUSIVE',
            'read_state', 'write_state', 'slapos_command', 'slapos_version',
-           'data_state', 'supervisord_pid', 'kept_entries']
+           'data_state', 'supervisord_pid', 'processes_in', 'kept_entries']
 
 STATE = 'slaposha-adopt.json'
 DEFINITION = 'slaposha-definition.cfg'
@@ -185,6 +185,41 @@ def supervisord_pid(node):
         return rpc(node.supervisord_socket, 2.0).supervisor.getPID()
     except (OSError, xmlrpc.client.Error):
         return None
+
+
+def processes_in(root, limit=3):
+    """[(pid, name)] of processes that use something under ``root`` (their
+    working folder, program or an open file), at most ``limit``: a node's
+    supervisord that is still shutting down answers no RPC but still writes
+    its log and removes its socket, and a partition's program started
+    outside supervisord is as live."""
+    root = os.path.realpath(root).rstrip('/') + '/'
+    found = []
+    for pid in sorted(int(n) for n in os.listdir('/proc') if n.isdigit()):
+        if pid == os.getpid():
+            continue
+        base = '/proc/%d/' % pid
+        try:
+            links = [base + 'cwd', base + 'exe'] + \
+                [base + 'fd/' + fd for fd in os.listdir(base + 'fd')]
+        except OSError:
+            continue  # gone, or a kernel thread
+        for link in links:
+            try:
+                target = os.readlink(link)
+            except OSError:
+                continue
+            if (target + '/').startswith(root):
+                try:
+                    with open(base + 'comm') as f:
+                        name = f.read().strip()
+                except OSError:
+                    name = '?'
+                found.append((pid, name))
+                break
+        if len(found) >= limit:
+            break
+    return found
 
 
 def _slapgrid_running(config):
@@ -536,6 +571,9 @@ class Adoption(object):
         root = self.node.instance_root
         busy = _slapgrid_running(self.config)
         pid = supervisord_pid(self.node)
+        if not pid:
+            busy += ['pid %d (%s) uses %s' % (p, name, root)
+                     for p, name in processes_in(root)]
         if pid or busy:
             raise AdoptError(
                 'the node is running (%s): stop its programs first: `%s node'
