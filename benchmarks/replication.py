@@ -3,7 +3,7 @@ replication).
 
 Two lab hosts, each with its own btrfs file system on a loop device, the
 volume /srv/slapgrid-fs/slapgrid, a receiver per host with TLS, as in
-slaposha.replication.lab. Three measurements:
+slaposha.replication.lab. The measurements:
 
 1. Full copy of ``--size`` MB in ``--files`` files: a plain ``btrfs send |
    btrfs receive`` between the two hosts (a pipe: no network, no TLS, then
@@ -16,9 +16,18 @@ slaposha.replication.lab. Three measurements:
    fsynced) and the ``btrfs`` driver runs every ``--interval`` s for
    ``--seconds``: the loss window of cycle k is when snapshot k+1 was
    confirmed by the standby minus when snapshot k was taken, i.e. what a
-   crash at the worst moment loses.
+   crash at the worst moment loses. Beside it, the owner's cost: CPU of
+   the owner's process and its children (btrfs snapshot, send), from
+   /proc/PID/stat, as a share of one core; what that process read and
+   wrote (/proc/PID/io); and the writes of the owner's disk against the
+   same appender without replication (``--baseline`` s before), which
+   is what the snapshots' commits add. The standby's receiver CPU too.
+4. With ``--profile N``: where the time of a cycle goes, N cycles back to
+   back under the same appender, each step of the sender (hA) and of the
+   receiver (hB) timed (median, p90).
 
     .venv/bin/python benchmarks/replication.py [--size 512] [--seconds 30]
+        [--only rpo,profile]
 
 Prints each figure and the machine it ran on.
 """
@@ -29,12 +38,13 @@ import platform
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
 
-from slaposha.lab import Lab  # noqa: E402
+from slaposha.lab import Lab, wait_for  # noqa: E402
 from slaposha.replication.lab import (  # noqa: E402
     FS, LAB_PATHS, PORT, VOL, ReplicationLab, read_report,
     remove_mount_point)
@@ -131,27 +141,201 @@ def incremental(rl, files, cycles):
     ''' % (VOL, rl['hB'].address, PORT, rl.tls('hA'), VOL, cycles))
 
 
-def rpo(rl, rate_mb, interval, seconds):
-    """Loss windows (s) of each cycle while the appender writes, and the
-    write rate it reached (MB/s)."""
+def usage(pid):
+    """(CPU seconds, bytes read from storage, bytes written to it) of
+    process ``pid`` and of its children that ended, from /proc."""
+    with open('/proc/%d/stat' % pid) as f:
+        fields = f.read().rsplit(')', 1)[1].split()
+    # utime, stime, cutime, cstime
+    cpu = sum(int(x) for x in fields[11:15]) / os.sysconf('SC_CLK_TCK')
+    io = {}
+    with open('/proc/%d/io' % pid) as f:
+        for line in f:
+            key, _, value = line.partition(':')
+            io[key] = int(value)
+    return cpu, io['read_bytes'], io['write_bytes']
+
+
+def disk_writes(device):
+    """Bytes written to block device ``device`` (/dev/loopN) so far."""
+    with open('/sys/block/%s/stat' % os.path.basename(device)) as f:
+        return int(f.read().split()[6]) * 512
+
+
+def rpo(rl, rate_mb, interval, seconds, baseline):
+    """Loss windows (s) of each cycle while the appender writes, the write
+    rate it reached (MB/s), the cycles' durations, how many failed, and
+    the cost: {owner: (CPU share of a core, MB/s read, MB/s written),
+    receiver: CPU share, disk: (MB/s written with replication, without)}.
+    A rate of 0: no appender, the volume at rest.
+    """
     size = 64 << 10
+    disk = rl.disks['hA']
     writer, acks = rl.appender('hA', size, rate_mb * 1e6 / size,
-                               data=VOL + '/appended')
+                               data=VOL + '/appended') if rate_mb else \
+        (None, None)
+    time.sleep(1)
+    before = disk_writes(disk)
+    time.sleep(baseline)
+    alone = (disk_writes(disk) - before) / baseline
     owner, report = rl.owner('hA', token=2, interval=interval)
+    # From its first cycle on: its start (imports) is not the rate's cost.
+    wait_for(lambda: any('snapshot' in r for r in read_report(report)), 30,
+             what='the first cycle')
+    receiver = rl.receivers['hB'].pid
+    began = time.monotonic(), usage(owner.pid), usage(receiver)[0], \
+        disk_writes(disk)
     time.sleep(seconds)
+    ended = time.monotonic(), usage(owner.pid), usage(receiver)[0], \
+        disk_writes(disk)
     owner.terminate()
-    writer.kill()
+    if writer is not None:
+        writer.kill()
+        writer.wait()
     owner.wait(60)
-    writer.wait()
+    took = ended[0] - began[0]
+    cost = {'owner': tuple((b - a) / took for a, b in zip(
+        began[1], ended[1])), 'receiver': (ended[2] - began[2]) / took,
+        'disk': ((ended[3] - began[3]) / took, alone)}
     cycles = [r for r in read_report(report) if 'hB' in r.get('sent', {})]
     windows = [later['sent']['hB']['acked'] - earlier['created']
                for earlier, later in zip(cycles, cycles[1:])]
-    with open(acks) as f:
-        times = [float(line.split()[1]) for line in f if line.endswith('\n')]
-    reached = len(times) * size / (times[-1] - times[0]) / 1e6
+    reached = 0.0
+    if acks is not None:
+        with open(acks) as f:
+            times = [float(line.split()[1]) for line in f
+                     if line.endswith('\n')]
+        reached = len(times) * size / (times[-1] - times[0]) / 1e6
     took = [r['seconds'] for r in cycles]
     failed = [r for r in read_report(report) if r.get('errors')]
-    return windows, reached, took, len(failed)
+    return windows, reached, took, len(failed), cost
+
+
+# Timing wrappers put around the engine's steps in a profiled run: each
+# call of a step appends (label, began, seconds) to ``events``.
+TIMED = textwrap.dedent('''\
+    import contextlib, sys, time
+    from slaposha.replication import btrfs
+    events = []
+    SAY = False  # a receiver says each step in its log
+    def record(label, began):
+        event = (label, began, time.monotonic() - began)
+        if SAY:
+            sys.stderr.write('step %s %.6f\\n' % (label, event[2]))
+            sys.stderr.flush()
+        else:
+            events.append(event)
+    def timed(owner, name, label=None):
+        inner = getattr(owner, name)
+        def wrapper(*args, **kw):
+            began = time.monotonic()
+            try:
+                return inner(*args, **kw)
+            finally:
+                record(label(*args, **kw) if callable(label) else
+                       label or name, began)
+        setattr(owner, name, wrapper)
+    def timed_state():
+        inner = btrfs.locked_state
+        @contextlib.contextmanager
+        def wrapper(*args, **kw):
+            began = time.monotonic()
+            with inner(*args, **kw) as state:
+                record('state: lock, read', began)
+                yield state
+                began = time.monotonic()
+            record('state: write, fsync', began)
+        btrfs.locked_state = wrapper
+    def run_label(self, args, *rest, **kw):
+        return 'btrfs ' + ' '.join(args[:2])
+''')
+
+# A receiver whose steps say how long they took, in its log.
+PROFILED_RECEIVER = TIMED + textwrap.dedent('''\
+    from slaposha.replication.__main__ import main
+    SAY = True
+    R, V = btrfs.Receiver, btrfs.Volume
+    for owner, name in ((R, '_list'), (R, '_stream'), (V, '_partial'),
+                        (V, '_follow'), (V, '_write_meta'), (V, 'prune'),
+                        (btrfs, '_syncfs')):
+        timed(owner, name)
+    timed(V, '_run', run_label)
+    timed_state()
+    sys.exit(main(sys.argv[1:]))
+''')
+
+# (after TIMED) N cycles of a sender, each step timed.
+PROFILED_SENDER = textwrap.dedent('''\
+    from slaposha.replication import Peer
+    S, V = btrfs.Sender, btrfs.Volume
+    answers = []
+    def answer_label(self, channel, peer, what):
+        if what == 'list':
+            return 'wait: list answered'
+        answers.append(what)
+        return 'wait: go' if len(answers) %% 2 else 'wait: received'
+    for owner, name in ((V, 'snapshot'), (V, 'prune'), (S, '_connect'),
+                        (S, '_estimate'), (S, '_stream'), (S, '_confirmed'),
+                        (btrfs, '_syncfs')):
+        timed(owner, name)
+    timed(S, '_answer', answer_label)
+    timed(V, '_run', run_label)
+    timed_state()
+    sender = S(%(vol)r, 3, [Peer('hB', %(address)r, %(port)d)], %(tls)r, 'hA')
+    result = []
+    for _ in range(%(cycles)d):
+        del events[:]
+        cycle = sender.cycle()
+        assert not cycle.errors, cycle.errors
+        steps = {'cycle': cycle.seconds}
+        for label, _, seconds in events:
+            steps[label] = steps.get(label, 0.0) + seconds
+        result.append(steps)
+''')
+
+
+def profile(rl, rate_mb, cycles):
+    """Where a cycle's time goes: ``cycles`` cycles back to back under the
+    appender; {'sender': [{step: seconds} per cycle], 'receiver': {step:
+    [seconds of each call]}}."""
+    b = rl['hB']
+    rl.stop_receivers()
+    proc = b.spawn([sys.executable, '-c', PROFILED_RECEIVER, 'receiver',
+                    '--host', 'hB', '--listen', b.address, '--port',
+                    str(PORT), '--ssl-dir', rl.ssl_dir, VOL],
+                   name='receiver-profiled', env=rl.env())
+    rl.receivers['hB'] = proc
+    wait_for(lambda: 'listening on' in rl.log('hB', 'receiver-profiled'),
+             10, what='the profiled receiver')
+    size = 64 << 10
+    writer, _ = rl.appender('hA', size, rate_mb * 1e6 / size,
+                            data=VOL + '/appended')
+    try:
+        sender = rl.py('hA', TIMED + PROFILED_SENDER % {
+            'vol': VOL, 'address': b.address, 'port': PORT,
+            'tls': rl.tls('hA'), 'cycles': cycles}, timeout=600)
+    finally:
+        writer.kill()
+        writer.wait()
+    receiver = {}
+    for line in rl.log('hB', 'receiver-profiled').splitlines():
+        if line.startswith('step '):
+            label, seconds = line[5:].rsplit(' ', 1)
+            receiver.setdefault(label, []).append(float(seconds))
+    return {'sender': sender, 'receiver': receiver}
+
+
+def print_profile(steps, cycles):
+    """The profile as a table: step, calls per cycle, median and p90 of a
+    cycle's share (sender) or of a call (receiver), in ms."""
+    print('  %-34s %6s %8s %8s' % ('step', 'calls', 'p50 ms', 'p90 ms'))
+    for label, values in sorted(steps.items(), key=lambda kv: -sum(kv[1])):
+        print('  %-34s %6.1f %8.1f %8.1f' % (
+            label, len(values) / cycles, 1000 * statistics.median(values),
+            1000 * percentile(values, 0.9)))
+
+
+PHASES = ('full', 'incremental', 'rpo', 'profile')
 
 
 def main():
@@ -163,59 +347,62 @@ def main():
     parser.add_argument('--rate', type=float, default=10.0, help='MB/s')
     parser.add_argument('--interval', type=float, default=1.0)
     parser.add_argument('--seconds', type=float, default=30.0)
+    parser.add_argument('--baseline', type=float, default=10.0,
+                        help='seconds of the appender alone, for the disk'
+                        ' writes without replication')
+    parser.add_argument('--profile', type=int, default=0, metavar='N',
+                        help='profile N cycles (0: no profile)')
+    parser.add_argument('--only', default=','.join(PHASES),
+                        help='the phases to run, of %s' % ','.join(PHASES))
     args = parser.parse_args()
+    phases = set(args.only.split(','))
+    if not phases <= set(PHASES):
+        parser.error('--only: phases are %s' % ', '.join(PHASES))
+    if not args.profile:
+        phases.discard('profile')
+    if 'incremental' in phases:
+        phases.add('full')  # it needs the data and the base
     disk = '%dM' % max(1024, 3 * args.size + 512)
     with Lab(['hA', 'hB'], paths=LAB_PATHS) as lab:
         rl = ReplicationLab(lab, disk_size=disk)
         try:
             rl.receiver('hB')
-            write_data(rl, args.size, args.files)
-            name = rl.py('hA', '''
-                from slaposha.replication.btrfs import Volume
-                result = Volume(%r).snapshot(1, 'hA').name
-            ''' % VOL)
-            snapshot = rl.py('hA', '''
-                from slaposha.replication.btrfs import Volume
-                result = Volume(%r).get(%r).path
-            ''' % (VOL, name))
-            plain, ours = [], []
-            for run in range(args.runs):
-                plain.append(plain_copy(rl, snapshot, run))
-                seconds, sent = engine_copy(rl, name)
-                ours.append(seconds)
-                print('full copy run %d: plain send|receive %.2f s, engine'
-                      ' %.2f s (%d MB stream)' % (run + 1, plain[-1],
-                                                   seconds, sent / 1e6))
+            if 'full' in phases:
+                full_and_incremental(rl, args, 'incremental' in phases)
+            if 'rpo' in phases:
+                windows, reached, cycle_times, failed, cost = rpo(
+                    rl, args.rate, args.interval, args.seconds,
+                    args.baseline)
+                print('RPO at %.1f MB/s of writes (asked %.0f), interval %g'
+                      ' s, %g s: loss window p50 %.2f s, p99 %.2f s, max'
+                      ' %.2f s; cycle p50 %.2f s, max %.2f s; %d cycles, %d'
+                      ' failed' % (
+                          reached, args.rate, args.interval, args.seconds,
+                          percentile(windows, 0.5),
+                          percentile(windows, 0.99), max(windows),
+                          percentile(cycle_times, 0.5), max(cycle_times),
+                          len(cycle_times), failed))
+                cpu, read, written = cost['owner']
+                print('cost of it on the owner: %.1f %% of a core (process'
+                      ' and children), read %.2f MB/s, wrote %.2f MB/s;'
+                      ' its disk took %.1f MB/s of writes, %.1f MB/s'
+                      ' without replication; the receiver: %.1f %% of a'
+                      ' core' % (100 * cpu, read / 1e6, written / 1e6,
+                                 cost['disk'][0] / 1e6, cost['disk'][1] / 1e6,
+                                 100 * cost['receiver']))
                 sys.stdout.flush()
-            mb = sent / 1e6
-            print('full copy of %d MB in %d files: plain %.0f MB/s, engine'
-                  ' %.0f MB/s over TLS: ratio %.2f (best of %d)' % (
-                      args.size, args.files, mb / min(plain),
-                      mb / min(ours), min(plain) / min(ours), args.runs))
-            # The standby needs the base again for the increments.
-            rl.py('hA', '''
-                from slaposha.replication import Peer
-                from slaposha.replication.btrfs import Sender
-                sender = Sender(%r, 1, [Peer('hB', %r, %d)], %r, 'hA')
-                sender.send(sender.peers[0], sender.volume.get(%r))
-            ''' % (VOL, rl['hB'].address, PORT, rl.tls('hA'), name))
-            steps = incremental(rl, args.files, args.cycles)
-            took = [s for s, _ in steps]
-            print('incremental cycle after a 1 %% change (%d x 4 KiB): median'
-                  ' %.2f s, max %.2f s, %.1f MB stream (%d cycles)' % (
-                      args.files // 100, statistics.median(took), max(took),
-                      statistics.median(b for _, b in steps) / 1e6,
-                      len(steps)))
-            sys.stdout.flush()
-            windows, reached, cycle_times, failed = rpo(
-                rl, args.rate, args.interval, args.seconds)
-            print('RPO at %.1f MB/s of writes (asked %.0f), interval %g s,'
-                  ' %g s: loss window p50 %.2f s, p99 %.2f s, max %.2f s;'
-                  ' cycle p50 %.2f s, max %.2f s; %d cycles, %d failed' % (
-                      reached, args.rate, args.interval, args.seconds,
-                      percentile(windows, 0.5), percentile(windows, 0.99),
-                      max(windows), percentile(cycle_times, 0.5),
-                      max(cycle_times), len(cycle_times), failed))
+            if 'profile' in phases:
+                found = profile(rl, args.rate, args.profile)
+                sender = {}
+                for steps in found['sender']:
+                    for label, seconds in steps.items():
+                        sender.setdefault(label, []).append(seconds)
+                print('profile of %d cycles back to back at %.0f MB/s of'
+                      ' writes; the sender (time in a cycle):' % (
+                          args.profile, args.rate))
+                print_profile(sender, args.profile)
+                print('the receiver (time of each call):')
+                print_profile(found['receiver'], args.profile)
         finally:
             rl.stop_receivers()
     remove_mount_point()
@@ -223,6 +410,49 @@ def main():
           ' files on the root file system)' % (
               platform.platform(), os.cpu_count(),
               platform.python_version()))
+
+
+def full_and_incremental(rl, args, increments):
+    """Phases 1 and 2."""
+    write_data(rl, args.size, args.files)
+    name = rl.py('hA', '''
+        from slaposha.replication.btrfs import Volume
+        result = Volume(%r).snapshot(1, 'hA').name
+    ''' % VOL)
+    snapshot = rl.py('hA', '''
+        from slaposha.replication.btrfs import Volume
+        result = Volume(%r).get(%r).path
+    ''' % (VOL, name))
+    plain, ours = [], []
+    for run in range(args.runs):
+        plain.append(plain_copy(rl, snapshot, run))
+        seconds, sent = engine_copy(rl, name)
+        ours.append(seconds)
+        print('full copy run %d: plain send|receive %.2f s, engine'
+              ' %.2f s (%d MB stream)' % (run + 1, plain[-1],
+                                           seconds, sent / 1e6))
+        sys.stdout.flush()
+    mb = sent / 1e6
+    print('full copy of %d MB in %d files: plain %.0f MB/s, engine'
+          ' %.0f MB/s over TLS: ratio %.2f (best of %d)' % (
+              args.size, args.files, mb / min(plain),
+              mb / min(ours), min(plain) / min(ours), args.runs))
+    if not increments:
+        return
+    # The standby needs the base again for the increments.
+    rl.py('hA', '''
+        from slaposha.replication import Peer
+        from slaposha.replication.btrfs import Sender
+        sender = Sender(%r, 1, [Peer('hB', %r, %d)], %r, 'hA')
+        sender.send(sender.peers[0], sender.volume.get(%r))
+    ''' % (VOL, rl['hB'].address, PORT, rl.tls('hA'), name))
+    steps = incremental(rl, args.files, args.cycles)
+    took = [s for s, _ in steps]
+    print('incremental cycle after a 1 %% change (%d x 4 KiB): median'
+          ' %.2f s, max %.2f s, %.1f MB stream (%d cycles)' % (
+              args.files // 100, statistics.median(took), max(took),
+              statistics.median(b for _, b in steps) / 1e6, len(steps)))
+    sys.stdout.flush()
 
 
 if __name__ == '__main__':
