@@ -7,6 +7,7 @@ throw-away CA, so that crashing a host kills them as a power cut would."""
 
 import os
 import random
+import struct
 import sys
 import textwrap
 import time
@@ -123,6 +124,32 @@ def test_progress_says_rate_and_time_left():
     assert 24e6 < progress.rate < 26e6
     assert 1.9 < progress.eta < 2.1
     assert str(progress).startswith('000003-7 to hB: 50.0 MB of ~100.0 MB,')
+
+
+def send_stream(*commands):
+    """A btrfs send stream (version 1) of ``commands``: (number, payload)."""
+    stream = b'btrfs-stream\0' + struct.pack('<I', 1)
+    for command, payload in commands:
+        stream += struct.pack('<IHI', len(payload), command, 0) + payload
+    return stream
+
+
+def test_a_stream_says_whether_it_changes_anything():
+    from slaposha.replication.btrfs import _Changes
+    snapshot, utimes, end, write = (2, b's' * 90), (20, b'u' * 50), \
+        (21, b''), (15, b'w' * 5000)
+    for commands, changed in (((snapshot, end), False),
+                              ((snapshot, utimes, utimes, end), False),
+                              ((snapshot, utimes, write, end), True),
+                              (((1, b'v' * 60), end), False),
+                              (((1, b'v' * 60), (4, b'dir'), end), True)):
+        stream = send_stream(*commands)
+        # Whole, and in pieces that cut headers anywhere.
+        for size in (len(stream), 1, 3, 7, 11):
+            seen = _Changes()
+            for at in range(0, len(stream), size):
+                seen.feed(stream[at:at + size])
+            assert seen.changed is changed, (commands, size)
 
 
 # -- in the lab ---------------------------------------------------------------

@@ -66,6 +66,7 @@ import os
 import re
 import socket
 import ssl
+import struct
 import subprocess
 import tempfile
 import threading
@@ -97,9 +98,10 @@ Snapshot = namedtuple('Snapshot', 'name seq token path')
 Snapshot.key = property(lambda s: (s.token, s.seq))
 
 # One send to one peer: ``skipped`` when the peer had the snapshot already;
-# ``acked``: when the peer confirmed it has it (wall clock).
-Transfer = namedtuple('Transfer',
-                      'peer snapshot parent bytes seconds skipped acked')
+# ``acked``: when the peer confirmed it has it (wall clock); ``changed``:
+# whether the stream changed anything (see _Changes; None when skipped).
+Transfer = namedtuple('Transfer', 'peer snapshot parent bytes seconds'
+                      ' skipped acked changed')
 
 # One replication cycle: the snapshot taken, when (wall clock) and how long,
 # a Transfer per peer that got it, the ReplicationError of each that did
@@ -681,6 +683,41 @@ def _dump_commands(stream):
     return commands
 
 
+class _Changes(object):
+    """Whether a ``btrfs send`` stream changes anything, read from the
+    headers of its commands as the stream goes by (each: length, command,
+    checksum; the same in every version of the stream): an increment of an
+    untouched volume holds only its ``snapshot`` command and the ``end``,
+    and one whose only change is a read's access time adds ``utimes``
+    (as :meth:`Volume.changed_since` counts)."""
+
+    HEADER = 17                     # "btrfs-stream\0", version
+    COMMAND = struct.Struct('<IHI')
+    QUIET = frozenset((1, 2, 20, 21))  # subvol, snapshot, utimes, end
+
+    def __init__(self):
+        self.changed = False
+        self._skip = self.HEADER    # bytes to pass before the next command
+        self._head = b''            # a command header cut between reads
+
+    def feed(self, data):
+        at, size = 0, len(data)
+        while not self.changed and at < size:
+            if self._skip:
+                step = min(self._skip, size - at)
+                self._skip -= step
+                at += step
+                continue
+            take = self.COMMAND.size - len(self._head)
+            self._head += data[at:at + take]
+            at += take
+            if len(self._head) == self.COMMAND.size:
+                length, command, _ = self.COMMAND.unpack(self._head)
+                self._head = b''
+                self._skip = length
+                self.changed = command not in self.QUIET
+
+
 # -- the owner's side ---------------------------------------------------------
 
 class Sender(object):
@@ -693,8 +730,11 @@ class Sender(object):
     (besides the newest each peer has). ``timeout``: a transfer with no
     progress for this long is abandoned.
 
-    ``progress`` is the transfer going on (a :class:`Progress`), or the last
-    one; ``last`` maps each peer to its last Transfer or error.
+    ``progress`` is the transfer that began last (a :class:`Progress`),
+    going on or not; ``sending`` maps each peer to the one going on to it;
+    ``last`` maps each peer to its last Transfer or error. Sends to
+    different peers may run at once (each in its own thread), one at a
+    time to a given peer.
     """
 
     def __init__(self, volume, token, peers, tls, host, keep=3, timeout=30.0,
@@ -709,13 +749,20 @@ class Sender(object):
         self.connect_timeout = connect_timeout
         self.estimate = estimate
         self.progress = None
+        self.sending = {}
         self.last = {}
         self._revoked = None
         self._took = {}
         self._aborted = threading.Event()
         self._lock = threading.Lock()
-        self._proc = None
-        self._channel = None
+        # {peer name: the btrfs send, the channel, the snapshots it uses}
+        # of each send going on: abort() ends them, prune() spares them.
+        self._procs = {}
+        self._channels = {}
+        self._using = {}
+        # Held while snapshots are pruned, and while a send picks its
+        # parent: a send never starts from a snapshot being deleted.
+        self._pruning = threading.Lock()
 
     def error(self, message, peer):
         return self.volume.error(message, peer.name if peer else None)
@@ -723,36 +770,55 @@ class Sender(object):
     # -- one cycle ------------------------------------------------------------
 
     def cycle(self):
-        """Snapshot, send to every peer, prune. Returns a Cycle; a peer's
-        failure is in its ``errors``, not raised (the next cycle retries).
-        Raises ReplicationError when the snapshot itself fails."""
+        """Snapshot, send to every peer at once (one thread each: a dead
+        one delays only its own copy), prune. Returns a Cycle once every
+        send ended; a peer's failure is in its ``errors``, not raised (the
+        next cycle retries). Raises ReplicationError when the snapshot
+        itself fails."""
         started = time.time()
         snap = self.volume.snapshot(self.token, self.host)
         results, errors = {}, {}
-        for peer in self.peers:
-            if self._aborted.is_set():
-                errors[peer.name] = self.error('aborted', peer)
-                continue
+
+        def one(peer):
             try:
                 results[peer.name] = self.send(peer, snap)
             except ReplicationError as e:
                 errors[peer.name] = e
-                self.last[peer.name] = e
+        threads = [threading.Thread(target=one, args=(peer,), daemon=True,
+                                    name='send to %s' % peer.name)
+                   for peer in self.peers[1:]]
+        for thread in threads:
+            thread.start()
+        for peer in self.peers[:1]:
+            one(peer)
+        for thread in threads:
+            thread.join()
         try:
-            self.volume.prune(self.keep)
+            self.prune()
         except ReplicationError as e:
             errors[None] = e
         return Cycle(snap, started, time.time() - started, results, errors)
 
+    def prune(self):
+        """Delete old snapshots here (:meth:`Volume.prune` with ``keep``),
+        never one that a send going on uses."""
+        with self._pruning:
+            with self._lock:
+                using = set(n for names in self._using.values()
+                            for n in names if n)
+            return self.volume.prune(self.keep, protect=using)
+
     def abort(self):
-        """Stop the transfer going on, from another thread, at once, and
+        """Stop the transfers going on, from another thread, at once, and
         any later one: a new Sender goes on."""
         self._aborted.set()
         with self._lock:
-            proc, channel = self._proc, self._channel
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-        if channel is not None:
+            procs = list(self._procs.values())
+            channels = list(self._channels.values())
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        for channel in channels:
             try:
                 channel.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
@@ -789,7 +855,7 @@ class Sender(object):
                              peer)
         channel.settimeout(self.timeout)
         with self._lock:
-            self._channel = channel
+            self._channels[peer.name] = channel
         if self._aborted.is_set():
             channel.close()
             raise self.error('aborted', peer)
@@ -867,6 +933,26 @@ class Sender(object):
         snapshot it has. Returns a Transfer; raises ReplicationError (and
         StaleToken when the peer has seen a newer epoch than ours)."""
         peer = peer if isinstance(peer, Peer) else Peer(*peer)
+        with self._pruning:
+            if self.volume.get(snap.name) is None:
+                error = self.error('send %s: pruned before it could be sent'
+                                   % snap.name, peer)
+                self.last[peer.name] = error
+                raise error
+            with self._lock:
+                self._using[peer.name] = (snap.name, None)
+        try:
+            return self._send_over(peer, snap)
+        except ReplicationError as e:
+            self.last[peer.name] = e
+            raise
+        finally:
+            with self._lock:
+                self._using.pop(peer.name, None)
+
+    def _send_over(self, peer, snap):
+        if self._aborted.is_set():
+            raise self.error('send %s: aborted' % snap.name, peer)
         channel = self._connect(peer)
         try:
             return self._send(channel, peer, snap)
@@ -876,12 +962,13 @@ class Sender(object):
             raise self.error('send %s: %s' % (snap.name, e.strerror or e),
                              peer)
         finally:
-            if self.progress is not None and self.progress.ended is None:
-                self.progress.ended = time.monotonic()
-                self.progress.failed = True
             with self._lock:
-                proc, self._proc = self._proc, None
-                self._channel = None
+                progress = self.sending.pop(peer.name, None)
+                proc = self._procs.pop(peer.name, None)
+                self._channels.pop(peer.name, None)
+            if progress is not None and progress.ended is None:
+                progress.ended = time.monotonic()
+                progress.failed = True
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
@@ -899,16 +986,15 @@ class Sender(object):
                              % held['active'], peer)
         theirs = set(held.get('snapshots', ()))
         if snap.name in theirs:
-            self._confirmed(peer, snap.name)
-            result = Transfer(peer.name, snap.name, None, 0, 0.0, True,
-                              time.time())
-            self.last[peer.name] = result
-            return result
-        parent = None
-        for candidate in reversed(self.volume.snapshots()):
-            if candidate.key < snap.key and candidate.name in theirs:
-                parent = candidate
-                break
+            return self._had(peer, snap)
+        with self._pruning:
+            parent = None
+            for candidate in reversed(self.volume.snapshots()):
+                if candidate.key < snap.key and candidate.name in theirs:
+                    parent = candidate
+                    break
+            with self._lock:
+                self._using[peer.name] = (snap.name, parent and parent.name)
         total = self._estimate(peer, snap, parent)
         channel.send_json({
             'op': 'receive', 'volume': self.volume.path,
@@ -918,13 +1004,12 @@ class Sender(object):
             'keep': self.keep})
         go = self._answer(channel, peer, 'send %s' % snap.name)
         if go.get('have'):
-            self._confirmed(peer, snap.name)
-            result = Transfer(peer.name, snap.name, None, 0, 0.0, True,
-                              time.time())
-            self.last[peer.name] = result
-            return result
+            return self._had(peer, snap)
         progress = self.progress = Progress(
             peer.name, snap.name, parent and parent.name, total)
+        changes = _Changes()
+        with self._lock:
+            self.sending[peer.name] = progress
         with tempfile.TemporaryFile() as err:
             args = ['btrfs', 'send', '-q'] + (
                 ['-p', parent.path] if parent else []) + [snap.path]
@@ -932,8 +1017,8 @@ class Sender(object):
                                     stderr=err, stdin=subprocess.DEVNULL)
             _widen(proc.stdout)
             with self._lock:
-                self._proc = proc
-            self._stream(channel, peer, proc, progress)
+                self._procs[peer.name] = proc
+            self._stream(channel, peer, proc, progress, changes)
             code = proc.wait()
             if code:
                 # No end frame: the receiver drops what it got.
@@ -952,19 +1037,28 @@ class Sender(object):
         self._confirmed(peer, snap.name)
         result = Transfer(peer.name, snap.name, parent and parent.name,
                           progress.sent, progress.seconds, False,
-                          time.time())
+                          time.time(), changes.changed)
         self.last[peer.name] = result
         logger.debug('%s -> %s: %s (%s)', self.volume.path, peer.name,
                      snap.name, answer.get('notes'))
         return result
 
-    def _stream(self, channel, peer, proc, progress):
+    def _had(self, peer, snap):
+        """The peer has ``snap`` already."""
+        self._confirmed(peer, snap.name)
+        result = Transfer(peer.name, snap.name, None, 0, 0.0, True,
+                          time.time(), None)
+        self.last[peer.name] = result
+        return result
+
+    def _stream(self, channel, peer, proc, progress, changes):
         fd = proc.stdout.fileno()
         try:
             while True:
                 data = os.read(fd, CHUNK)
                 if not data:
                     return
+                changes.feed(data)
                 try:
                     channel.send_frame(data)
                 except socket.timeout:
