@@ -162,7 +162,7 @@ def disk_writes(device):
         return int(f.read().split()[6]) * 512
 
 
-def rpo(rl, rate_mb, interval, seconds, baseline):
+def rpo(rl, rate_mb, interval, min_interval, seconds, baseline):
     """Loss windows (s) of each cycle while the appender writes, the write
     rate it reached (MB/s), the cycles' durations, how many failed, and
     the cost: {owner: (CPU share of a core, MB/s read, MB/s written),
@@ -178,7 +178,8 @@ def rpo(rl, rate_mb, interval, seconds, baseline):
     before = disk_writes(disk)
     time.sleep(baseline)
     alone = (disk_writes(disk) - before) / baseline
-    owner, report = rl.owner('hA', token=2, interval=interval)
+    owner, report = rl.owner('hA', token=2, interval=interval,
+                             min_interval=min_interval)
     # From its first cycle on: its start (imports) is not the rate's cost.
     wait_for(lambda: any('snapshot' in r for r in read_report(report)), 30,
              what='the first cycle')
@@ -346,6 +347,9 @@ def main():
     parser.add_argument('--cycles', type=int, default=5)
     parser.add_argument('--rate', type=float, default=10.0, help='MB/s')
     parser.add_argument('--interval', type=float, default=1.0)
+    parser.add_argument('--min-interval', type=float, default=None,
+                        help='the driver\'s min_interval (default: its'
+                        ' default)')
     parser.add_argument('--seconds', type=float, default=30.0)
     parser.add_argument('--baseline', type=float, default=10.0,
                         help='seconds of the appender alone, for the disk'
@@ -371,13 +375,15 @@ def main():
                 full_and_incremental(rl, args, 'incremental' in phases)
             if 'rpo' in phases:
                 windows, reached, cycle_times, failed, cost = rpo(
-                    rl, args.rate, args.interval, args.seconds,
-                    args.baseline)
+                    rl, args.rate, args.interval, args.min_interval,
+                    args.seconds, args.baseline)
                 print('RPO at %.1f MB/s of writes (asked %.0f), interval %g'
-                      ' s, %g s: loss window p50 %.2f s, p99 %.2f s, max'
-                      ' %.2f s; cycle p50 %.2f s, max %.2f s; %d cycles, %d'
-                      ' failed' % (
-                          reached, args.rate, args.interval, args.seconds,
+                      ' s, min_interval %s, %g s: loss window p50 %.2f s,'
+                      ' p99 %.2f s, max %.2f s; snapshot to standby p50'
+                      ' %.2f s, max %.2f s; %d snapshots sent, %d failed' % (
+                          reached, args.rate, args.interval,
+                          'default' if args.min_interval is None else
+                          '%g s' % args.min_interval, args.seconds,
                           percentile(windows, 0.5),
                           percentile(windows, 0.99), max(windows),
                           percentile(cycle_times, 0.5), max(cycle_times),

@@ -7,6 +7,7 @@ throw-away CA, so that crashing a host kills them as a power cut would."""
 
 import os
 import random
+import re
 import struct
 import sys
 import textwrap
@@ -82,8 +83,9 @@ def test_btrfs_section_keys_and_defaults(tmp_path):
         volume = /srv/slapgrid
         max_lag = 10s
     """).resources
-    assert (section.volume, section.port, section.interval, section.keep,
-            section.max_lag) == ('/srv/slapgrid', 1216, 1.0, 3, 10.0)
+    assert (section.volume, section.port, section.interval,
+            section.min_interval, section.keep, section.max_lag) == (
+                '/srv/slapgrid', 1216, 1.0, 0.2, 3, 10.0)
     with pytest.raises(ConfigError) as e:
         load(tmp_path, '[btrfs#data]\ninterval = 2s\n')
     assert str(e.value).endswith('[btrfs#data] volume: required key is'
@@ -268,6 +270,84 @@ def test_sqlite_copies_are_consistent_after_crash_and_promote(pair):
         token += 1
     print('\nSQLite after crash + promote: %s' % ', '.join(
         '%s ok (%d tx so far)' % (m, t // 50) for m, _, _, t in checks))
+
+
+def gaps(times):
+    return [b - a for a, b in zip(times, times[1:])]
+
+
+@lab
+def test_one_paused_or_cut_off_standby_holds_back_no_other(make_lab):
+    """Three hosts: hA owns the volume, hB and hC are standbys. While the
+    volume is written, snapshots follow each other faster than the
+    interval; a standby whose receiver is paused, then one cut off from
+    the network, holds back neither the snapshots nor hB's copy (before,
+    each cycle waited for hC: 3 s to give up connecting, up to the 30 s
+    timeout for a stalled stream), and gets the newest snapshot
+    incrementally once it answers again; at rest, one snapshot an
+    interval."""
+    lab = make_lab(['hA', 'hB', 'hC'], paths=LAB_PATHS)
+    rl = ReplicationLab(lab, disk_size='256M')
+    try:
+        receivers = {name: rl.receiver(name) for name in ('hB', 'hC')}
+        writer, _ = rl.appender('hA', size=64 << 10, rate=20)
+        owner, rep = rl.owner('hA', token=10, interval=1.5, min_interval=0.1)
+
+        def sent(peer, after):
+            return [r for r in cycles_ok(rep, peer) if r['done'] > after]
+
+        def caught_up(peer, after):
+            return [r for r in sent(peer, after)
+                    if r['sent'][peer]['parent'] is not None]
+        wait_for(lambda: caught_up('hB', 0) and caught_up('hC', 0), 30,
+                 what='both standbys replicating')
+        began = time.time()
+        time.sleep(3)
+        written = sent('hB', began)
+        assert len(written) >= 5, 'while written, %d snapshots in 3 s with' \
+            ' a 1.5 s interval: %s' % (len(written), written)
+        for fault in ('pause', 'cut'):
+            began = time.time()
+            if fault == 'pause':
+                lab.pause('hC', [receivers['hC'].pid])
+            else:
+                lab.partition(['hC'])
+            time.sleep(6)
+            _, message = read_report(rep)[-1]['status']
+            ended = time.time()
+            if fault == 'pause':
+                lab.resume('hC', [receivers['hC'].pid])
+            else:
+                lab.heal()
+            times = [began] + [r['done'] for r in sent('hB', began)
+                               if r['done'] < ended] + [ended]
+            print('\nhC %s for 6 s: %d snapshots reached hB, at most %.2f s'
+                  ' apart; status: %s' % (fault, len(times) - 2,
+                                          max(gaps(times)), message))
+            assert max(gaps(times)) < 2.5, times
+            # hC's error, or its transfer stalled (the pause or the cut
+            # came in the middle of one); hB's copy is fresh.
+            assert 'hC: ' in message and re.search(
+                r'hB: [0-9]{6}-10, [0-9.]+ s old', message), message
+            back = wait_for(lambda: caught_up('hC', ended), 45, interval=0.1,
+                            what='hC caught up after the %s' % fault)
+            assert back[0]['sent']['hC']['bytes'] < 10e6, back[0]
+        writer.kill()
+        writer.wait()
+        time.sleep(2)
+        began = time.time()
+        time.sleep(4.5)
+        resting = sent('hB', began)
+        assert 2 <= len(resting) <= 4, 'at rest, %d snapshots in 4.5 s with' \
+            ' a 1.5 s interval' % len(resting)
+        owner.terminate()
+        owner.wait(30)
+        assert read_report(rep)[-1].get('stopped')
+        newest = rl.status('hA')['newest']
+        assert rl.status('hB')['newest'] == rl.status('hC')['newest'] == \
+            newest
+    finally:
+        rl.stop_receivers()
 
 
 @lab

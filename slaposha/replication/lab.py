@@ -32,11 +32,12 @@ SNAPDIR = FS + '/.slaposha/snapshots/slapgrid'
 PORT = 1216
 LAB_PATHS = HOST_PATHS + (FS,)
 
-# The owner: the btrfs driver, configured as the agent will, ticked every
-# 20 ms; one JSON line per finished cycle in its report; SIGTERM stops it
-# (the driver then sends a last snapshot).
+# The owner: the btrfs driver, configured as the agent will; one JSON line
+# in its report per snapshot sent to a standby (or not: its error), with
+# when the snapshot was taken; SIGTERM stops it (the driver then sends a
+# last snapshot).
 OWNER = textwrap.dedent('''\
-    import json, os, signal, sys, tempfile, time
+    import json, os, signal, sys, tempfile, threading, time
     from slaposha import config
     from slaposha.cgroup import Cgroup
     from slaposha.resources import driver
@@ -47,29 +48,31 @@ OWNER = textwrap.dedent('''\
     with open(path, 'w') as f:
         f.write('[btrfs#data]\\nvolume = %s\\ninterval = %s\\nkeep = 3\\n'
                 % (req['volume'], req['interval']))
+        if req.get('min_interval') is not None:
+            f.write('min_interval = %s\\n' % req['min_interval'])
     section, = config.load_service(path).resources
     res = driver('btrfs')(section, Context('svc', Cgroup(folder), folder))
     res.configure(req['token'], req['peers'], req['tls'], req['host'])
     stopping = []
     signal.signal(signal.SIGTERM, lambda *a: stopping.append(1))
     out = open(req['report'], 'a')
+    lock = threading.Lock()
     def say(**kw):
-        out.write(json.dumps(kw) + '\\n')
-        out.flush()
-    res.start()
-    say(started=time.time())
-    seen = None
-    while not stopping:
-        res.tick()
-        cycle = res.last
-        if cycle is not None and cycle is not seen:
-            seen = cycle
-            say(snapshot=cycle.snapshot.name,
-                created=res.volume.meta(cycle.snapshot.name)['created'],
-                done=time.time(), seconds=cycle.seconds,
+        with lock:
+            out.write(json.dumps(kw) + '\\n')
+            out.flush()
+    def sent(cycle):
+        if cycle.results or cycle.errors:  # not a snapshot just taken
+            say(snapshot=cycle.snapshot and cycle.snapshot.name,
+                created=cycle.started, done=time.time(),
+                seconds=cycle.seconds,
                 sent={k: t._asdict() for k, t in cycle.results.items()},
                 errors={str(k): str(e) for k, e in cycle.errors.items()},
                 status=list(res.status()))
+    res.observers.append(sent)
+    res.start()
+    say(started=time.time())
+    while not stopping:
         time.sleep(0.02)
     res.stop()
     say(stopped=True, status=list(res.status()))
@@ -218,7 +221,8 @@ class ReplicationLab(object):
     def report_path(self, name, token):
         return self.lab[name].path('/var/lib/slaposha/owner-%d.jsonl' % token)
 
-    def owner(self, name, token, interval=0.5, peers=None):
+    def owner(self, name, token, interval=0.5, peers=None,
+              min_interval=None):
         """The btrfs driver as the owner on ``name``, sending to ``peers``
         (default: every other host); returns (process, report path in the
         root namespace)."""
@@ -226,6 +230,7 @@ class ReplicationLab(object):
         peers = peers or [h.name for h in self.lab if h.name != name]
         inside = '/var/lib/slaposha/owner-%d.jsonl' % token
         request = {'volume': VOL, 'interval': interval, 'token': token,
+                   'min_interval': min_interval,
                    'peers': {p: [self.lab[p].address, PORT] for p in peers},
                    'tls': self.tls(name), 'host': name, 'report': inside}
         proc = host.spawn([sys.executable, '-c', OWNER, json.dumps(request)],

@@ -1,16 +1,20 @@
 """``btrfs``: a btrfs subvolume copied to the standbys by snapshots.
 
 The service's data (e.g. /srv/slapgrid, a btrfs subvolume) follows the
-service: its owner snapshots it every ``interval`` and sends each snapshot
-to the standbys, incrementally; at takeover the new owner makes its newest
-complete copy the writable volume. The copies are crash-consistent (what a
-power cut would leave) and a crash loses about the last two intervals of
-writes (reference/replication.md; :mod:`slaposha.replication.btrfs` for
-the engine)::
+service: its owner snapshots it and sends each snapshot to the standbys,
+incrementally, each standby at its own pace; at takeover the new owner
+makes its newest complete copy the writable volume. The copies are
+crash-consistent (what a power cut would leave). While the volume is
+written, a snapshot follows as soon as a standby has the one before (no
+sooner than ``min_interval``), and a crash loses the last few tenths of a
+second of writes; an untouched volume gets a snapshot every ``interval``
+(reference/replication.md; :mod:`slaposha.replication.btrfs` for the
+engine, :mod:`slaposha.replication.pacer` for the schedule)::
 
     [btrfs#slapgrid]
     volume = /srv/slapgrid
     interval = 1s
+    min_interval = 0.2s
     keep = 3
     max_lag = 10s
 
@@ -45,9 +49,9 @@ What the agent does with it (the interface)
    files, this host's name. Call it again when the peers change; a new
    token needs a stop and a start.
 
-3. **Every agent cycle** (about 0.1 s) on the owner: ``res.tick()``. It
-   never blocks: a replication cycle runs in a background thread, one at a
-   time, every ``interval``. Nothing is replicated without it.
+3. From ``start()`` to ``stop()`` (or ``fence()``), replication runs in
+   threads of its own (one takes the snapshots, one per standby sends
+   them), whatever the agent's loop does.
 
 4. **On standbys**, for the status tree and the takeover decision:
    ``res.standby_status()`` (how old this host's copy is, whether a
@@ -68,6 +72,7 @@ import time
 from slaposha.config import REQUIRED, Key
 from slaposha.replication import ReplicationError, human_bytes
 from slaposha.replication.btrfs import DEFAULT_PORT, Sender, Volume
+from slaposha.replication.pacer import Pacer
 from slaposha.units import human_seconds
 from slaposha.resources import (
     DOWN, UP, WARN, ResourceError, Status, register)
@@ -89,9 +94,14 @@ class Btrfs(DataResource):
             ' root of its file system'),
         Key('port', 'integer', DEFAULT_PORT, 'TCP port of the receivers'
             ' (every host runs one)', minimum=1, maximum=65535),
-        Key('interval', 'duration', 1.0, 'a snapshot is taken and sent this'
-            ' often; a crash loses about two intervals of writes',
-            minimum=0.1),
+        Key('interval', 'duration', 1.0, 'a snapshot is taken and sent at'
+            ' least this often (an untouched volume: this often); a standby'
+            ' whose copy failed is tried again after it', minimum=0.1),
+        Key('min_interval', 'duration', 0.2, 'while the volume is written,'
+            ' the next snapshot is taken as soon as a standby has the one'
+            ' before, but no sooner than this (at most interval) after it:'
+            ' a crash loses about this plus a transfer of writes; a floor'
+            ' on the owner\'s cost', minimum=0.0),
         Key('keep', 'integer', 3, 'snapshots kept on each host, besides the'
             ' newest one each peer has (kept so that the next send to it is'
             ' incremental)', minimum=1),
@@ -115,11 +125,17 @@ class Btrfs(DataResource):
         super().__init__(section, context)
         self.volume = Volume(section.volume)
         self.sender = None
+        self.pacer = None
         self.started = None       # wall clock of start
-        self.last = None          # the last Cycle
+        # The latest of each standby, as a Cycle: its last Transfer or
+        # error, the snapshot, when it was taken and how long it took to
+        # reach the standby of the latest one.
+        self.last = None
         # {peer: [bytes, seconds, transfers]} sent since the agent began,
         # for the metrics
         self.sent = {}
+        # Given each Cycle the pacer reports (the lab's owner records them).
+        self.observers = []
 
     # -- what the agent gives -------------------------------------------------
 
@@ -127,6 +143,7 @@ class Btrfs(DataResource):
         super().configure(token, peers, tls, host)
         if self.sender is not None:
             self.sender.peers = self.peers
+            self.pacer.refresh()
 
     # -- verbs ----------------------------------------------------------------
 
@@ -143,68 +160,58 @@ class Btrfs(DataResource):
         self.running = True
         self.started = time.time()
         self.last = self.failure = None
-        self._next = time.monotonic()
+        self.pacer = Pacer(self.sender, self.conf.interval,
+                           self.conf.min_interval, self._report).start()
 
-    def tick(self):
-        """Begin a replication cycle when one is due and none is running.
-        Never blocks."""
-        if not self._cycle_due():
-            return
-        self._thread = threading.Thread(target=self._cycle,
-                                        name='%s cycle' % self.rid,
-                                        daemon=True)
-        self._thread.start()
-
-    def _cycle(self):
-        try:
-            cycle = self.sender.cycle()
-        except ReplicationError as e:
-            self.failure = e
-            self._say(str(e))
-            return
-        except Exception as e:  # a thread's error must reach status
-            self.failure = ReplicationError(self.volume.path, 'cycle failed:'
-                                            ' %s' % e)
-            logger.exception('%s: cycle failed', self.rid)
-            return
-        self.failure = None
-        self.last = cycle
+    def _report(self, cycle):
+        """What the pacer's threads report: see Pacer."""
+        if cycle.snapshot is None:
+            self.failure = cycle.errors[None]
+            self._say(str(self.failure), 'snapshot')
+        elif None in cycle.errors:
+            self._say(str(cycle.errors[None]), 'pruning')
+        elif not cycle.results and not cycle.errors:
+            self.failure = None
+            self._say(None, 'snapshot')
+        results = dict(self.last.results) if self.last else {}
+        errors = dict(self.last.errors) if self.last else {}
         for peer, transfer in cycle.results.items():
+            errors.pop(peer, None)
+            results[peer] = transfer
+            self._say(None, peer)
             if not transfer.skipped:
                 total = self.sent.setdefault(peer, [0, 0.0, 0])
                 total[0] += transfer.bytes
                 total[1] += transfer.seconds
                 total[2] += 1
-        self._say('; '.join(str(e) for e in cycle.errors.values()) or None)
+        for peer, error in cycle.errors.items():
+            if peer is not None:
+                results.pop(peer, None)
+                errors[peer] = error
+                self._say(str(error), peer)
+        if cycle.results or cycle.errors.keys() - {None}:
+            self.last = cycle._replace(results=results, errors=errors)
+        for observer in self.observers:
+            observer(cycle)
 
     def stop(self):
-        """End the cycles, then send a last snapshot (the applications were
-        stopped before: it is the final state) when the standbys answer,
-        within stop_timeout. Never fails for a standby that did not answer:
-        status says it."""
+        """End the cycles and send a last snapshot (the applications were
+        stopped before: it is the final state) to each standby that
+        answers, within stop_timeout. Never fails for a standby that did
+        not answer: status says it."""
         was_running, self.running = self.running, False
         deadline = time.monotonic() + self.conf.stop_timeout
-        if self._thread is not None:
-            self._thread.join(max(0.0, deadline - time.monotonic()))
-            if self._thread.is_alive():
-                self.sender.abort()
-                self._thread.join(5)
-        left = deadline - time.monotonic()
-        if was_running and self.peers and left > 0 and self.volume.exists():
-            self.sender.timeout = min(self.conf.timeout, left)
-            self.sender.connect_timeout = min(3.0, left)
-            self._thread = threading.Thread(target=self._cycle,
-                                            name='%s last' % self.rid,
-                                            daemon=True)
-            self._thread.start()
-            self._thread.join(left)
-            if self._thread.is_alive():
-                self.sender.abort()
-                self._thread.join(5)
-            if self.last is not None and not self.last.errors:
+        if self.pacer is not None:
+            left = max(0.0, self.conf.stop_timeout)
+            self.sender.timeout = min(self.conf.timeout, left) or 0.1
+            self.sender.connect_timeout = min(3.0, left) or 0.1
+            final = self.pacer.stop(deadline, last=was_running and
+                                    self.volume.exists())
+            sent = sorted(p for p, t in final.items()
+                          if not isinstance(t, ReplicationError))
+            if sent:
                 logger.info('%s: last snapshot %s sent to %s', self.rid,
-                            self.last.snapshot.name,
-                            ', '.join(self.last.results) or 'nobody')
+                            final[sent[0]].snapshot, ', '.join(sent))
         self._deactivate()
 
     def _deactivate(self):
@@ -221,8 +228,8 @@ class Btrfs(DataResource):
         it), no last snapshot. The volume is marked free in the background:
         that takes a lock, and fencing waits for nothing."""
         self.running = False
-        if self.sender is not None:
-            self.sender.abort()
+        if self.pacer is not None:
+            self.pacer.abort()
         threading.Thread(target=self._deactivate, daemon=True).start()
 
     def fence_targets(self):
@@ -282,10 +289,13 @@ class Btrfs(DataResource):
             else:
                 parts.append('%s: %s, %s old' % (peer.name, name,
                                                  human_seconds(lag)))
-        progress = self.sender.progress
-        if progress is not None and progress.ended is None:
+        # A copy that takes a while (a full one) shows how it goes; the
+        # many short ones would only flicker.
+        going = [p for _, p in sorted(self.sender.sending.items())
+                 if p.seconds >= 1.0]
+        for progress in going:
             parts.append('sending %s' % progress)
-        elif self.last is not None:
+        if not going and self.last is not None and self.last.results:
             sent = sum(t.bytes for t in self.last.results.values())
             parts.append('last cycle %s, %s' % (human_seconds(self.last.seconds),
                                                  human_bytes(sent)))

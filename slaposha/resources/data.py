@@ -27,7 +27,7 @@ class DataResource(Resource):
         self.failure = None       # why the last cycle could not even begin
         self._thread = None
         self._next = 0.0
-        self._said = None         # the last problem logged, said once
+        self._said = {}           # the last problem logged, said once
 
     def configure(self, token, peers, tls, host):
         """The owner's fencing ``token``, the standbys ``{name: (address,
@@ -65,16 +65,18 @@ class DataResource(Resource):
         self._next = now + self.conf.interval
         return True
 
-    def _say(self, problem):
-        """Log a problem once, not every cycle, and its end."""
-        if problem != self._said:
+    def _say(self, problem, about=None):
+        """Log a problem once, not every cycle, and its end; each
+        ``about`` (a standby, a step) on its own."""
+        if problem != self._said.get(about):
             # Under the driver's own logger (slaposha.resources.btrfs...).
             log = logging.getLogger(type(self).__module__)
             if problem:
                 log.warning('%s: %s', self.rid, problem)
-            elif self._said:
-                log.info('%s: replicating again', self.rid)
-            self._said = problem
+            elif self._said.get(about):
+                log.info('%s: replicating again%s', self.rid,
+                         ' (%s)' % about if about else '')
+            self._said[about] = problem
 
     def _copy_status(self, label, lag, diverged, missing=None, notes=()):
         """A standby's copy ``label`` as a Status: ``missing`` (the text)
