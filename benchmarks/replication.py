@@ -156,6 +156,16 @@ def usage(pid):
     return cpu, io['read_bytes'], io['write_bytes']
 
 
+def busy():
+    """CPU seconds the whole machine spent busy so far (/proc/stat: all
+    but idle and I/O wait), kernel threads included."""
+    with open('/proc/stat') as f:
+        fields = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / \
+        os.sysconf('SC_CLK_TCK')
+
+
 def disk_writes(device):
     """Bytes written to block device ``device`` (/dev/loopN) so far."""
     with open('/sys/block/%s/stat' % os.path.basename(device)) as f:
@@ -166,8 +176,9 @@ def rpo(rl, rate_mb, interval, min_interval, seconds, baseline):
     """Loss windows (s) of each cycle while the appender writes, the write
     rate it reached (MB/s), the cycles' durations, how many failed, and
     the cost: {owner: (CPU share of a core, MB/s read, MB/s written),
-    receiver: CPU share, disk: (MB/s written with replication, without)}.
-    A rate of 0: no appender, the volume at rest.
+    receiver: CPU share, disk: (MB/s written with replication, without),
+    machine: (CPU share of a core of the whole machine with replication,
+    without)}. A rate of 0: no appender, the volume at rest.
     """
     size = 64 << 10
     disk = rl.disks['hA']
@@ -175,9 +186,10 @@ def rpo(rl, rate_mb, interval, min_interval, seconds, baseline):
                                data=VOL + '/appended') if rate_mb else \
         (None, None)
     time.sleep(1)
-    before = disk_writes(disk)
+    before = disk_writes(disk), busy()
     time.sleep(baseline)
-    alone = (disk_writes(disk) - before) / baseline
+    alone = (disk_writes(disk) - before[0]) / baseline, \
+        (busy() - before[1]) / baseline
     owner, report = rl.owner('hA', token=2, interval=interval,
                              min_interval=min_interval)
     # From its first cycle on: its start (imports) is not the rate's cost.
@@ -185,10 +197,10 @@ def rpo(rl, rate_mb, interval, min_interval, seconds, baseline):
              what='the first cycle')
     receiver = rl.receivers['hB'].pid
     began = time.monotonic(), usage(owner.pid), usage(receiver)[0], \
-        disk_writes(disk)
+        disk_writes(disk), busy()
     time.sleep(seconds)
     ended = time.monotonic(), usage(owner.pid), usage(receiver)[0], \
-        disk_writes(disk)
+        disk_writes(disk), busy()
     owner.terminate()
     if writer is not None:
         writer.kill()
@@ -197,7 +209,8 @@ def rpo(rl, rate_mb, interval, min_interval, seconds, baseline):
     took = ended[0] - began[0]
     cost = {'owner': tuple((b - a) / took for a, b in zip(
         began[1], ended[1])), 'receiver': (ended[2] - began[2]) / took,
-        'disk': ((ended[3] - began[3]) / took, alone)}
+        'disk': ((ended[3] - began[3]) / took, alone[0]),
+        'machine': ((ended[4] - began[4]) / took, alone[1])}
     cycles = [r for r in read_report(report) if 'hB' in r.get('sent', {})]
     windows = [later['sent']['hB']['acked'] - earlier['created']
                for earlier, later in zip(cycles, cycles[1:])]
@@ -213,23 +226,31 @@ def rpo(rl, rate_mb, interval, min_interval, seconds, baseline):
 
 
 # Timing wrappers put around the engine's steps in a profiled run: each
-# call of a step appends (label, began, seconds) to ``events``.
+# call of a step appends (label, wall seconds, CPU seconds of the process
+# and its children) to ``events``.
 TIMED = textwrap.dedent('''\
-    import contextlib, sys, time
+    import contextlib, resource, sys, time
     from slaposha.replication import btrfs
     events = []
     SAY = False  # a receiver says each step in its log
+    def now():
+        cpu = 0.0
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+            usage = resource.getrusage(who)
+            cpu += usage.ru_utime + usage.ru_stime
+        return time.monotonic(), cpu
     def record(label, began):
-        event = (label, began, time.monotonic() - began)
+        ended = now()
+        event = (label, ended[0] - began[0], ended[1] - began[1])
         if SAY:
-            sys.stderr.write('step %s %.6f\\n' % (label, event[2]))
+            sys.stderr.write('step %s %.6f %.6f\\n' % event)
             sys.stderr.flush()
         else:
             events.append(event)
     def timed(owner, name, label=None):
         inner = getattr(owner, name)
         def wrapper(*args, **kw):
-            began = time.monotonic()
+            began = now()
             try:
                 return inner(*args, **kw)
             finally:
@@ -240,11 +261,11 @@ TIMED = textwrap.dedent('''\
         inner = btrfs.locked_state
         @contextlib.contextmanager
         def wrapper(*args, **kw):
-            began = time.monotonic()
+            began = now()
             with inner(*args, **kw) as state:
                 record('state: lock, read', began)
                 yield state
-                began = time.monotonic()
+                began = now()
             record('state: write, fsync', began)
         btrfs.locked_state = wrapper
     def run_label(self, args, *rest, **kw):
@@ -275,9 +296,9 @@ PROFILED_SENDER = textwrap.dedent('''\
             return 'wait: list answered'
         answers.append(what)
         return 'wait: go' if len(answers) %% 2 else 'wait: received'
-    for owner, name in ((V, 'snapshot'), (V, 'prune'), (S, '_connect'),
-                        (S, '_estimate'), (S, '_stream'), (S, '_confirmed'),
-                        (btrfs, '_syncfs')):
+    for owner, name in ((S, 'cycle'), (V, 'snapshot'), (V, 'prune'),
+                        (S, '_connect'), (S, '_estimate'), (S, '_stream'),
+                        (S, '_confirmed'), (btrfs, '_syncfs')):
         timed(owner, name)
     timed(S, '_answer', answer_label)
     timed(V, '_run', run_label)
@@ -288,17 +309,18 @@ PROFILED_SENDER = textwrap.dedent('''\
         del events[:]
         cycle = sender.cycle()
         assert not cycle.errors, cycle.errors
-        steps = {'cycle': cycle.seconds}
-        for label, _, seconds in events:
-            steps[label] = steps.get(label, 0.0) + seconds
+        steps = {}
+        for label, seconds, cpu in events:
+            wall, used = steps.get(label, (0.0, 0.0))
+            steps[label] = wall + seconds, used + cpu
         result.append(steps)
 ''')
 
 
 def profile(rl, rate_mb, cycles):
     """Where a cycle's time goes: ``cycles`` cycles back to back under the
-    appender; {'sender': [{step: seconds} per cycle], 'receiver': {step:
-    [seconds of each call]}}."""
+    appender; {'sender': [{step: (seconds, CPU seconds)} per cycle],
+    'receiver': {step: [(seconds, CPU seconds) of each call]}}."""
     b = rl['hB']
     rl.stop_receivers()
     proc = b.spawn([sys.executable, '-c', PROFILED_RECEIVER, 'receiver',
@@ -321,19 +343,25 @@ def profile(rl, rate_mb, cycles):
     receiver = {}
     for line in rl.log('hB', 'receiver-profiled').splitlines():
         if line.startswith('step '):
-            label, seconds = line[5:].rsplit(' ', 1)
-            receiver.setdefault(label, []).append(float(seconds))
+            label, seconds, cpu = line[5:].rsplit(' ', 2)
+            receiver.setdefault(label, []).append((float(seconds),
+                                                   float(cpu)))
     return {'sender': sender, 'receiver': receiver}
 
 
 def print_profile(steps, cycles):
     """The profile as a table: step, calls per cycle, median and p90 of a
-    cycle's share (sender) or of a call (receiver), in ms."""
-    print('  %-34s %6s %8s %8s' % ('step', 'calls', 'p50 ms', 'p90 ms'))
-    for label, values in sorted(steps.items(), key=lambda kv: -sum(kv[1])):
-        print('  %-34s %6.1f %8.1f %8.1f' % (
-            label, len(values) / cycles, 1000 * statistics.median(values),
-            1000 * percentile(values, 0.9)))
+    cycle's share (sender) or of a call (receiver), and the CPU it used a
+    cycle (mean), in ms."""
+    print('  %-30s %6s %8s %8s %8s' % ('step', 'calls', 'p50 ms', 'p90 ms',
+                                       'CPU ms'))
+    for label, values in sorted(steps.items(),
+                                key=lambda kv: -sum(w for w, _ in kv[1])):
+        wall = [w for w, _ in values]
+        print('  %-30s %6.1f %8.1f %8.1f %8.1f' % (
+            label, len(values) / cycles, 1000 * statistics.median(wall),
+            1000 * percentile(wall, 0.9),
+            1000 * sum(c for _, c in values) / cycles))
 
 
 PHASES = ('full', 'incremental', 'rpo', 'profile')
@@ -393,16 +421,21 @@ def main():
                       ' and children), read %.2f MB/s, wrote %.2f MB/s;'
                       ' its disk took %.1f MB/s of writes, %.1f MB/s'
                       ' without replication; the receiver: %.1f %% of a'
-                      ' core' % (100 * cpu, read / 1e6, written / 1e6,
-                                 cost['disk'][0] / 1e6, cost['disk'][1] / 1e6,
-                                 100 * cost['receiver']))
+                      ' core; the whole machine (both hosts, kernel'
+                      ' threads, anything else running): %.0f %% of a'
+                      ' core, %.0f %% without replication' % (
+                          100 * cpu, read / 1e6, written / 1e6,
+                          cost['disk'][0] / 1e6, cost['disk'][1] / 1e6,
+                          100 * cost['receiver'],
+                          100 * cost['machine'][0],
+                          100 * cost['machine'][1]))
                 sys.stdout.flush()
             if 'profile' in phases:
                 found = profile(rl, args.rate, args.profile)
                 sender = {}
                 for steps in found['sender']:
-                    for label, seconds in steps.items():
-                        sender.setdefault(label, []).append(seconds)
+                    for label, spent in steps.items():
+                        sender.setdefault(label, []).append(spent)
                 print('profile of %d cycles back to back at %.0f MB/s of'
                       ' writes; the sender (time in a cycle):' % (
                           args.profile, args.rate))
