@@ -12,10 +12,12 @@ The pieces, each a small step:
 - :class:`Volume`: the protected btrfs subvolume (e.g. /srv/slapgrid) and,
   on the same file system, its snapshots and state. ``snapshot(token)``,
   ``prune(keep)``, ``promote()``, ``freshness()``, ``status()``.
-- :class:`Sender` (on the owner): one ``cycle()`` takes a read-only
-  snapshot, sends it to each standby incrementally from the newest snapshot
-  that standby confirms it has (a full send when none), then prunes;
-  ``progress`` tells how a transfer goes.
+- :class:`Sender` (on the owner): ``send()`` sends a read-only snapshot to
+  one standby incrementally from the newest snapshot that standby confirms
+  it has (a full send when none); one ``cycle()`` takes a snapshot, sends
+  it to every standby at once, then prunes; ``progress`` tells how a
+  transfer goes. The driver runs it without pause with
+  :class:`slaposha.replication.pacer.Pacer` (each standby at its own pace).
 - :class:`Receiver` (on every host): a TLS server that answers which
   snapshots it has, and pipes a stream into ``btrfs receive``. A snapshot is
   complete only when the whole stream came and ``btrfs receive`` finished

@@ -46,7 +46,8 @@ class _Standby(object):
         self.busy = False    # a send is going on
         self.tried = None    # the snapshot it was last sent (or tried)
         self.retry = 0.0     # monotonic time before which it is not tried
-        self.gone = False    # no longer a peer: the thread ends
+        # The thread ends: no longer a peer, or failed while stopping.
+        self.gone = False
         self.thread = None
 
 
@@ -251,6 +252,9 @@ class Pacer(object):
                 transfer = results.get(standby.name)
                 if transfer is None:
                     standby.retry = time.monotonic() + self.interval
+                    # Failed while stopping: no second try for the final
+                    # snapshot (a dead standby would double the stop).
+                    standby.gone = standby.gone or self._stopping
                 elif not transfer.skipped and self._newest and \
                         snap.name == self._newest[0].name:
                     self._written = bool(transfer.changed)

@@ -136,6 +136,7 @@ class Btrfs(DataResource):
         self.sent = {}
         # Given each Cycle the pacer reports (the lab's owner records them).
         self.observers = []
+        self._reported = threading.Lock()  # the pacer's threads report
 
     # -- what the agent gives -------------------------------------------------
 
@@ -165,6 +166,12 @@ class Btrfs(DataResource):
 
     def _report(self, cycle):
         """What the pacer's threads report: see Pacer."""
+        with self._reported:
+            self._take_note(cycle)
+        for observer in self.observers:
+            observer(cycle)
+
+    def _take_note(self, cycle):
         if cycle.snapshot is None:
             self.failure = cycle.errors[None]
             self._say(str(self.failure), 'snapshot')
@@ -191,8 +198,6 @@ class Btrfs(DataResource):
                 self._say(str(error), peer)
         if cycle.results or cycle.errors.keys() - {None}:
             self.last = cycle._replace(results=results, errors=errors)
-        for observer in self.observers:
-            observer(cycle)
 
     def stop(self):
         """End the cycles and send a last snapshot (the applications were
