@@ -16,7 +16,8 @@ slaposha.replication.lab. The measurements:
    fsynced) and the ``btrfs`` driver runs every ``--interval`` s for
    ``--seconds``: the loss window of cycle k is when snapshot k+1 was
    confirmed by the standby minus when snapshot k was taken, i.e. what a
-   crash at the worst moment loses. Beside it, the owner's cost: CPU of
+   crash at the worst moment loses (from the first incremental copy on:
+   the first, full, copy catches up with what the appender wrote before). Beside it, the owner's cost: CPU of
    the owner's process and its children (btrfs snapshot, send), from
    /proc/PID/stat, as a share of one core; what that process read and
    wrote (/proc/PID/io); and the writes of the owner's disk against the
@@ -212,15 +213,19 @@ def rpo(rl, rate_mb, interval, min_interval, seconds, baseline):
         'disk': ((ended[3] - began[3]) / took, alone[0]),
         'machine': ((ended[4] - began[4]) / took, alone[1])}
     cycles = [r for r in read_report(report) if 'hB' in r.get('sent', {})]
+    # Not after the first copy, a full one of what the appender wrote
+    # before the owner began: a catch-up, not the steady state.
     windows = [later['sent']['hB']['acked'] - earlier['created']
-               for earlier, later in zip(cycles, cycles[1:])]
+               for earlier, later in zip(cycles, cycles[1:])
+               if earlier['sent']['hB']['parent'] is not None]
     reached = 0.0
     if acks is not None:
         with open(acks) as f:
             times = [float(line.split()[1]) for line in f
                      if line.endswith('\n')]
         reached = len(times) * size / (times[-1] - times[0]) / 1e6
-    took = [r['seconds'] for r in cycles]
+    took = [r['seconds'] for r in cycles
+            if r['sent']['hB']['parent'] is not None]
     failed = [r for r in read_report(report) if r.get('errors')]
     return windows, reached, took, len(failed), cost
 
