@@ -1034,12 +1034,13 @@ class Sender(object):
         except OSError as e:
             raise self._cut(channel, peer, snap.name, e)
         answer = self._answer(channel, peer, 'send %s' % snap.name)
+        acked = time.time()
         progress.ended = time.monotonic()
         self._took[peer.name] = progress.seconds
         self._confirmed(peer, snap.name)
         result = Transfer(peer.name, snap.name, parent and parent.name,
-                          progress.sent, progress.seconds, False,
-                          time.time(), changes.changed)
+                          progress.sent, progress.seconds, False, acked,
+                          changes.changed)
         self.last[peer.name] = result
         logger.debug('%s -> %s: %s (%s)', self.volume.path, peer.name,
                      snap.name, answer.get('notes'))
