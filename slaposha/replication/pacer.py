@@ -13,7 +13,8 @@ much later. Now:
   as soon as it has the one before: a slow or dead standby delays only its
   own copy, and when it answers again it gets the newest snapshot,
   incrementally from the one it has (those it missed are skipped); one
-  whose send failed is tried again ``interval`` later;
+  whose send failed is tried again ``min_interval`` later, then twice as
+  late after each failure, up to ``interval``;
 - a snapshot is taken when a standby waits for one (or, with none, every
   ``interval``): while the volume is being written (the last snapshot sent
   changed something), at once, but no sooner than ``min_interval`` after
@@ -46,6 +47,7 @@ class _Standby(object):
         self.busy = False    # a send is going on
         self.tried = None    # the snapshot it was last sent (or tried)
         self.retry = 0.0     # monotonic time before which it is not tried
+        self.failed = 0      # sends that failed in a row
         # The thread ends: no longer a peer, or failed while stopping.
         self.gone = False
         self.thread = None
@@ -251,18 +253,30 @@ class Pacer(object):
                 standby.busy = False
                 transfer = results.get(standby.name)
                 if transfer is None:
-                    standby.retry = time.monotonic() + self.interval
+                    standby.failed += 1
+                    standby.retry = time.monotonic() + self._backoff(
+                        standby.failed)
                     # Failed while stopping: no second try for the final
                     # snapshot (a dead standby would double the stop).
                     standby.gone = standby.gone or self._stopping
-                elif not transfer.skipped and self._newest and \
-                        snap.name == self._newest[0].name:
-                    self._written = bool(transfer.changed)
+                else:
+                    standby.failed = 0
+                    if not transfer.skipped and self._newest and \
+                            snap.name == self._newest[0].name:
+                        self._written = bool(transfer.changed)
                 if self._final and snap.name == self._final[0].name:
                     self._outcome[standby.name] = transfer or \
                         errors[standby.name]
                 self._cond.notify_all()
             self.report(self._cycle(snap, when, results, errors))
+
+    def _backoff(self, failed):
+        """How long a standby whose last ``failed`` sends failed waits
+        before the next: min_interval (0.05 s at least), doubled at each
+        failure, up to interval (a refusal because the standby was busy
+        costs little; a dead standby is not tried more than before)."""
+        first = max(self.min_interval, 0.05)
+        return min(self.interval, first * 2 ** min(failed - 1, 16))
 
     # -- steps ----------------------------------------------------------------
 

@@ -94,9 +94,9 @@ class Btrfs(DataResource):
             ' root of its file system'),
         Key('port', 'integer', DEFAULT_PORT, 'TCP port of the receivers'
             ' (every host runs one)', minimum=1, maximum=65535),
-        Key('interval', 'duration', 1.0, 'a snapshot is taken and sent at'
-            ' least this often (an untouched volume: this often); a standby'
-            ' whose copy failed is tried again after it', minimum=0.1),
+        Key('interval', 'duration', 1.0, 'an untouched volume gets a'
+            ' snapshot this often; a standby whose copies keep failing is'
+            ' tried again this often', minimum=0.1),
         Key('min_interval', 'duration', 0.2, 'while the volume is written,'
             ' the next snapshot is taken as soon as a standby has the one'
             ' before, but no sooner than this (at most interval) after it:'
