@@ -13,19 +13,19 @@ slaposha.replication.lab. The measurements:
 2. Incremental cycle after a 1 % change (1 % of the files get a 4 KiB
    overwrite): snapshot, send, prune; ``--cycles`` times.
 3. RPO while an appender writes ``--rate`` MB/s (64 KiB records, each
-   fsynced) and the ``btrfs`` driver runs every ``--interval`` s for
-   ``--seconds``: the loss window of cycle k is when snapshot k+1 was
-   confirmed by the standby minus when snapshot k was taken, i.e. what a
-   crash at the worst moment loses (from the first incremental copy on:
-   the first, full, copy catches up with what the appender wrote before). Beside it, the owner's cost: CPU of
-   the owner's process and its children (btrfs snapshot, send), from
-   /proc/PID/stat, as a share of one core; what that process read and
-   wrote (/proc/PID/io); and the writes of the owner's disk against the
-   same appender without replication (``--baseline`` s before), which
-   is what the snapshots' commits add. The standby's receiver CPU too.
+   fsynced) and the ``btrfs`` driver runs (``--interval``,
+   ``--min-interval``) for ``--seconds``: the loss window of snapshot k is
+   when snapshot k+1 was confirmed by the standby minus when k was taken,
+   i.e. what a crash at the worst moment loses (from the first incremental
+   copy on: the first, full, copy catches up with what the appender wrote
+   before). Beside it, the cost: CPU of the owner's process and its
+   children (btrfs snapshot, send), from /proc/PID/stat, as a share of one
+   core; what they read and wrote (/proc/PID/io); the writes of the
+   owner's disk and the whole machine's CPU, against the same appender
+   without replication (``--baseline`` s before); the receiver's CPU.
 4. With ``--profile N``: where the time of a cycle goes, N cycles back to
    back under the same appender, each step of the sender (hA) and of the
-   receiver (hB) timed (median, p90).
+   receiver (hB) timed (median, p90, mean CPU).
 
     .venv/bin/python benchmarks/replication.py [--size 512] [--seconds 30]
         [--only rpo,profile]

@@ -273,8 +273,9 @@ class Pacer(object):
     def _backoff(self, failed):
         """How long a standby whose last ``failed`` sends failed waits
         before the next: min_interval (0.05 s at least), doubled at each
-        failure, up to interval (a refusal because the standby was busy
-        costs little; a dead standby is not tried more than before)."""
+        failure, up to interval: a refusal because the standby was busy
+        costs little, and a dead one is soon tried only every interval, as
+        before."""
         first = max(self.min_interval, 0.05)
         return min(self.interval, first * 2 ** min(failed - 1, 16))
 
