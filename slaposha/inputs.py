@@ -1,0 +1,118 @@
+"""What comes into the agent from others: read within limits, shown cut.
+
+Every JSON text the agent did not write itself goes through :func:`loads`:
+API bodies, peers' requests and answers on the replication channel, the
+values other hosts write in etcd (intents, membership and health, facts,
+history). It refuses, as one :class:`InputError` line, a text over its
+size limit, one nested deeper than :data:`MAX_DEPTH` (Python's parser
+recurses: ``[[[[...]]]]`` of a few kilobytes ends in a RecursionError,
+which no caller expects), and what strict JSON is not (``NaN``,
+``Infinity``, invalid UTF-8).
+
+Whatever a user or a peer sent that an error line repeats goes through
+:func:`cut` (a value) or :func:`one_line` (a message, a command's output):
+printable, on one line, at most a readable length, so that a megabyte-long
+value or an escape sequence never reaches a terminal or a log whole.
+"""
+
+import itertools
+import json
+import re
+
+__all__ = ['InputError', 'loads', 'cut', 'one_line', 'MAX_DEPTH']
+
+# Deep enough for anything slaposha writes (status and facts nest about
+# five levels), far below Python's recursion limit.
+MAX_DEPTH = 32
+CUT = 80          # characters of a value repeated in an error
+LINE = 300        # characters of a message or of a command's output
+
+# A JSON string (what may hold brackets that are not structure).
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_BRACKETS = re.compile(r'[\[\]{}]')
+_DEPTH = {'[': 1, '{': 1, ']': -1, '}': -1}
+
+
+class InputError(ValueError):
+    """Input refused, as one line naming what it was."""
+
+
+def _refuse_constant(name):
+    raise ValueError('%s is not JSON' % name)
+
+
+def _too_deep(text, depth):
+    """Whether ``text`` nests deeper than ``depth``, counted outside its
+    strings: exact for a text the parser accepts; for another it may count
+    more, never less, of what the parser reads before its error."""
+    brackets = _BRACKETS.findall(_STRING.sub('', text))
+    return len(brackets) > depth and \
+        max(itertools.accumulate(_DEPTH[b] for b in brackets)) > depth
+
+
+def loads(data, limit, what='JSON', depth=MAX_DEPTH, require=dict):
+    """The JSON value of ``data`` (bytes or str) of at most ``limit`` bytes
+    (characters for a str), nested at most ``depth`` deep, of type
+    ``require`` (None: any). InputError (a ValueError) names ``what``
+    ("body", "request of hB") and says what is wrong."""
+    if len(data) > limit:
+        raise InputError('%s of %d bytes is over the limit of %d' % (
+            what, len(data), limit))
+    if isinstance(data, (bytes, bytearray)):
+        try:
+            data = bytes(data).decode('utf-8')
+        except UnicodeDecodeError as e:
+            raise InputError('%s is not JSON: not UTF-8 (byte %d)' % (
+                what, e.start))
+    if _too_deep(data, depth):
+        raise InputError('%s nests deeper than %d levels' % (what, depth))
+    try:
+        value = json.loads(data, parse_constant=_refuse_constant)
+    except ValueError as e:
+        raise InputError('%s is not JSON: %s' % (what, one_line(e)))
+    if require is not None and not isinstance(value, require):
+        raise InputError('%s must be %s (got %s)' % (
+            what, _kind(require()), _kind(value)))
+    return value
+
+
+def _kind(value):
+    for types, name in ((bool, 'a boolean'), ((int, float), 'a number'),
+                        (str, 'a string'), (list, 'an array'),
+                        (dict, 'an object')):
+        if isinstance(value, types):
+            return name
+    return 'null'
+
+
+def cut(value, size=CUT):
+    """``value`` as an error line shows it: a string or bytes quoted with
+    its control and escape characters written out (as repr does), anything
+    else as str(); at most ``size`` characters of it, followed by its whole
+    length when it was longer."""
+    if isinstance(value, (str, bytes, bytearray)):
+        shown = repr(bytes(value[:size]) if isinstance(value, bytearray)
+                     else value[:size])
+    else:
+        text = str(value)
+        value = text
+        shown = _printable(text[:size])
+    if len(value) > size:
+        return '%s... (%d %s)' % (shown, len(value), 'bytes' if isinstance(
+            value, (bytes, bytearray)) else 'characters')
+    return shown
+
+
+def one_line(text, size=LINE):
+    """A message or a command's output as one printable line of at most
+    ``size`` characters (white space runs become one space)."""
+    text = ' '.join(str(text if text is not None else '').split())
+    if len(text) > size:
+        text = text[:size - 3] + '...'
+    return _printable(text)
+
+
+def _printable(text):
+    if text.isprintable():
+        return text
+    return ''.join(c if c.isprintable() else repr(c)[1:-1] for c in text)
