@@ -235,7 +235,9 @@ class Agent(object):
                                      tls=self.tls).start()
         self.watchdog = Watchdog().start()
         from slaposha.api.local import LocalApi
-        self.api = LocalApi(self, self.socket_path).start()
+        from slaposha.api.server import limits_of
+        self.api = LocalApi(self, self.socket_path,
+                            limits_of(self.cluster.api)).start()
         self.started = time.monotonic()
         logger.info('agent %s %s: %d service(s) here: %s', self.host,
                     __version__, len(self.slots), ' '.join(self.slots) or '-')

@@ -334,6 +334,18 @@ CLUSTER_SCHEMA = OrderedDict([
             ' else); off when unset', minimum=1, maximum=65535),
         Key('health_listen', 'address', None, 'address the health port'
             ' listens on (default: the host address)'),
+        Key('max_connections', 'integer', 64, 'connections the API (and'
+            ' the health port) serve at once; beyond, a new one is closed'
+            ' at once', minimum=1, maximum=10000),
+        Key('max_client_connections', 'integer', 8, 'connections one client'
+            ' may hold at once: counted by address until its TLS handshake'
+            ' ends, then by certificate (beyond: 429), so that one client'
+            ' never takes every connection from the others', minimum=1,
+            maximum=10000),
+        Key('request_timeout', 'duration', 10.0, 'time a client has to send'
+            ' its whole request (TLS handshake, request line, headers,'
+            ' body), however it trickles; past it, 408 and the connection'
+            ' is closed', minimum=0.1, maximum=3600),
     )),
 ])
 

@@ -395,6 +395,18 @@ def test_bad_input_gets_a_4xx_with_one_line(env):
               headers={'Content-Type': 'application/json'}), 413, 'larger'),
         (post('/services/web/start', data=b'x' * (1024 * 1024),
               headers={'Content-Type': 'application/json'}), 413, 'larger'),
+        (post('/services/web/start', data=b'[' * 3000 + b']' * 3000,
+              headers={'Content-Type': 'application/json'}), 400,
+         'nests deeper than 32 levels'),
+        (post('/services/web/start', data=b'{"force": NaN}',
+              headers={'Content-Type': 'application/json'}), 400,
+         'NaN is not JSON'),
+        (post('/services/web/start', json={'to': 'h' * 5000}), 400,
+         "'to' must be a host name"),
+        (post('/services/web/start', json={'to': 'hB\n'}), 400,
+         "'to' must be a host name"),
+        (post('/services/web/start', json={'h' * 5000: 1}), 400,
+         '... (5000 characters)'),
         (post('/services/web/start', data=b'to=hB',
               headers={'Content-Type': 'application/x-www-form-urlencoded'}),
          415, 'application/json'),
@@ -414,7 +426,9 @@ def test_bad_input_gets_a_4xx_with_one_line(env):
     ]
     for response, status, words in cases:
         assert response.status_code == status, (status, response.text)
-        assert words in one_line_error(response), (words, response.text)
+        error = one_line_error(response)
+        assert words in error, (words, response.text)
+        assert len(error) < 300, error  # values are cut
     assert len(env.agent.calls) == calls
     still_serving(env)
 
@@ -427,6 +441,11 @@ def test_bad_input_gets_a_4xx_with_one_line(env):
     (b'POST /services/web/start HTTP/1.1\r\nHost: x\r\n'
      b'Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n', 411),
     (b'GARBAGE\r\n\r\n', 400),
+    # HTTP/0.9 (no version): its answers would have no status line.
+    (b'GET /status\r\n', 400),
+    (b'\r\n', 400),
+    (b'POST /services/web/stop HTTP/1.0\r\nContent-Length: 2\r\n'
+     b'Content-Length: 20\r\n\r\n{}', 400),
     (b'GET /status HTTP/2.0\r\n\r\n', 400),
     (b'GET /' + b'a' * 70000 + b' HTTP/1.0\r\n\r\n', 414),
     (b'GET /status HTTP/1.0\r\n' + b'X-Filler: y\r\n' * 200 + b'\r\n', 431),
@@ -439,6 +458,75 @@ def test_malformed_http_gets_a_4xx_with_one_line(env, data, status):
     assert json.loads(body.decode())['error']
     assert b'\n' not in body.strip()
     still_serving(env)
+
+
+def test_escape_characters_of_a_request_never_reach_the_log(env, caplog):
+    caplog.set_level(logging.DEBUG, logger='slaposha.api')
+    for data in (b'GET /\x1b[2J\x1b[31mred HTTP/1.0\r\n\r\n',
+                 b'\x1b[2J /status HTTP/1.0\r\n\r\n',
+                 b'GET /status HTTP/1.0\x1b[31m\r\n\r\n',
+                 b'GET /\x1b[31m\r\n'):
+        head = env.raw('operator', data).split(b'\r\n', 1)[0]
+        assert head.split(b' ')[1] in (b'400', b'404', b'405'), head
+    assert '\\x1b[31m' in caplog.text
+    assert '\x1b' not in caplog.text
+
+
+def test_trickling_guests_never_lock_operators_out(env, tmp_path):
+    """64 clients with one guest certificate that trickle a header byte
+    every half second: eight of them (max_client_connections) hold a
+    connection until request_timeout, the others are answered 429 at
+    once, and an operator is served all along. Before, the 64 held every
+    slot as long as they trickled."""
+    folder = str(tmp_path)
+    path = write_cluster(folder, ssl_dir=os.path.dirname(env.ca))
+    with open(path, 'a') as f:
+        f.write('request_timeout = 2s\n')
+    cluster = config.load_cluster(path)
+    assert (cluster.api.max_connections,
+            cluster.api.max_client_connections) == (64, 8)
+    api = HttpsApi(FakeAgent(), cluster, 'hA', port=0).start()
+    ctx = ssl.create_default_context(cafile=env.ca)
+    ctx.load_cert_chain(*env.certs['guest'])
+    guests, began = [], []
+    try:
+        for _ in range(64):
+            began.append(time.monotonic())
+            sock = socket.create_connection(('127.0.0.1', api.port), 10)
+            guests.append(ctx.wrap_socket(sock,
+                                          server_hostname='127.0.0.1'))
+        answers = {}
+        line = b'GET /status HTTP/1.0\r\nX-Slow: ' + b'a' * 100
+        served = None
+        for byte in line:
+            for i, tls in enumerate(guests):
+                if i in answers:
+                    continue
+                try:
+                    tls.sendall(bytes([byte]))
+                    tls.settimeout(0.001)
+                    answer = tls.recv(4096)
+                except (socket.timeout, ssl.SSLWantReadError):
+                    continue
+                except OSError as e:
+                    answer = repr(e).encode()
+                answers[i] = (answer, time.monotonic() - began[i])
+            if served is None:
+                r = requests.get(api.url + '/status', cert=env.certs[
+                    'operator'], verify=env.ca, timeout=5)
+                served = r.status_code
+            if len(answers) == len(guests):
+                break
+            time.sleep(0.5)
+        assert served == 200
+        codes = sorted(a.split(b' ', 2)[1] for a, _ in answers.values())
+        assert codes == [b'408'] * 8 + [b'429'] * 56, codes
+        late = [t for a, t in answers.values() if b' 408 ' in a]
+        assert all(1.5 < t < 5 for t in late), late
+    finally:
+        for tls in guests:
+            tls.close()
+        api.stop()
 
 
 # -- events and decisions -----------------------------------------------------

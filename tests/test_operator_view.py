@@ -150,6 +150,9 @@ class _Cluster(object):
     class api(object):
         health_port = None
         health_listen = None
+        max_connections = 64
+        max_client_connections = 8
+        request_timeout = 10.0
 
     hosts = {'hA': type('Host', (), {'address': '127.0.0.1'})}
 

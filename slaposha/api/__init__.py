@@ -15,16 +15,19 @@ Errors are ``{"error": "<one line>"}`` with a 4xx status; the agent never
 stops on a bad request.
 """
 
-import json
 import re
+
+from slaposha.config import NAME_RE
+from slaposha.inputs import InputError, cut, loads, one_line
 
 __all__ = ['dispatch', 'ACTIONS', 'MAX_BODY']
 
 ACTIONS = ('start', 'stop', 'switch', 'takeover', 'freeze', 'thaw')
 ACTION_FIELDS = {'to': str, 'by': str, 'force': bool}
 MAX_BODY = 64 * 1024
+MAX_BY = 200    # characters of who acts, as a peer relays it
 
-_SERVICE_ACTION = re.compile(r'^/services/([A-Za-z0-9_.-]+)/([a-z]+)$')
+_SERVICE_ACTION = re.compile(r'^/services/([A-Za-z0-9_.-]{1,63})/([a-z]+)$')
 
 
 class ApiError(Exception):
@@ -42,20 +45,25 @@ def _body(raw, fields=ACTION_FIELDS):
     if not raw:
         return {}
     try:
-        body = json.loads(raw.decode('utf-8'))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, 'body is not JSON: %s' % e)
-    if not isinstance(body, dict):
-        raise ApiError(400, 'body must be a JSON object')
+        body = loads(raw, MAX_BODY, 'body')
+    except InputError as e:
+        raise ApiError(400, str(e))
     for key, value in body.items():
         if key not in fields:
-            raise ApiError(400, 'unknown field %r (known: %s)'
-                           % (key, ', '.join(fields)))
+            raise ApiError(400, 'unknown field %s (known: %s)'
+                           % (cut(key), ', '.join(fields)))
         kind = fields[key]
         if value is not None and (not isinstance(value, kind) or (
                 kind is int and isinstance(value, bool))):
             raise ApiError(400, 'field %r must be a %s'
                            % (key, _TYPE_NAMES[kind]))
+    to, by = body.get('to'), body.get('by')
+    if to is not None and not NAME_RE.fullmatch(to):
+        raise ApiError(400, 'field \'to\' must be a host name (got %s)'
+                       % cut(to))
+    if by is not None and (len(by) > MAX_BY or not by.isprintable()):
+        raise ApiError(400, 'field \'by\' must be printable, at most %d'
+                       ' characters (got %s)' % (MAX_BY, cut(by)))
     return body
 
 
@@ -76,21 +84,22 @@ def dispatch(agent, method, path, raw_body=b''):
                 return 200, {'host': agent.host, 'history': agent.history()}
             except EtcdError as e:
                 raise ApiError(503, 'cannot read the history from etcd: %s'
-                               % ' '.join(str(e).split()))
+                               % one_line(e))
         m = _SERVICE_ACTION.match(path)
         if m:
             if method != 'POST':
                 raise ApiError(405, 'use POST for actions')
             name, verb = m.groups()
             if verb not in ACTIONS:
-                raise ApiError(404, 'unknown action %r (actions: %s)'
-                               % (verb, ', '.join(ACTIONS)))
+                raise ApiError(404, 'unknown action %s (actions: %s)'
+                               % (cut(verb), ', '.join(ACTIONS)))
             body = _body(raw_body)
             try:
                 return 200, {'message': agent.action(name, verb, body)}
             except ActionError as e:
                 status = 404 if str(e).startswith('no service') else 409
                 raise ApiError(status, str(e))
-        raise ApiError(404, 'no such route: %s %s' % (method, path))
+        raise ApiError(404, 'no such route: %s %s' % (cut(method),
+                                                      cut(path)))
     except ApiError as e:
         return e.status, {'error': str(e)}

@@ -22,10 +22,10 @@ the 200/503 and the reason, which name the service, its owner and token::
 import logging
 import re
 import threading
-from http.server import BaseHTTPRequestHandler
 
-from slaposha.api.server import BoundedServer
+from slaposha.api.server import BoundedServer, RequestHandler, limits_of
 from slaposha.config import ConfigError
+from slaposha.inputs import cut
 
 __all__ = ['check', 'HealthApi', 'CHECKS', 'CONTENT_TYPE']
 
@@ -33,8 +33,6 @@ logger = logging.getLogger(__name__)
 
 CHECKS = ('owner', 'standby')
 CONTENT_TYPE = 'text/plain; charset=utf-8'
-REQUEST_TIMEOUT = 5.0
-MAX_CONNECTIONS = 32
 
 _PATH = re.compile(r'^/health/(owner|standby)/([A-Za-z0-9_.-]{1,63})$')
 
@@ -85,32 +83,15 @@ def check(agent, kind, name):
         name, host, owner or 'none', '; ' + ages if ages else '')
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = 'HTTP/1.0'
+class _Handler(RequestHandler):
     server_version = 'slaposha-health'
-    sys_version = ''
-    timeout = REQUEST_TIMEOUT
 
-    def log_message(self, format, *args):
-        logger.debug('health: %s ' + format, self.address_string(), *args)
-
-    def send_error(self, code, message=None, explain=None):
-        # A request line that could not be read leaves HTTP/0.9, which
-        # would answer without a status line.
-        self.request_version = 'HTTP/1.0'
-        self._answer(400 if code >= 500 else code,
-                     'bad request: %s' % ' '.join(str(message).split()))
+    def answer_error(self, status, line):
+        self._answer(status, 'bad request: %s' % line if status == 400
+                     else line)
 
     def _answer(self, status, text):
-        data = (text + '\n').encode()
-        self.close_connection = True
-        self.send_response(status)
-        self.send_header('Content-Type', CONTENT_TYPE)
-        self.send_header('Content-Length', str(len(data)))
-        self.send_header('Cache-Control', 'no-store')
-        self.end_headers()
-        if self.command != 'HEAD':
-            self.wfile.write(data)
+        self.send_body(status, (text + '\n').encode(), CONTENT_TYPE)
 
     def do_GET(self):
         m = _PATH.match(self.path.split('?', 1)[0])
@@ -124,7 +105,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer(404, str(e))
             return
         except Exception as e:  # a bug of ours: unhealthy, and say so
-            logger.exception('health: %s failed', self.path)
+            logger.exception('health: %s failed', cut(self.path))
             self._answer(503, 'internal error: %s' % type(e).__name__)
             return
         self._answer(200 if ok else 503, reason)
@@ -138,11 +119,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _Server(BoundedServer):
-    max_connections = MAX_CONNECTIONS
-    request_timeout = REQUEST_TIMEOUT
-
-    def handle_error(self, request, client_address):
-        logger.debug('health: %s: connection failed', client_address[0])
+    name = 'health'
 
 
 class HealthApi(object):
@@ -161,7 +138,8 @@ class HealthApi(object):
         if self.port is None:
             return self
         try:
-            self.server = _Server((self.listen, self.port), _Handler)
+            self.server = _Server((self.listen, self.port), _Handler,
+                                  limits_of(self.cluster.api))
         except OSError as e:
             raise ConfigError(self.cluster.path, 'api', 'health_port',
                               'cannot listen on %s port %d: %s' % (

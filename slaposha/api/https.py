@@ -45,13 +45,13 @@ import socket
 import ssl
 import threading
 import time
-from http.server import BaseHTTPRequestHandler
 
 from slaposha import metrics, pki
 from slaposha.api import ApiError, MAX_BODY, _body, dispatch, health
-from slaposha.api.server import BoundedServer
+from slaposha.api.server import BoundedServer, RequestHandler, limits_of
 from slaposha.cluster.etcd import EtcdError
 from slaposha.config import CLUSTER_SCHEMA, ConfigError
+from slaposha.inputs import cut, one_line
 
 __all__ = ['HttpsApi', 'ROUTES', 'PERMISSIONS', 'OPENAPI_PATH']
 
@@ -77,10 +77,6 @@ _LEAST_ROLE = {'read': 'guest', 'act': 'operator', 'config': 'admin'}
 
 POLL_INTERVAL = 0.5        # the event stream reads the status this often
 KEEPALIVE = 15.0           # a comment on an idle event stream this often
-HANDSHAKE_TIMEOUT = 10.0
-REQUEST_TIMEOUT = 30.0
-MAX_CONNECTIONS = 64       # beyond, new connections are closed at once
-DRAIN_LIMIT = 4 * 1024 * 1024  # read (and drop) an oversized body up to this
 DECISIONS_KEPT = 1000
 
 
@@ -125,14 +121,10 @@ def find_route(method, path, routes=ROUTES):
                 return route, m.groupdict()
             methods.append(route.method)
     if methods:
-        raise ApiError(405, '%s %s: use %s' % (method, path,
+        raise ApiError(405, '%s %s: use %s' % (cut(method), cut(path),
                                                ' or '.join(methods)))
     raise ApiError(404, 'no such route: %s %s (see /openapi.json)'
-                   % (method, path))
-
-
-def _one_line(text):
-    return ' '.join(str(text).split()) or 'error'
+                   % (cut(method), cut(path)))
 
 
 class Identity(object):
@@ -206,94 +198,15 @@ class _Text(object):
         self.ctype = ctype
 
 
-class _ClientGone(Exception):
-    """The client stopped sending mid-request: nobody to answer."""
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = 'HTTP/1.0'
+class _Handler(RequestHandler):
     server_version = 'slaposha'
-    sys_version = ''
-    timeout = REQUEST_TIMEOUT
     routes = ROUTES   # the portal serves its own with this handler
-
-    # -- plumbing -------------------------------------------------------------
-
-    def log_message(self, format, *args):
-        logger.debug('api: %s ' + format, self.address_string(), *args)
-
-    def log_request(self, code='-', size='-'):
-        pass  # _serve logs each request with who made it
 
     def __getattr__(self, name):
         # Any method: the routes answer 405 or 404 (never 501).
         if name.startswith('do_'):
             return self._serve
         raise AttributeError(name)
-
-    def send_error(self, code, message=None, explain=None):
-        """Errors found by http.server itself (request line, headers): one
-        JSON line too. An HTTP version it cannot speak is the client's
-        mistake: 400, not 505."""
-        if code >= 500:
-            code = 400
-        self.close_connection = True
-        # A request line that could not be read leaves HTTP/0.9, which
-        # would answer without a status line.
-        self.request_version = 'HTTP/1.0'
-        if message is None:
-            message = self.responses.get(code, ('error',))[0]
-        self._send_json(code, {'error': _one_line(message)})
-
-    def _send_json(self, status, answer):
-        data = (json.dumps(answer, default=str) + '\n').encode()
-        self.send_response(status)
-        self.send_header('Content-Type', 'application/json')
-        self.send_header('Content-Length', str(len(data)))
-        self.send_header('Cache-Control', 'no-store')
-        self.end_headers()
-        if self.command != 'HEAD':
-            self.wfile.write(data)
-
-    def _send_text(self, status, text):
-        data = text.data.encode()
-        self.send_response(status)
-        self.send_header('Content-Type', text.ctype)
-        self.send_header('Content-Length', str(len(data)))
-        self.send_header('Cache-Control', 'no-store')
-        self.end_headers()
-        if self.command != 'HEAD':
-            self.wfile.write(data)
-
-    def _read_body(self):
-        if self.headers.get('Transfer-Encoding'):
-            self.close_connection = True
-            raise ApiError(411, 'send the body with a Content-Length (no'
-                           ' Transfer-Encoding)')
-        text = self.headers.get('Content-Length')
-        if text is None:
-            return b''
-        if not re.match(r'^\s*[0-9]{1,18}\s*$', text):
-            raise ApiError(400, 'Content-Length %r is not a number of bytes'
-                           % text[:40])
-        length = int(text)
-        try:
-            if length > MAX_BODY:
-                # Read it (up to a limit) so that the client, still
-                # sending, gets the answer instead of a reset connection.
-                left = min(length, DRAIN_LIMIT)
-                while left > 0:
-                    chunk = self.rfile.read(min(left, 65536))
-                    if not chunk:
-                        break
-                    left -= len(chunk)
-                raise ApiError(413, 'body larger than %d bytes' % MAX_BODY)
-            data = self.rfile.read(length) if length else b''
-        except OSError as e:  # a timeout, or the client left
-            raise _ClientGone(e)
-        if len(data) < length:
-            raise ApiError(400, 'body shorter than its Content-Length')
-        return data
 
     # -- one request ----------------------------------------------------------
 
@@ -303,7 +216,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split('?', 1)[0].split('#', 1)[0]
         who = None
         try:
-            raw = self._read_body()
+            raw = self.read_body(MAX_BODY)
             who = api.identify(self.connection)
             route, params = find_route(method, path, self.routes)
             if route.permission not in PERMISSIONS[who.role]:
@@ -318,30 +231,27 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             status, answer = answer
             if isinstance(answer, _Text):
-                logger.debug('api: %s %s %s: %d', who, method, path, status)
-                self._send_text(status, answer)
+                logger.debug('api: %s %s %s: %d', who, cut(method),
+                             cut(path), status)
+                self.send_body(status, answer.data.encode(), answer.ctype)
                 return
         except ApiError as e:
-            status, answer = e.status, {'error': _one_line(e)}
-        except _ClientGone as e:
-            logger.info('api: %s %s %s: no answer: the body did not come'
-                        ' (%s)', who or self.address_string(), method, path,
-                        e)
-            self.close_connection = True
-            return
+            status, answer = e.status, {'error': one_line(e)}
+        except OSError:
+            raise   # the connection's (a deadline, a client gone)
         except Exception as e:
             # A bug of ours, not the client's: say so, and keep serving.
-            logger.exception('api: %s %s failed', method, path)
+            logger.exception('api: %s %s failed', cut(method), cut(path))
             status, answer = 500, {'error': 'internal error: %s'
-                                   % _one_line('%s: %s' % (
+                                   % one_line('%s: %s' % (
                                        type(e).__name__, e))}
         level = logging.INFO if method != 'GET' or status == 403 \
             else logging.DEBUG
         logger.log(level, 'api: %s %s %s: %d %s', who or
-                   self.address_string(), method, path, status,
-                   _one_line(answer.get('error') or answer.get('message')
-                             or 'ok') if isinstance(answer, dict) else 'ok')
-        self._send_json(status, answer)
+                   self.address_string(), cut(method), cut(path), status,
+                   one_line(answer.get('error') or answer.get('message')
+                            or 'ok') if isinstance(answer, dict) else 'ok')
+        self.send_json(status, answer)
 
     # -- routes ---------------------------------------------------------------
 
@@ -366,8 +276,8 @@ class _Handler(BaseHTTPRequestHandler):
         answer = self.server.api.services()
         name = params['name']
         if name not in answer['services']:
-            raise ApiError(404, 'no service %r (services: %s)' % (
-                name, ', '.join(sorted(answer['services'])) or 'none'))
+            raise ApiError(404, 'no service %s (services: %s)' % (
+                cut(name), ', '.join(sorted(answer['services'])) or 'none'))
         return 200, dict(answer['services'][name], name=name,
                          source=answer['source'], etcd=answer['etcd'])
 
@@ -375,7 +285,7 @@ class _Handler(BaseHTTPRequestHandler):
         ctype = (self.headers.get('Content-Type') or '').split(';')[0]
         if raw and ctype.strip().lower() not in ('', 'application/json'):
             raise ApiError(415, 'the body must be application/json (got %s)'
-                           % _one_line(ctype)[:60])
+                           % cut(ctype))
         body = _body(raw)
         if who.role == pki.HOST_ROLE:
             # A peer relays an operator's action: it names who.
@@ -403,7 +313,7 @@ class _Handler(BaseHTTPRequestHandler):
             entries = read() if read is not None else []
         except EtcdError as e:
             raise ApiError(503, 'cannot read the history from etcd: %s'
-                           % _one_line(e))
+                           % one_line(e))
         return 200, {'host': api.host, 'history': entries}
 
     def _route_metrics(self, who, params, raw):
@@ -442,27 +352,35 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _Server(BoundedServer):
-    request_queue_size = 64
-    max_connections = MAX_CONNECTIONS
+    name = 'api'
 
-    def refused(self, client_address):
-        logger.warning('api: %d connections open: %s refused',
-                       MAX_CONNECTIONS, client_address[0])
-
-    def finish_request(self, request, client_address):
+    def serve_connection(self, request, client_address, slot):
         """The TLS handshake happens here, in the connection's thread, so
-        that a slow or silent client never holds up the others."""
+        that a slow or silent client never holds up the others; then the
+        connection counts for the client's certificate."""
         where = '%s:%s' % client_address[:2]
-        request.settimeout(HANDSHAKE_TIMEOUT)
+        request.settimeout(max(slot.remaining(), 0.001))
         try:
+            # Since Python 3.5, the timeout bounds the whole handshake.
             conn = self.api.context.wrap_socket(request, server_side=True)
         except (ssl.SSLError, OSError) as e:
             logger.info('api: %s: TLS handshake refused: %s', where,
-                        _one_line(getattr(e, 'reason', None) or e))
+                        one_line(getattr(e, 'reason', None) or e))
             return
         try:
-            conn.settimeout(REQUEST_TIMEOUT)
-            self.RequestHandlerClass(conn, client_address, self)
+            refusal = None
+            cert = conn.getpeercert() or {}
+            if not slot.become(('certificate', cert.get('serialNumber'))):
+                name = pki.role_from_peercert(cert)[1]
+                logger.warning('api: %s (%s) refused: its certificate has'
+                               ' %d connections open (the limit of one'
+                               ' client)', name, where,
+                               self.limits.max_client_connections)
+                refusal = (429, 'the certificate of %s has %d connections'
+                           ' open: the limit of one client' % (
+                               name, self.limits.max_client_connections))
+            self.RequestHandlerClass(conn, client_address, self, slot,
+                                     refusal)
         except OSError as e:
             logger.debug('api: %s: %s', where, e)
         finally:
@@ -471,9 +389,6 @@ class _Server(BoundedServer):
             except OSError:
                 pass
             conn.close()
-
-    def handle_error(self, request, client_address):
-        logger.exception('api: %s: connection failed', client_address[0])
 
 
 class HttpsApi(object):
@@ -531,7 +446,7 @@ class HttpsApi(object):
         except (pki.PkiError, ssl.SSLError, OSError) as e:
             raise ConfigError(self.cluster.path, 'cluster', 'ssl_dir',
                               'cannot use %s, %s and %s: %s'
-                              % (ca, cert, key, _one_line(e)))
+                              % (ca, cert, key, one_line(e)))
         self.revocations = pki.Revocations(crl, ca_cert)
         return ctx
 
@@ -547,7 +462,8 @@ class HttpsApi(object):
         with open(UI_PATH) as f:
             self.ui = f.read()
         try:
-            self.server = _Server((self.listen, self.port), _Handler)
+            self.server = _Server((self.listen, self.port), _Handler,
+                                  limits_of(self.cluster.api))
         except OSError as e:
             raise ConfigError(self.cluster.path, 'api', 'port', 'cannot'
                               ' listen on %s port %d: %s' % (
@@ -715,11 +631,12 @@ def _client_left(conn):
         readable, _, _ = select.select([conn], [], [], 0)
         if not readable:
             return False
+        timeout = conn.gettimeout()
         conn.settimeout(0.05)
         try:
             return conn.recv(4096) == b''
         finally:
-            conn.settimeout(REQUEST_TIMEOUT)
+            conn.settimeout(timeout)
     except ssl.SSLWantReadError:
         return False
     except socket.timeout:

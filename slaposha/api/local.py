@@ -2,53 +2,26 @@
 CLI talks to the agent of its own host."""
 
 import http.client
-import http.server
 import json
-import logging
 import os
 import socket
-import socketserver
 import threading
 
 from slaposha.api import MAX_BODY, dispatch
+from slaposha.api.server import BoundedServer, RequestHandler
 
 __all__ = ['LocalApi', 'call', 'AgentUnreachable']
-
-logger = logging.getLogger(__name__)
 
 
 class AgentUnreachable(Exception):
     """No agent answers on the socket, as one line."""
 
 
-class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = 'HTTP/1.0'
-
-    def address_string(self):
-        return 'local'
-
-    def log_message(self, format, *args):
-        logger.debug('api: ' + format, *args)
+class _Handler(RequestHandler):
 
     def _answer(self, method):
-        length = int(self.headers.get('Content-Length') or 0)
-        if length > MAX_BODY:
-            status, answer = 413, {'error': 'body larger than %d bytes'
-                                   % MAX_BODY}
-        else:
-            raw = self.rfile.read(length) if length else b''
-            status, answer = dispatch(self.server.agent, method, self.path,
-                                      raw)
-        data = json.dumps(answer).encode()
-        self.send_response(status)
-        self.send_header('Content-Type', 'application/json')
-        self.send_header('Content-Length', str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        raw = self.read_body(MAX_BODY)
+        self.send_json(*dispatch(self.server.agent, method, self.path, raw))
 
     def do_GET(self):
         self._answer('GET')
@@ -57,11 +30,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._answer('POST')
 
 
-class LocalApi(object):
+class _Server(BoundedServer):
+    name = 'local api'
 
-    def __init__(self, agent, path):
+
+class LocalApi(object):
+    """The API on the unix socket ``path`` within ``limits`` (the
+    [api] section's, :func:`slaposha.api.server.limits_of`); its clients
+    are root's: one client, that may use every connection."""
+
+    def __init__(self, agent, path, limits):
         self.agent = agent
         self.path = path
+        self.limits = limits._replace(
+            max_client_connections=limits.max_connections)
         self.server = None
 
     def start(self):
@@ -71,7 +53,7 @@ class LocalApi(object):
             pass
         old = os.umask(0o177)
         try:
-            self.server = _Server(self.path, _Handler)
+            self.server = _Server(self.path, _Handler, self.limits)
         finally:
             os.umask(old)
         self.server.agent = self.agent

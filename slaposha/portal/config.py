@@ -69,6 +69,13 @@ PORTAL_SCHEMA = OrderedDict([
             minimum=1.0),
         Key('max_connections', 'integer', 64, 'connections served at once;'
             ' more are closed at once', minimum=4, maximum=4096),
+        Key('max_client_connections', 'integer', 16, 'connections one'
+            ' client may hold at once (by address during the TLS handshake,'
+            ' then by certificate; beyond: 429): a browser opens up to six'
+            ' per page', minimum=1, maximum=4096),
+        Key('client_timeout', 'duration', 10.0, 'time a browser has to send'
+            ' its whole request (TLS handshake included), however it'
+            ' trickles; past it, 408', minimum=0.1, maximum=3600),
     )),
     ('cluster', _keys(
         Key('site', 'string', None, 'where the cluster is, to filter by'),

@@ -34,6 +34,7 @@ from slaposha.api.client import ApiRefused, ApiUnreachable
 from slaposha.api.https import (PERMISSIONS, UI_PATH, Route, _Handler as
                                 _ApiHandler, _Server as _ApiServer, _Text,
                                 identify_peer, server_context)
+from slaposha.api.server import Limits
 from slaposha.config import ConfigError
 from slaposha.portal.feed import ClusterFeed, certificate_may_act
 from slaposha.portal.view import (CLUSTER_STATES, SERVICE_STATES, Filters,
@@ -178,14 +179,7 @@ class _Handler(_ApiHandler):
 
 
 class _Server(_ApiServer):
-
-    def __init__(self, address, handler, max_connections):
-        self.max_connections = max_connections
-        super().__init__(address, handler)
-
-    def refused(self, client_address):
-        logger.warning('portal: %d connections open: %s refused',
-                       self.max_connections, client_address[0])
+    name = 'portal'
 
 
 class Portal(object):
@@ -226,8 +220,10 @@ class Portal(object):
     def start(self):
         self.context = self._context()
         try:
-            self.server = _Server((self.listen, self.port), _Handler,
-                                  self.settings.max_connections)
+            self.server = _Server((self.listen, self.port), _Handler, Limits(
+                self.settings.max_connections,
+                self.settings.max_client_connections,
+                self.settings.client_timeout))
         except OSError as e:
             raise ConfigError(self.config.path, 'portal', 'port', 'cannot'
                               ' listen on %s port %d: %s' % (
