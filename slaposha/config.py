@@ -20,6 +20,8 @@ import os
 import re
 from collections import OrderedDict
 
+from slaposha.inputs import cut, one_line
+
 __all__ = [
     'ConfigError', 'Key', 'load_cluster', 'load_service', 'load_services',
     'register_resource_kind', 'resource_kinds', 'DEFAULT_CLUSTER_FILE',
@@ -29,6 +31,9 @@ __all__ = [
 DEFAULT_CLUSTER_FILE = '/etc/opt/slaposha/cluster.cfg'
 
 NAME_RE = re.compile(r'^[a-z0-9][a-z0-9_.-]{0,62}$', re.IGNORECASE)
+# Characters of a value, unless its key says otherwise: any path fits
+# (PATH_MAX); a megabyte-long value is a mistake, said as such.
+MAX_VALUE = 4096
 
 
 class ConfigError(Exception):
@@ -48,9 +53,9 @@ class ConfigError(Exception):
     def __str__(self):
         where = []
         if self.section is not None:
-            where.append('[%s]' % self.section)
+            where.append('[%s]' % one_line(self.section, 80))
         if self.key is not None:
-            where.append(self.key)
+            where.append(one_line(self.key, 80))
         return ': '.join([self.path, ' '.join(where), self.message]
                          if where else [self.path, self.message])
 
@@ -67,7 +72,7 @@ def _name(raw):
     raw = raw.strip()
     if not NAME_RE.match(raw):
         raise ValueError('expected a name of letters, digits, "-", "_" or "."'
-                         ' (got %r)' % raw)
+                         ' (got %s)' % cut(raw))
     return raw
 
 
@@ -75,7 +80,8 @@ def _integer(raw):
     try:
         return int(raw.strip())
     except ValueError:
-        raise ValueError('expected a whole number (got %r)' % raw.strip())
+        raise ValueError('expected a whole number (got %s)'
+                         % cut(raw.strip()))
 
 
 _DURATION_RE = re.compile(r'^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*$')
@@ -87,7 +93,7 @@ def _duration(raw):
     m = _DURATION_RE.match(raw)
     if not m:
         raise ValueError('expected a duration such as 3, 0.5, 500ms, 2s or 5m'
-                         ' (got %r)' % raw.strip())
+                         ' (got %s)' % cut(raw.strip()))
     return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
 
 
@@ -99,7 +105,7 @@ def _size(raw):
     m = _SIZE_RE.match(raw)
     if not m:
         raise ValueError('expected a size such as 4096, 512M or 2G'
-                         ' (got %r)' % raw.strip())
+                         ' (got %s)' % cut(raw.strip()))
     unit = (m.group(2) or 'b')[0].lower()
     return int(m.group(1)) * 1024 ** 'bkmgt'.index(unit)
 
@@ -114,7 +120,7 @@ def _boolean(raw):
         return True
     if value in _FALSE:
         return False
-    raise ValueError('expected true or false (got %r)' % raw.strip())
+    raise ValueError('expected true or false (got %s)' % cut(raw.strip()))
 
 
 def _words(raw):
@@ -129,7 +135,7 @@ def _names(raw):
 def _path(raw):
     raw = raw.strip()
     if not os.path.isabs(raw):
-        raise ValueError('expected an absolute path (got %r)' % raw)
+        raise ValueError('expected an absolute path (got %s)' % cut(raw))
     return os.path.normpath(raw)
 
 
@@ -137,14 +143,15 @@ def _address(raw):
     try:
         return str(ipaddress.ip_address(raw.strip()))
     except ValueError:
-        raise ValueError('expected an IPv4 or IPv6 address (got %r)'
-                         % raw.strip())
+        raise ValueError('expected an IPv4 or IPv6 address (got %s)'
+                         % cut(raw.strip()))
 
 
 def _url(raw):
     raw = raw.strip()
     if not re.match(r'^https?://[^/\s]+', raw):
-        raise ValueError('expected an http:// or https:// URL (got %r)' % raw)
+        raise ValueError('expected an http:// or https:// URL (got %s)'
+                         % cut(raw))
     return raw.rstrip('/')
 
 
@@ -152,11 +159,19 @@ def _urls(raw):
     return [_url(w) for w in _words(raw)]
 
 
+def _prefix(raw):
+    raw = raw.strip()
+    if not raw.isprintable() or re.search(r'\s', raw):
+        raise ValueError('expected a key prefix with no white space or'
+                         ' control character (got %s)' % cut(raw))
+    return raw
+
+
 TYPES = {
     'string': _string, 'name': _name, 'integer': _integer,
     'duration': _duration, 'size': _size, 'boolean': _boolean,
     'words': _words, 'names': _names, 'path': _path, 'address': _address,
-    'url': _url, 'urls': _urls, 'choice': _string,
+    'url': _url, 'urls': _urls, 'choice': _string, 'prefix': _prefix,
 }
 
 REQUIRED = object()
@@ -166,11 +181,13 @@ class Key(object):
     """One configuration key: its type, default, limits and documentation.
 
     ``default`` may be REQUIRED, a value, or None (optional, no value);
-    ``minimum``/``maximum`` bound numbers; ``choices`` lists allowed strings.
+    ``minimum``/``maximum`` bound numbers; ``choices`` lists allowed strings;
+    ``max_length`` bounds the characters of the value (MAX_VALUE).
     """
 
     def __init__(self, name, type='string', default=None, doc='',
-                 choices=None, minimum=None, maximum=None):
+                 choices=None, minimum=None, maximum=None,
+                 max_length=MAX_VALUE):
         if type not in TYPES:
             raise ValueError('unknown key type %r' % type)
         self.name = name
@@ -180,22 +197,27 @@ class Key(object):
         self.choices = choices
         self.minimum = minimum
         self.maximum = maximum
+        self.max_length = max_length
 
     @property
     def required(self):
         return self.default is REQUIRED
 
     def parse(self, raw):
+        if len(raw) > self.max_length:
+            raise ValueError('%d characters, more than the %d allowed'
+                             ' (got %s)' % (len(raw), self.max_length,
+                                            cut(raw.strip())))
         value = TYPES[self.type](raw)
         if self.choices is not None and value not in self.choices:
-            raise ValueError('expected one of %s (got %r)'
-                             % (', '.join(self.choices), value))
+            raise ValueError('expected one of %s (got %s)'
+                             % (', '.join(self.choices), cut(value)))
         if self.minimum is not None and value < self.minimum:
             raise ValueError('must be at least %s (got %s)'
-                             % (self.minimum, raw.strip()))
+                             % (self.minimum, one_line(raw, 40)))
         if self.maximum is not None and value > self.maximum:
             raise ValueError('must be at most %s (got %s)'
-                             % (self.maximum, raw.strip()))
+                             % (self.maximum, one_line(raw, 40)))
         return value
 
     def describe(self):
@@ -285,8 +307,8 @@ CLUSTER_SCHEMA = OrderedDict([
         Key('election_timeout', 'duration', 0.5, 'raft election timeout'
             ' (about 10 heartbeats); also the figure used to check the lease'
             ' timings against an external cluster', minimum=0.05),
-        Key('prefix', 'string', '/slaposha', 'key prefix of the cluster in'
-            ' etcd'),
+        Key('prefix', 'prefix', '/slaposha', 'key prefix of the cluster in'
+            ' etcd', max_length=255),
         Key('leader_placement', 'choice', 'away', 'away: an agent that owns'
             ' services hands the raft leadership of embedded members to a'
             ' witness or a host that owns none, so that losing a service'
@@ -444,6 +466,21 @@ class ClusterConfig(object):
                                   ' but %s is missing or unreadable' % path)
         return files
 
+    def check_ssl_dir(self):
+        """With ``tls = true``, ConfigError unless the ssl folder has the
+        cluster CA (a host's own files are checked when its agent starts;
+        ``slaposha cluster init`` and ``join`` make them)."""
+        if not self.cluster.tls:
+            return
+        if not os.path.isdir(self.ssl_dir):
+            raise ConfigError(self.path, 'cluster', 'tls', 'tls = true but %s'
+                              ' does not exist (ssl_dir; `slaposha cluster'
+                              ' init` or `join` makes it)' % self.ssl_dir)
+        ca = os.path.join(self.ssl_dir, 'ca.crt')
+        if not os.access(ca, os.R_OK):
+            raise ConfigError(self.path, 'cluster', 'tls', 'tls = true but %s'
+                              ' is missing or unreadable' % ca)
+
     def etcd_endpoints(self):
         """Client URLs of the etcd members, in the order to try them."""
         if self.etcd.mode == 'external':
@@ -501,6 +538,9 @@ def _check_cluster(config):
     """Relations between keys: what each key alone cannot say."""
     path = config.path
     cluster = config.cluster
+    if not cluster.hosts:
+        raise ConfigError(path, 'cluster', 'hosts', 'empty: name at least one'
+                          ' host that may run services')
     seen = set()
     for name in config.members:
         if name in seen:
@@ -531,6 +571,10 @@ def _check_cluster(config):
         if name not in seen:
             raise ConfigError(path, 'host %s' % name, message='host is not'
                               ' listed in [cluster] hosts or witnesses')
+    if config.api.max_client_connections > config.api.max_connections:
+        raise ConfigError(path, 'api', 'max_client_connections', 'must be at'
+                          ' most max_connections (%d)'
+                          % config.api.max_connections)
     _check_lease(config)
 
 
@@ -672,6 +716,8 @@ def load_service(path, cluster=None):
         resources.append(res)
     if service is None:
         service = _parse_section(path, 'service', {}, SERVICE_SCHEMA)
+    if service.hosts is not None:
+        _check_service_hosts(path, service.hosts)
     if cluster is not None:
         if service.hosts is None:
             service.hosts = list(cluster.cluster.hosts)
@@ -681,6 +727,17 @@ def load_service(path, cluster=None):
                                   ' one of the cluster hosts (%s)' % (
                                       host, ', '.join(cluster.cluster.hosts)))
     return ServiceConfig(path, name, service, resources)
+
+
+def _check_service_hosts(path, hosts):
+    if not hosts:
+        raise ConfigError(path, 'service', 'hosts', 'empty: the service could'
+                          ' run nowhere (without the key: every host of the'
+                          ' cluster)')
+    for i, host in enumerate(hosts):
+        if host in hosts[:i]:
+            raise ConfigError(path, 'service', 'hosts', 'host %r is listed'
+                              ' twice' % host)
 
 
 def load_services(cluster):

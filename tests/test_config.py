@@ -108,6 +108,16 @@ def test_example_files_are_valid():
      'URL'),
     (GOOD + '[wat]\nx = 1\n', 'wat', None, 'unknown section'),
     (GOOD + '[lease]\nttl = 3\nttl = 4\n', 'lease', 'ttl', 'twice'),
+    (GOOD.replace('hosts = hA hB', 'hosts ='), 'cluster', 'hosts',
+     'at least one host'),
+    (GOOD + '[etcd]\nprefix = /' + 'p' * 1000000 + '\n', 'etcd', 'prefix',
+     '1000001 characters, more than the 255 allowed'),
+    (GOOD + '[etcd]\nprefix = /my prefix\n', 'etcd', 'prefix',
+     'no white space'),
+    (GOOD + '[lease]\nttl = ' + '9' * 1000000 + 'x\n', 'lease', 'ttl',
+     "... (1000001 characters)"),
+    (GOOD + '[api]\nmax_client_connections = 100\n', 'api',
+     'max_client_connections', 'at most max_connections (64)'),
 ])
 def test_cluster_mistakes_name_section_and_key(tmp_path, text, section, key,
                                                words):
@@ -118,6 +128,7 @@ def test_cluster_mistakes_name_section_and_key(tmp_path, text, section, key,
         where += ' ' + key + ':'
     assert message.startswith(where), message
     assert words in message, message
+    assert len(message) < 400, message[:400]   # a value is cut
 
 
 def test_unreadable_and_malformed_files(tmp_path):
@@ -158,6 +169,20 @@ def test_service_files(tmp_path):
     assert '[junk]: unknown section' in bad('[junk]\n')
     assert 'service name from the file name' in bad('[service]\n',
                                                     'bad name!.cfg')
+    # A service that could run nowhere, or names a host twice.
+    assert '[service] hosts: empty: the service could run nowhere' in \
+        bad('[service]\nhosts =\n')
+    assert '[service] hosts: host \'hA\' is listed twice' in \
+        bad('[service]\nhosts = hA hB hA\n')
+    # A megabyte-long bad value is cut in the one line that names it.
+    message = bad('[service]\non_failure = ' + 'x' * 4000 + '\n')
+    assert '[service] on_failure: expected one of switch, stop, freeze' \
+        ' (got \'xxxx' in message and len(message) < 400
+    message = bad('[service]\non_failure = ' + 'x' * 1000000 + '\n')
+    assert '[service] on_failure: 1000000 characters, more than the 4096' \
+        ' allowed' in message and len(message) < 400
+    message = bad('[service]\n' + 'k' * 100000 + ' = 1\n')
+    assert 'unknown key' in message and len(message) < 600
 
 
 def test_resource_kinds_declare_their_keys(tmp_path):
@@ -214,6 +239,22 @@ def test_cli_config_check(tmp_path, slaposha_cmd):
     assert p.returncode == 0, p.stderr
     assert 'cluster lab, hosts hA hB, witnesses hW' in p.stdout
     assert '2 service(s): comp-lab web' in p.stdout
+
+
+def test_cli_config_check_needs_the_ssl_folder_with_tls(tmp_path,
+                                                       slaposha_cmd):
+    path = write(tmp_path, GOOD.replace('witnesses = hW', 'witnesses = hW\n'
+                                        'tls = true'))
+    p = run(slaposha_cmd, '-c', path, 'config', 'check')
+    assert p.returncode == 2 and p.stderr.count('\n') == 1, p.stderr
+    assert '[cluster] tls: tls = true but %s does not exist' % (
+        tmp_path / 'ssl') in p.stderr
+    (tmp_path / 'ssl').mkdir()
+    p = run(slaposha_cmd, '-c', path, 'config', 'check')
+    assert p.returncode == 2 and 'ca.crt is missing' in p.stderr
+    (tmp_path / 'ssl' / 'ca.crt').write_text('')
+    p = run(slaposha_cmd, '-c', path, 'config', 'check')
+    assert p.returncode == 0, p.stderr
 
 
 @pytest.mark.parametrize('text, expected', [

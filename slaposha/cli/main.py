@@ -37,6 +37,7 @@ def _cluster(args):
 ])
 def config_check(args):
     cluster = _cluster(args)
+    cluster.check_ssl_dir()
     if args.service_files:
         services = [config.load_service(p, cluster)
                     for p in args.service_files]
