@@ -51,7 +51,10 @@ setup(
                  'zc.buildout', 'zc.recipe.egg', 'wheel',
                  # Fuzzes the HTTPS API from its OpenAPI description
                  # (tests/test_api.py); version 4 needs Python 3.11.
-                 'schemathesis>=4,<5; python_version >= "3.11"'],
+                 'schemathesis>=4,<5; python_version >= "3.11"',
+                 # Fuzzes the replication receivers' framing
+                 # (tests/test_wire_fuzz.py).
+                 'hypothesis'],
     },
     entry_points={
         'console_scripts': [

@@ -9,21 +9,32 @@ recurses: ``[[[[...]]]]`` of a few kilobytes ends in a RecursionError,
 which no caller expects), and what strict JSON is not (``NaN``,
 ``Infinity``, invalid UTF-8).
 
+What a peer sends over a socket may have to come whole by a deadline
+(:class:`DeadlineReader`): a socket timeout alone starts again at each
+byte, and a peer that trickles would hold the connection for good.
+
 Whatever a user or a peer sent that an error line repeats goes through
 :func:`cut` (a value) or :func:`one_line` (a message, a command's output):
 printable, on one line, at most a readable length, so that a megabyte-long
 value or an escape sequence never reaches a terminal or a log whole.
 """
 
+import io
 import itertools
 import json
 import re
+import socket
+import time
 
-__all__ = ['InputError', 'loads', 'cut', 'one_line', 'MAX_DEPTH']
+__all__ = ['InputError', 'loads', 'check_fields', 'cut', 'one_line',
+           'MAX_DEPTH', 'MAX_VALUE', 'NUMBER', 'DeadlineReader']
 
 # Deep enough for anything slaposha writes (status and facts nest about
 # five levels), far below Python's recursion limit.
 MAX_DEPTH = 32
+# A value another host wrote in etcd (etcd takes requests up to 1.5 MiB).
+MAX_VALUE = 1 << 20
+NUMBER = (int, float)
 CUT = 80          # characters of a value repeated in an error
 LINE = 300        # characters of a message or of a command's output
 
@@ -85,6 +96,44 @@ def _kind(value):
     return 'null'
 
 
+_KINDS = {str: 'a string', int: 'an integer', float: 'a number',
+          bool: 'a boolean', dict: 'an object', list: 'an array',
+          None: 'null'}
+
+
+def _is(value, kind):
+    if isinstance(kind, list):
+        return isinstance(value, list) and all(_is(v, kind[0])
+                                               for v in value)
+    if kind is None:
+        return value is None
+    if kind in (int, float) and isinstance(value, bool):
+        return False   # JSON true is no number
+    return isinstance(value, kind)
+
+
+def _kind_name(kind):
+    if isinstance(kind, list):
+        return 'an array of %ss' % _KINDS[kind[0]].split()[-1]
+    return _KINDS[kind]
+
+
+def check_fields(obj, fields, what):
+    """``obj`` (a dict from :func:`loads`) if each of ``fields`` has the
+    type it must: ``{name: a type, a list of one type (an array of those),
+    or a tuple of these (None: absent or null)}``; an integer or a number
+    is never a boolean. Else InputError naming ``what`` and the field."""
+    for name, kind in fields.items():
+        value = obj.get(name)
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if not any(_is(value, k) for k in kinds):
+            raise InputError('%s: field %s must be %s (got %s)' % (
+                what, name, ' or '.join(_kind_name(k) for k in kinds),
+                one_line(json.dumps(value), CUT) if name in obj
+                else 'nothing'))
+    return obj
+
+
 def cut(value, size=CUT):
     """``value`` as an error line shows it: a string or bytes quoted with
     its control and escape characters written out (as repr does), anything
@@ -116,3 +165,35 @@ def _printable(text):
     if text.isprintable():
         return text
     return ''.join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+class DeadlineReader(io.RawIOBase):
+    """The bytes of socket ``sock`` (for an io.BufferedReader): each read
+    waits at most until ``deadline`` (a time.monotonic(); None: the
+    socket's ``timeout`` per read, which the socket keeps for writes)."""
+
+    def __init__(self, sock, timeout, deadline=None):
+        self.sock = sock
+        self.timeout = timeout
+        self.deadline = deadline
+
+    def within(self, seconds):
+        """What is read from now on must come within ``seconds`` (None:
+        no deadline)."""
+        self.deadline = None if seconds is None else \
+            time.monotonic() + seconds
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        if self.deadline is None:
+            return self.sock.recv_into(buffer)
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout('not complete by its deadline')
+        self.sock.settimeout(left)
+        try:
+            return self.sock.recv_into(buffer)
+        finally:
+            self.sock.settimeout(self.timeout)

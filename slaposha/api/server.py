@@ -33,7 +33,7 @@ from collections import namedtuple
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 from slaposha.api import ApiError
-from slaposha.inputs import cut, one_line
+from slaposha.inputs import DeadlineReader, cut, one_line
 
 __all__ = ['BoundedServer', 'RequestHandler', 'Limits', 'limits_of']
 
@@ -98,29 +98,6 @@ class Slot(object):
 
     def release(self):
         self.clients.give(self.key)
-
-
-class _DeadlineReader(io.RawIOBase):
-    """A connection's bytes until its slot's deadline: each read waits only
-    for what is left of it. Writes keep ``timeout``."""
-
-    def __init__(self, sock, slot, timeout):
-        self.sock = sock
-        self.slot = slot
-        self.timeout = timeout
-
-    def readable(self):
-        return True
-
-    def readinto(self, buffer):
-        left = self.slot.remaining()
-        if left <= 0:
-            raise socket.timeout('the request is not complete')
-        self.sock.settimeout(left)
-        try:
-            return self.sock.recv_into(buffer)
-        finally:
-            self.sock.settimeout(self.timeout)
 
 
 class BoundedServer(HTTPServer):
@@ -232,8 +209,8 @@ class RequestHandler(BaseHTTPRequestHandler):
         if self.slot is not None:
             write_timeout = self.server.limits.request_timeout
             self.connection.settimeout(write_timeout)
-            self.rfile = io.BufferedReader(_DeadlineReader(
-                self.connection, self.slot, write_timeout))
+            self.rfile = io.BufferedReader(DeadlineReader(
+                self.connection, write_timeout, self.slot.deadline))
 
     def address_string(self):
         return self.server.client_name(self.client_address)

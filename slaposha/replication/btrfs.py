@@ -78,6 +78,7 @@ from collections import namedtuple
 from slaposha.replication import (
     Peer, Progress, ReplicationError, StaleToken, human_bytes, locked_state,
     trim)
+from slaposha.inputs import cut, one_line
 from slaposha.replication import wire
 
 __all__ = ['Volume', 'Snapshot', 'Sender', 'Receiver', 'Transfer', 'Cycle',
@@ -1231,43 +1232,52 @@ class Receiver(object):
             conn.close()
             return
         channel = wire.Channel(sock)
+        peer = addr[0]
         try:
             sender, refused = wire.check_host(sock, self._revoked,
                                               self.hosts), None
+            peer = '%s (%s)' % (sender, addr[0])
         except wire.WireError as e:
             sender, refused = None, str(e)
+        ops = set(['list', 'receive']) | set(self.handlers)
         try:
             while True:
-                request = channel.recv_json()
-                if request is None:
-                    return
-                if refused:
-                    logger.warning('receiver: refused %s: %s', addr[0],
-                                   refused)
-                    channel.send_json({'ok': False, 'error': refused})
-                    return
-                op = request.get('op')
+                # A peer's request is refused here, in one line each (in
+                # the log, with the peer, and to the peer), whatever it
+                # sent: bytes that are no JSON line, a line too long or
+                # that does not come whole in idle_timeout, a request
+                # unknown or with fields of the wrong type.
+                try:
+                    request = channel.recv_json(within=self.idle_timeout)
+                    if request is None:
+                        return
+                    if refused:
+                        raise wire.WireError(refused)
+                    op = wire.check_request(request, ops)
+                except socket.timeout:
+                    return wire.refuse(channel, peer, 'no whole request'
+                                       ' within %g s' % self.idle_timeout)
+                except wire.WireError as e:
+                    return wire.refuse(channel, peer, str(e))
                 if op == 'list':
-                    channel.send_json(self._list(request))
+                    answer = self._list(request)
+                    if not answer['ok']:
+                        return wire.refuse(channel, peer, answer['error'])
+                    channel.send_json(answer)
                 elif op == 'receive':
                     if not self._receive(channel, request, sender):
                         return
-                elif op in self.handlers:
-                    if not self.handlers[op](channel, request, sender):
-                        return
-                else:
-                    channel.send_json({'ok': False, 'error': 'unknown'
-                                       ' request %r' % op})
+                elif not self.handlers[op](channel, request, sender):
                     return
         except (OSError, wire.WireError) as e:
-            logger.debug('receiver: connection of %s: %s', addr[0], e)
+            logger.debug('receiver: connection of %s: %s', peer, e)
         finally:
             channel.close()
 
     def _volume(self, request):
-        volume = self.volumes.get(request.get('volume'))
+        volume = self.volumes.get(request['volume'])
         if volume is None:
-            raise ReplicationError(str(request.get('volume')), 'not a volume'
+            raise ReplicationError(cut(request['volume']), 'not a volume'
                                    ' this host receives (%s)' % (
                                        ', '.join(self.volumes) or 'none'))
         return volume
@@ -1284,30 +1294,24 @@ class Receiver(object):
     def _receive(self, channel, request, who):
         """One stream. Returns whether the connection can carry another
         request."""
-        sender = str(request.get('sender'))
+        sender = request['sender']
         try:
             volume = self._volume(request)
         except ReplicationError as e:
-            channel.send_json({'ok': False, 'error': str(e)})
-            return False
+            return wire.refuse(channel, who, str(e))
         name, parent_name = request.get('snapshot'), request.get('parent')
 
         def refuse(message, stale=False):
-            error = volume.error(message, sender, incoming=True)
-            logger.warning('refused: %s', error)
-            channel.send_json({'ok': False, 'error': str(error),
-                               'stale': stale})
-            return False
+            return wire.refuse(channel, who, str(volume.error(
+                message, one_line(sender, 80), incoming=True)), stale=stale)
 
-        if not isinstance(name, str) or not NAME_RE.match(name) or (
-                parent_name is not None and not (isinstance(
-                    parent_name, str) and NAME_RE.match(parent_name))):
-            return refuse('bad snapshot names %r, %r' % (name, parent_name))
-        if not isinstance(request.get('token'), int):
-            return refuse('no fencing token')
+        if not NAME_RE.fullmatch(name) or (parent_name is not None and
+                                           not NAME_RE.fullmatch(parent_name)):
+            return refuse('bad snapshot names %s, %s' % (cut(name),
+                                                         cut(parent_name)))
         if sender != who:
             return refuse('its certificate is for %s, not %s' % (
-                who, sender))
+                who, cut(sender)))
         try:
             busy = volume._receiving()
         except ReplicationError as e:

@@ -74,6 +74,7 @@ import threading
 import time
 from collections import namedtuple
 
+from slaposha.inputs import cut, one_line
 from slaposha.replication import (
     Peer, ReplicationError, StaleToken, human_bytes, locked_state, trim)
 from slaposha.replication import wire
@@ -656,13 +657,7 @@ def _read_line(sock, rest=b'', limit=wire.MAX_LINE):
         if not byte:
             raise wire.WireError('connection closed before the answer')
         line += byte
-    try:
-        obj = json.loads(line.decode())
-    except ValueError:
-        raise wire.WireError('not JSON: %r' % bytes(line[:80]))
-    if not isinstance(obj, dict):
-        raise wire.WireError('expected a JSON object')
-    return obj
+    return wire.decode_line(bytes(line))
 
 
 # -- rsync's server side, checked -----------------------------------------------
@@ -699,7 +694,7 @@ def server_command(args, target, copy_dest=None):
                 '=' in arg and name in _LONG_VALUE):
             options.append(arg)
         else:
-            raise ValueError('rsync option %s is not served' % arg[:60])
+            raise ValueError('rsync option %s is not served' % cut(arg))
     command = [_rsync_binary(), '--server'] + options
     if copy_dest:
         command.append('--copy-dest=%s' % copy_dest)
@@ -744,27 +739,23 @@ class TreeReceiver(object):
     def receive(self, channel, request, who):
         """One transfer into a tree's store. Returns False: the connection
         carries nothing more."""
-        sender = str(request.get('sender'))
-        tree = self.trees.get(request.get('tree'))
-        label = str(request.get('tree'))
+        sender = request['sender']
+        tree = self.trees.get(request['tree'])
+        label = one_line(request['tree'], 200)
 
         def refuse(message, stale=False):
-            error = ReplicationError(label, message, sender, True)
-            logger.warning('refused: %s', error)
-            channel.send_json({'ok': False, 'error': str(error),
-                               'stale': stale})
-            return False
+            return wire.refuse(channel, who, str(ReplicationError(
+                label, message, one_line(sender, 80), True)), stale=stale)
 
         if tree is None:
             return refuse('not a tree this host receives (%s)' % (
                 ', '.join(self.trees) or 'none'))
-        token = request.get('token')
-        if not isinstance(token, int) or isinstance(token, bool):
-            return refuse('no fencing token')
+        token = request['token']
         if sender != who:
-            return refuse('its certificate is for %s, not %s' % (who, sender))
-        if request.get('mode') not in MODES:
-            return refuse('unknown mode %r' % request.get('mode'))
+            return refuse('its certificate is for %s, not %s' % (
+                who, cut(sender)))
+        if request['mode'] not in MODES:
+            return refuse('unknown mode %s' % cut(request['mode']))
         try:
             busy = tree._receiving()
         except OSError as e:
@@ -795,19 +786,18 @@ class TreeReceiver(object):
 
     def copy(self, channel, request, who):
         """One one-off copy into ``target`` (below a copy root)."""
-        sender = str(request.get('sender'))
-        target = request.get('target')
-        label = str(target)
+        sender = request['sender']
+        target = request['target']
+        label = one_line(target, 200)
 
         def refuse(message):
-            error = ReplicationError(label, message, sender, True)
-            logger.warning('refused: %s', error)
-            channel.send_json({'ok': False, 'error': str(error)})
-            return False
+            return wire.refuse(channel, who, str(ReplicationError(
+                label, message, one_line(sender, 80), True)))
 
         if sender != who:
-            return refuse('its certificate is for %s, not %s' % (who, sender))
-        if not isinstance(target, str) or not os.path.isabs(target) or \
+            return refuse('its certificate is for %s, not %s' % (
+                who, cut(sender)))
+        if '\0' in target or not os.path.isabs(target) or \
                 os.path.normpath(target) != target or not any(
                     target.startswith(r.rstrip('/') + '/')
                     for r in self.copy_roots):

@@ -7,32 +7,80 @@ so it talks only to hosts of the cluster (a certificate of the ``host``
 role, not an operator's, not revoked in ``crl.pem`` beside ``ca.crt``), and
 a sender checks it reached the host it meant.
 
-A request is one JSON line; the answer is one JSON line, ``{"ok": true,
-...}`` or ``{"ok": false, "error": "<one line>"}``. A stream follows its
-header, once the receiver said go, as frames (a 4-byte big-endian length,
-then that many bytes) and ends with an empty frame: a connection that closes
-before the empty frame is a cut stream, never a complete one, whatever the
-bytes that came looked like.
+A request is one JSON line (at most MAX_LINE bytes, nested at most
+:data:`slaposha.inputs.MAX_DEPTH` deep, its fields as :data:`REQUESTS`
+says); the answer is one JSON line, ``{"ok": true, ...}`` or ``{"ok":
+false, "error": "<one line>"}``. A stream follows its header, once the
+receiver said go, as frames (a 4-byte big-endian length, then that many
+bytes) and ends with an empty frame: a connection that closes before the
+empty frame is a cut stream, never a complete one, whatever the bytes that
+came looked like.
 """
 
+import io
 import json
+import logging
 import os
 import socket
 import ssl
 import struct
 
 from slaposha import pki
+from slaposha.inputs import (
+    NUMBER, DeadlineReader, InputError, check_fields, cut, loads)
 
 __all__ = ['server_context', 'client_context', 'Channel', 'connect',
-           'WireError', 'revocations', 'check_host']
+           'WireError', 'revocations', 'check_host', 'decode_line',
+           'check_request', 'refuse', 'REQUESTS']
+
+logger = logging.getLogger(__name__)
 
 MAX_LINE = 1 << 16
 FRAME = struct.Struct('>I')
 MAX_FRAME = 1 << 24
 
+# The fields of each request (inputs.check_fields: JSON true is no token).
+# A request whose fields are anything else is refused before an engine
+# sees it; an engine's new request declares its fields here (one that does
+# not is served unchecked).
+REQUESTS = {
+    'list': {'volume': str},
+    'receive': {'volume': str, 'snapshot': str, 'parent': (str, None),
+                'token': int, 'sender': str, 'created': NUMBER + (None,),
+                'size': (int, None), 'keep': (int, None)},
+    'rsync': {'tree': str, 'token': int, 'sender': str,
+              'created': NUMBER + (None,), 'mode': str, 'args': [str]},
+    'copy': {'target': str, 'sender': str, 'args': [str]},
+}
+
 
 class WireError(Exception):
     """The other side broke the protocol or went away, as one line."""
+
+
+def decode_line(line):
+    """The JSON object of one request or answer line (bytes ending with a
+    newline, at most MAX_LINE bytes); WireError says why not."""
+    if len(line) > MAX_LINE or not line.endswith(b'\n'):
+        raise WireError('line too long or cut (%d bytes)' % len(line))
+    try:
+        return loads(line, MAX_LINE, 'line')
+    except InputError as e:
+        raise WireError(str(e))
+
+
+def check_request(request, ops):
+    """The op of ``request``; WireError, as one line, unless it is one of
+    ``ops`` with each field of the type REQUESTS says."""
+    op = request.get('op')
+    if not isinstance(op, str) or op not in ops:
+        raise WireError('unknown request %s (requests: %s)' % (
+            cut(op), ', '.join(sorted(ops))))
+    try:
+        check_fields(request, REQUESTS.get(op, {}), op)
+    except InputError as e:
+        raise WireError(str(e))
+    return op
 
 
 def _context(purpose, tls):
@@ -93,12 +141,25 @@ def check_host(sock, revoked, hosts=None):
     return name
 
 
+def refuse(channel, peer, message, **fields):
+    """Say no to ``peer`` (who it is, as the log names it): one line in
+    the log, and the answer ``{"ok": false, "error": message}`` with
+    ``fields``. Returns False (the connection carries nothing more)."""
+    logger.warning('receiver: refused %s: %s', peer, message)
+    try:
+        channel.send_json(dict(fields, ok=False, error=message))
+    except OSError:
+        pass  # gone: the log line is all there is to say
+    return False
+
+
 class Channel(object):
     """JSON lines and frames over one (TLS) socket."""
 
     def __init__(self, sock):
         self.sock = sock
-        self.rfile = sock.makefile('rb')
+        self._reader = DeadlineReader(sock, sock.gettimeout())
+        self.rfile = io.BufferedReader(self._reader)
 
     def close(self):
         for thing in (self.rfile, self.sock):
@@ -109,25 +170,24 @@ class Channel(object):
 
     def settimeout(self, seconds):
         self.sock.settimeout(seconds)
+        self._reader.timeout = seconds
 
     def send_json(self, obj):
         self.sock.sendall(json.dumps(obj).encode() + b'\n')
 
-    def recv_json(self):
+    def recv_json(self, within=None):
         """The next JSON line; None when the other side closed cleanly
-        before sending one."""
-        line = self.rfile.readline(MAX_LINE + 1)
+        before sending one. ``within``: seconds the whole line may take
+        (else each read waits the socket's timeout: a peer that trickles
+        keeps it)."""
+        self._reader.within(within)
+        try:
+            line = self.rfile.readline(MAX_LINE + 1)
+        finally:
+            self._reader.within(None)
         if not line:
             return None
-        if len(line) > MAX_LINE or not line.endswith(b'\n'):
-            raise WireError('line too long or cut')
-        try:
-            obj = json.loads(line.decode())
-        except ValueError:
-            raise WireError('not JSON: %r' % line[:80])
-        if not isinstance(obj, dict):
-            raise WireError('expected a JSON object')
-        return obj
+        return decode_line(line)
 
     def send_frame(self, data):
         self.sock.sendall(FRAME.pack(len(data)) + data)
