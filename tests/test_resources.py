@@ -21,7 +21,7 @@ from slaposha import config
 from slaposha.cgroup import Cgroup, cgroup2_mount
 from slaposha.config import ConfigError
 from slaposha.lab import wait_for
-from slaposha.resources import DOWN, NA, UP, WARN, driver
+from slaposha.resources import DOWN, NA, UP, WARN, ResourceError, driver
 from slaposha.service import Context
 
 from conftest import TOP
@@ -472,6 +472,109 @@ def test_task_failure_and_timeout_are_warnings(make_task):
     state, message = slow.status()
     assert state == WARN and 'timeout' in message, message
     slow.stop()
+
+
+# -- app as another user -------------------------------------------------------
+
+@pytest.fixture
+def make_app(tmp_path):
+    """App drivers whose cgroups are below a test cgroup of their own,
+    killed and removed afterwards."""
+    base = Cgroup(os.path.join(cgroup2_mount(), 'slaposha-test', 'app-%d-%04x'
+                               % (os.getpid(), random.randrange(0x10000))))
+    log_dir = str(tmp_path / 'log')
+
+    def make(**keys):
+        lines = ['[app#a]'] + ['%s = %s' % kv for kv in keys.items()]
+        section, = load(tmp_path, '\n'.join(lines) + '\n').resources
+        return driver('app')(section, Context('svc', base, log_dir))
+    try:
+        yield make
+    finally:
+        base.kill()
+        base.remove()
+        try:
+            os.rmdir(os.path.dirname(base.path))
+        except OSError:
+            pass  # another run's groups are there
+
+
+def ids(pid):
+    """(uid, gid, supplementary gids) of a process."""
+    with open('/proc/%d/status' % pid) as f:
+        fields = dict(line.split(':', 1) for line in f)
+    return (int(fields['Uid'].split()[0]), int(fields['Gid'].split()[0]),
+            sorted(int(g) for g in fields['Groups'].split()))
+
+
+@needs_cgroups
+def test_app_runs_as_its_user_and_stop_and_fence_still_reach_it(make_app,
+                                                                tmp_path):
+    """A program that refuses root, as PostgreSQL does, runs with user =
+    nobody (uid, primary group and groups of the account, as supervisord's
+    user=); it is in the resource's cgroup, so stop and fence kill it,
+    daemons included; start, check and stop commands run as the user
+    too."""
+    import grp
+    import pwd
+    nobody = pwd.getpwnam('nobody')
+    refuses_root = '[ "$(id -u)" != 0 ] || exit 1; exec sleep 60'
+    as_root = make_app(command=refuses_root)
+    with pytest.raises(ResourceError, match='exited at once'):
+        as_root.start()
+    as_root.stop()
+    app = make_app(command=refuses_root, user='nobody')
+    app.start()
+    try:
+        assert app.status().state == UP
+        pid, = app.cgroup.pids()
+        assert ids(pid) == (nobody.pw_uid, nobody.pw_gid, sorted(
+            set([nobody.pw_gid] + [g.gr_gid for g in grp.getgrall()
+                                   if 'nobody' in g.gr_mem])))
+    finally:
+        app.stop()
+    assert not app.cgroup.exists()
+    # A numeric uid and another group; a daemon left behind is fenced.
+    group = grp.getgrnam('nogroup' if 'nogroup' in
+                         [g.gr_name for g in grp.getgrall()] else 'daemon')
+    daemon = make_app(start='(sleep 60 &) ; echo started as $(id -u)',
+                      check='[ "$(id -u)" = %d ]' % nobody.pw_uid,
+                      stop='true', user=str(nobody.pw_uid),
+                      group=group.gr_name)
+    daemon.start()
+    try:
+        with open(daemon.log_path()) as f:
+            assert 'started as %d' % nobody.pw_uid in f.read()
+        assert daemon.status().state == UP
+        pid, = daemon.cgroup.pids()
+        assert ids(pid)[:2] == (nobody.pw_uid, group.gr_gid)
+        daemon.fence()
+        assert daemon.cgroup.pids() == [] and dead(pid)
+    finally:
+        daemon.stop()
+
+
+def test_app_user_and_group_are_checked_with_the_service_file(tmp_path):
+    for keys, words in [
+            ('user = nosuchuser', 'user \'nosuchuser\' does not exist on'
+             ' this host'),
+            ('user = 4000000', "user '4000000' does not exist on this host"),
+            ('user = nobody\ngroup = nosuchgroup', "group 'nosuchgroup' does"
+             ' not exist on this host'),
+            ('group = nogroup', 'group needs user')]:
+        with pytest.raises(ConfigError) as info:
+            load(tmp_path, '[app#a]\ncommand = sleep 1\n%s\n' % keys)
+        assert str(info.value).endswith('[app#a]: ' + words), info.value
+    # Checked again at start: a user removed since is one line.
+    section, = load(tmp_path, '[app#a]\ncommand = sleep 1\nuser = nobody\n'
+                    ).resources
+    section.user = 'nosuchuser'
+    app = driver('app')(section, Context('svc', Cgroup(str(tmp_path)),
+                                         str(tmp_path)))
+    with pytest.raises(ResourceError) as info:
+        app.start()
+    assert str(info.value) == "app#a: user 'nosuchuser' does not exist on" \
+        ' this host'
 
 
 # -- validation --------------------------------------------------------------

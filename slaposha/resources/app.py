@@ -5,16 +5,45 @@ watched by the agent (as a supervisord program is); or ``start`` (a command
 that may leave daemons behind), with ``check`` (exit 0 = up) and ``stop``.
 Whatever they start lives in the resource's cgroup, so that stop and fence
 find every process, daemons included.
+
+With ``user`` (and ``group``), the commands run as that user, as
+supervisord's ``user=`` does: its uid, its primary group (or ``group``) and
+its supplementary groups, the agent's environment otherwise. They join the
+cgroup as root first, then drop to the user (``setpriv``, util-linux), so
+that stop and fence still reach them.
 """
 
+import grp
 import os
+import pwd
+import shutil
 import signal
 import subprocess
 import time
 
 from slaposha.config import Key
+from slaposha.inputs import cut
 from slaposha.resources import (
     DOWN, UP, Resource, ResourceError, Status, register)
+
+
+def account(user, group=None):
+    """(uid, gid) of ``user`` (a name or a uid) with ``group`` (a name or
+    a gid; default: the user's primary group). KeyError, as one line, for
+    one this host does not know."""
+    try:
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else \
+            pwd.getpwnam(user)
+    except KeyError:
+        raise KeyError('user %s does not exist on this host' % cut(user))
+    if not group:
+        return entry.pw_uid, entry.pw_gid
+    try:
+        gid = grp.getgrgid(int(group)).gr_gid if group.isdigit() else \
+            grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise KeyError('group %s does not exist on this host' % cut(group))
+    return entry.pw_uid, gid
 
 
 @register
@@ -34,21 +63,46 @@ class App(Resource):
         Key('timeout', 'duration', 30.0, 'time allowed to start, stop or'
             ' check', minimum=0.1),
         Key('cwd', 'path', None, 'working folder of the commands'),
+        Key('user', 'string', None, 'run the commands as this user (a name'
+            ' or a uid), with its groups, as supervisord\'s user= (e.g.'
+            ' PostgreSQL refuses root); default: as the agent (root)'),
+        Key('group', 'string', None, 'primary group of the commands (a name'
+            ' or a gid) instead of the user\'s; needs user'),
     )
 
     @classmethod
     def validate(cls, section):
         if bool(section.command) == bool(section.start):
             return 'needs exactly one of command or start'
+        if section.group and not section.user:
+            return 'group needs user'
+        if section.user:
+            try:
+                account(section.user, section.group)
+            except KeyError as e:
+                return e.args[0]
         return None
 
     def __init__(self, section, context):
         super().__init__(section, context)
         self.proc = None
 
-    @staticmethod
-    def _argv(text):
-        return ['sh', '-c', text]
+    def _argv(self, text):
+        """The command line of ``text``, joining the resource's cgroup
+        first (as root), then becoming ``user``."""
+        argv = ['sh', '-c', text]
+        if self.conf.user:
+            try:
+                uid, gid = account(self.conf.user, self.conf.group)
+            except KeyError as e:
+                raise ResourceError('%s: %s' % (self.rid, e.args[0]))
+            setpriv = shutil.which('setpriv')
+            if setpriv is None:
+                raise ResourceError('%s: user = %s needs setpriv (util-linux)'
+                                    ' in PATH' % (self.rid, self.conf.user))
+            argv = [setpriv, '--reuid=%d' % uid, '--regid=%d' % gid,
+                    '--init-groups', '--'] + argv
+        return self.cgroup.wrap(argv)
 
     def log_path(self):
         """Where the output of the commands goes."""
@@ -63,7 +117,7 @@ class App(Resource):
     def _run(self, text, what):
         log = self._log()
         try:
-            p = subprocess.run(self.cgroup.wrap(self._argv(text)),
+            p = subprocess.run(self._argv(text),
                                stdout=log, stderr=subprocess.STDOUT,
                                stdin=subprocess.DEVNULL, cwd=self.conf.cwd,
                                timeout=self.conf.timeout)
@@ -82,7 +136,7 @@ class App(Resource):
             log = self._log()
             try:
                 self.proc = subprocess.Popen(
-                    self.cgroup.wrap(self._argv(self.conf.command)),
+                    self._argv(self.conf.command),
                     stdout=log, stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL, cwd=self.conf.cwd,
                     start_new_session=True)

@@ -126,7 +126,8 @@ class Re6st(App):
     def __init__(self, section, context):
         # App's verbs read its own keys too: the daemon is a foreground
         # command, with no start, stop or check command of its own.
-        values = dict(start=None, stop=None, check=None, cwd=None)
+        values = dict(start=None, stop=None, check=None, cwd=None,
+                      user=None, group=None)
         values.update(section.as_dict())
         self.default_command = not values['command']
         if self.default_command:
