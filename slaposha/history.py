@@ -26,8 +26,15 @@ new owner's resources had all started.
 import json
 
 from slaposha.cluster.etcd import Op
+from slaposha.inputs import MAX_VALUE, NUMBER, InputError, check_fields, loads
 
 __all__ = ['record', 'read', 'prefix']
+
+
+# What a record holds (inputs.check_fields); another is not shown.
+FIELDS = {'service': str, 'kind': str, 'from': (str, None), 'to': str,
+          'token': int, 'since': NUMBER, 'running': NUMBER,
+          'duration': NUMBER, 'by': (str, None)}
 
 
 def prefix(keys, service=None):
@@ -57,10 +64,9 @@ def read(client, keys, service=None, timeout=None):
     entries = []
     for kv in client.get_prefix(prefix(keys, service), timeout=timeout):
         try:
-            entry = json.loads(kv.value)
-        except ValueError:
-            continue
-        if isinstance(entry, dict):
-            entries.append(entry)
+            entries.append(check_fields(loads(kv.value, MAX_VALUE, kv.key),
+                                        FIELDS, kv.key))
+        except InputError:
+            continue   # not one of ours: nothing to show
     entries.sort(key=lambda e: (e.get('running') or 0, e.get('token') or 0))
     return entries

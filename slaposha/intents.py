@@ -22,6 +22,7 @@ import time
 from collections import namedtuple
 
 from slaposha.cluster.etcd import Op
+from slaposha.inputs import MAX_VALUE, NUMBER, InputError, check_fields, loads
 
 __all__ = ['View', 'read', 'set_frozen', 'set_target', 'set_switch', 'clear',
            'who']
@@ -38,12 +39,27 @@ class View(namedtuple('View',
                                switch, facts)
 
 
-def _decode(text):
+# What the agents read of each intent (inputs.check_fields). One that is
+# not JSON or has other fields shows as {"unreadable": why}: read as no
+# target and no switch, and, for safety, as frozen.
+_WHO = {'by': (str, None), 'at': NUMBER + (None,), 'reason': (str, None)}
+FIELDS = {
+    'frozen': _WHO,
+    'target': dict(_WHO, state=str, host=(str, None)),
+    'switch': dict(_WHO, to=str, force=(bool, None)),
+}
+
+
+def _decode(text, field):
+    """The JSON object of the value of ``field``, bounded (other hosts
+    and operators write it) and checked; else {"unreadable": why}."""
     try:
-        value = json.loads(text)
-    except ValueError:
-        return {'unreadable': text[:100]}
-    return value if isinstance(value, dict) else {'value': value}
+        value = loads(text, MAX_VALUE, field, require=None)
+        if not isinstance(value, dict):
+            value = {'value': value}
+        return check_fields(value, FIELDS.get(field, {}), field)
+    except InputError as e:
+        return {'unreadable': str(e)}
 
 
 def read(client, keys, timeout=None):
@@ -55,7 +71,7 @@ def read(client, keys, timeout=None):
         if field == 'owner':
             entry['owner'] = kv
         elif field in View._fields:
-            entry[field] = _decode(kv.value)
+            entry[field] = _decode(kv.value, field)
     return {name: View(name, **entry) for name, entry in fields.items()}
 
 
@@ -94,6 +110,8 @@ def who(intent):
     """'operator on hA at 12:00:01' from an intent's by/at."""
     if not intent:
         return 'nobody'
+    if 'unreadable' in intent:
+        return 'someone (%s)' % intent['unreadable']
     when = intent.get('at')
     stamp = time.strftime(' at %H:%M:%S', time.localtime(when)) \
         if isinstance(when, (int, float)) else ''

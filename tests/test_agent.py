@@ -137,6 +137,35 @@ def test_bad_operator_input_is_one_line(web):
     assert lc.observer.where() == ['hA']
 
 
+def test_hostile_values_in_etcd_stall_no_decision(web):
+    """What another host or an operator writes in etcd is read within
+    limits: a target nested 5000 deep and a switch to a list show as
+    unreadable in status, and the agents still decide (a switch, while the
+    target stays). Before, each was a RecursionError or a TypeError at
+    every cycle of every agent: nothing was decided any more."""
+    lc = web
+    lc.query('hC', '''
+        import time
+        client.put(keys.service('web', 'target'), '[' * 5000 + ']' * 5000)
+        client.put(keys.service('web', 'switch'), json.dumps(
+            {'to': ['hB'], 'by': 'operator on hC', 'at': time.time()}))
+        result = True
+    ''')
+    svc = wait_for(lambda: (lambda s: s if (s['target'] or {}).get(
+        'unreadable') else None)(status_of(lc, 'hB', 'web')), 10,
+        what='the unreadable target in status')
+    assert svc['target'] == {'unreadable': 'target nests deeper than 32'
+                             ' levels'}
+    assert svc['switch'] == {'unreadable': 'switch: field to must be a'
+                             ' string (got ["hB"])'}
+    tree = lc.cli('hB', 'status').stdout
+    assert '! switch: switch: field to must be a string' in tree
+    assert 'web: runs on hB' in lc.cli('hC', 'switch', 'web', '--to',
+                                       'hB').stdout
+    assert lc.observer.where() == ['hB']
+    check_no_overlap(lc.observer)
+
+
 def test_failed_start_does_not_half_run_and_names_the_resource(make_lab):
     lab = make_lab(['hA', 'hB', 'hW'])
     marker = str(86400 + int(lab.id, 16))

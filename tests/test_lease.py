@@ -1,6 +1,7 @@
 """The host lease, ownership and the watchdog, against a real etcd on
 127.0.0.1 and real cgroups."""
 
+import json
 import os
 import signal
 import subprocess
@@ -259,3 +260,31 @@ def test_disarmed_watchdog_does_nothing(victim):
         assert dog.alive()
     finally:
         dog.stop()
+
+
+@needs_etcd
+def test_what_other_hosts_write_is_read_within_limits(client):
+    """A membership value or a history record nested 5000 deep, or with a
+    field of another type, is one line (before: a RecursionError in every
+    agent's cycle, or a TypeError where the field was used)."""
+    from slaposha import history
+    k = keys('/hostile', 'c1')
+    client.put(k.host('hX'), '[' * 5000 + ']' * 5000)
+    client.put(k.host('hY'), json.dumps({'failed': 5}))
+    client.put(k.host('hZ'), json.dumps({'failed': ['web'], 'pid': 7}))
+    alive = Membership(client, k, 'hA').alive()
+    assert alive['hX'] == {'error': 'unreadable: membership of hX nests'
+                           ' deeper than 32 levels'}
+    assert alive['hY'] == {'error': 'unreadable: membership of hY: field'
+                           ' failed must be an array of strings or null'
+                           ' (got 5)'}
+    assert alive['hZ'] == {'failed': ['web'], 'pid': 7}
+    good = {'service': 'web', 'kind': 'switch', 'from': 'hA', 'to': 'hB',
+            'token': 12, 'since': 1.0, 'running': 2.0, 'duration': 1.0,
+            'by': 'operator alice'}
+    records = [good, dict(good, running='soon'), dict(good, token=True)]
+    for i, record in enumerate(records):
+        client.put(history.prefix(k, 'web') + '%020d' % i,
+                   json.dumps(record))
+    client.put(history.prefix(k, 'web') + '%020d' % 9, '{"a":' * 5000)
+    assert history.read(client, k, 'web') == [good]

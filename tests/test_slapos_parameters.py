@@ -12,6 +12,9 @@ def test_plain_parameters_without_the_masters_own_keys():
 def test_json_in_xml_is_unwrapped():
     raw = {'_': '{"port": 8080, "tags": ["a", "b"]}', 'timestamp': '1'}
     assert user_parameters(raw) == {'port': 8080, 'tags': ['a', 'b']}
+    # What the master sends is read within limits (before: RecursionError).
+    deep = '[' * 5000 + ']' * 5000
+    assert user_parameters({'_': deep}) == {'_': deep}
 
 
 def test_instance_xml_is_parsed_with_repeated_ids_joined():

@@ -107,6 +107,8 @@ def render(status, only=None):
             if key == 'switch' and intent:
                 text = 'switch to %s requested by %s' % (
                     intent.get('to'), intent.get('by'))
+            if intent and 'unreadable' in intent:
+                text = '%s: %s' % (key, intent['unreadable'])
             if text:
                 lines.append('  ! %s' % text)
         for host in svc.get('hosts', []):

@@ -30,6 +30,7 @@ import time
 
 from slaposha.cluster.etcd import (
     Compare, EtcdError, LeaseNotFound, Op)
+from slaposha.inputs import MAX_VALUE, InputError, check_fields, loads
 
 __all__ = ['HostLease', 'Ownership', 'Membership', 'keys']
 
@@ -269,6 +270,13 @@ class Ownership(object):
         self.token = None
 
 
+# What a host's membership value holds (the agent's _health) as the others
+# read it (inputs.check_fields).
+HEALTH = {'address': (str, None), 'pid': (int, None), 'version': (str, None),
+          'failed': ([str], None), 'ineligible': (dict, None),
+          'services': (dict, None), 'cannot_run': (str, None)}
+
+
 class Membership(object):
     """This host's membership key, and the view of every host's."""
 
@@ -282,12 +290,15 @@ class Membership(object):
             health, sort_keys=True), lease=lease_id, timeout=timeout)
 
     def alive(self, timeout=None):
-        """{host: health} of every host whose lease holds."""
+        """{host: health} of every host whose lease holds; a health that
+        is not as HEALTH says is {"error": why}."""
         hosts = {}
         for kv in self.client.get_prefix(self.keys.hosts, timeout=timeout):
             name = kv.key[len(self.keys.hosts):]
             try:
-                hosts[name] = json.loads(kv.value)
-            except ValueError:
-                hosts[name] = {'error': 'unreadable membership value'}
+                hosts[name] = check_fields(
+                    loads(kv.value, MAX_VALUE, 'membership of %s' % name),
+                    HEALTH, 'membership of %s' % name)
+            except InputError as e:
+                hosts[name] = {'error': 'unreadable: %s' % e}
         return hosts

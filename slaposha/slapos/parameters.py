@@ -19,6 +19,8 @@ import time
 
 from lxml import etree
 
+from slaposha.inputs import MAX_VALUE, loads
+
 __all__ = ['fetch', 'save', 'load', 'ParametersError', 'parameters_path']
 
 # Keys the master adds to every partition's dict; the rest are the user's.
@@ -56,7 +58,8 @@ def user_parameters(raw):
     user = {k: v for k, v in raw.items() if k not in SYSTEM_KEYS}
     if set(user) == {'_'}:  # json-in-xml serialisation
         try:
-            return json.loads(user['_'])
+            return loads(user['_'], MAX_VALUE, 'instance parameters',
+                         require=None)
         except ValueError:
             return user
     for key, value in list(user.items()):
