@@ -56,8 +56,10 @@ class ConfigError(Exception):
             where.append('[%s]' % one_line(self.section, 80))
         if self.key is not None:
             where.append(one_line(self.key, 80))
-        return ': '.join([self.path, ' '.join(where), self.message]
-                         if where else [self.path, self.message])
+        # Whatever a driver's check repeats of a value: one line, cut.
+        message = one_line(self.message, 500)
+        return ': '.join([self.path, ' '.join(where), message]
+                         if where else [self.path, message])
 
 
 # -- value types -------------------------------------------------------------

@@ -23,6 +23,7 @@ import re
 import requests
 
 from slaposha import pki
+from slaposha.inputs import one_line
 
 __all__ = ['ApiClient', 'ApiError', 'ApiUnreachable', 'ApiRefused',
            'default_files', 'url_for']
@@ -132,7 +133,7 @@ class ApiClient(object):
             try:
                 message = response.json()['error']
             except (ValueError, KeyError, TypeError):
-                message = _one_line(response.text[:200]) or response.reason
+                message = one_line(response.text[:200]) or response.reason
             response.close()
             raise ApiRefused(response.status_code, message)
         return response
@@ -232,10 +233,6 @@ def _lines(response):
         yield pending.decode('utf-8', 'replace')
 
 
-def _one_line(text):
-    return ' '.join(str(text).split())
-
-
 # What matters in a requests error, under urllib3's wrapping ("HTTPSConnection
 # Pool(host=..., port=...): Max retries exceeded with url: ... (Caused by
 # NewConnectionError(...: [Errno 111] Connection refused))").
@@ -246,6 +243,6 @@ _REASON = re.compile(r"\[Errno -?\d+\] [^'\"()]+|Read timed out|Connection to"
 
 
 def _reason(error):
-    text = _one_line(error)
+    text = one_line(error, 1000)
     found = _REASON.search(text)
     return found.group(0).strip(' .') if found else text

@@ -12,6 +12,7 @@ the stream. Plain ANSI (cursor home, erase line), no curses.
 import time
 
 from slaposha.cli.status import service_state
+from slaposha.inputs import one_line
 from slaposha.units import human_seconds
 
 __all__ = ['frame', 'REFRESH', 'HISTORY_LINES']
@@ -175,7 +176,7 @@ def main_loop(read_status, read_history, events=None, errors=(),
                 time.sleep(1.0)
             except errors as e:
                 show(state['status'], 'agent lost: %s; retrying'
-                     % ' '.join(str(e).split())[:100])
+                     % one_line(e, 100))
                 time.sleep(1.0)
     except KeyboardInterrupt:
         return 0

@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 from slaposha.api.client import ApiClient, ApiError, ApiUnreachable
+from slaposha.inputs import one_line
 
 __all__ = ['ClusterFeed', 'ACTING_ROLES', 'certificate_may_act']
 
@@ -44,9 +45,6 @@ def certificate_may_act(whoami, cert_role):
         return 'act' in (whoami.get('may') or ())
     return cert_role in ACTING_ROLES
 
-
-def _one_line(text):
-    return ' '.join(str(text).split())
 
 
 class ClusterFeed(object):
@@ -144,7 +142,7 @@ class ClusterFeed(object):
                 else:
                     error = 'the event stream ended'
         except ApiError as e:
-            error = _one_line(e)
+            error = one_line(e)
         with self._lock:
             if self.streaming == url:
                 self.streaming = None
@@ -186,7 +184,7 @@ class ClusterFeed(object):
                               self.settings.request_timeout) as client:
                 return client.request('GET', route), None
         except ApiError as e:
-            return None, _one_line(e)
+            return None, one_line(e)
 
     def ask_all(self, route, urls=None):
         """{url: (answer, error)} of ``GET route`` on each agent at once."""

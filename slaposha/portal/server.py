@@ -36,6 +36,7 @@ from slaposha.api.https import (PERMISSIONS, UI_PATH, Route, _Handler as
                                 identify_peer, server_context)
 from slaposha.api.server import Limits
 from slaposha.config import ConfigError
+from slaposha.inputs import cut, one_line
 from slaposha.portal.feed import ClusterFeed, certificate_may_act
 from slaposha.portal.view import (CLUSTER_STATES, SERVICE_STATES, Filters,
                                   cluster_view, select)
@@ -68,9 +69,6 @@ ROUTES = (
           'action'),
 )
 
-
-def _one_line(text):
-    return ' '.join(str(text).split())
 
 
 def _csp_hash(text):
@@ -114,11 +112,11 @@ class _Handler(_ApiHandler):
             fields = parse_qs(query, strict_parsing=bool(query),
                               errors='strict')
         except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(400, 'query string: %s' % _one_line(e))
+            raise ApiError(400, 'query string: %s' % one_line(e))
         for key in fields:
             if key not in FILTER_KEYS:
-                raise ApiError(400, 'unknown query parameter %r (known: %s)'
-                               % (key[:40], ', '.join(FILTER_KEYS)))
+                raise ApiError(400, 'unknown query parameter %s (known: %s)'
+                               % (cut(key), ', '.join(FILTER_KEYS)))
         return {k: [w for v in values for w in v.split(',') if w]
                 for k, values in fields.items()}
 
@@ -130,7 +128,7 @@ class _Handler(_ApiHandler):
         host = self.headers.get('Host', '')
         if origin == 'null' or urlsplit(origin).netloc != host:
             raise ApiError(403, 'a request from another site (Origin %s)'
-                           ' is refused' % _one_line(origin)[:80])
+                           ' is refused' % one_line(origin, 80))
 
     # -- routes ---------------------------------------------------------------
 
@@ -154,11 +152,11 @@ class _Handler(_ApiHandler):
         ctype = (self.headers.get('Content-Type') or '').split(';')[0]
         if ctype.strip().lower() != 'application/json':
             raise ApiError(415, 'the body must be application/json (got %s)'
-                           % (_one_line(ctype)[:60] or 'none'))
+                           % (cut(ctype) if ctype else 'none'))
         self._same_origin()
         if params['action'] not in ACTIONS:
-            raise ApiError(404, 'unknown action %r (actions: %s)' % (
-                params['action'][:40], ', '.join(ACTIONS)))
+            raise ApiError(404, 'unknown action %s (actions: %s)' % (
+                cut(params['action']), ', '.join(ACTIONS)))
         body = _body(raw, ACTION_FIELDS)
         return 200, self.server.api.act(who, params['cluster'],
                                         params['name'], params['action'],
@@ -213,7 +211,7 @@ class Portal(object):
         except (ssl.SSLError, OSError) as e:
             raise ConfigError(self.config.path, 'portal', 'ssl_dir',
                               'cannot use %s, %s and %s: %s'
-                              % (ca, cert, key, _one_line(e)))
+                              % (ca, cert, key, one_line(e)))
         self.revocations = pki.Revocations(crl, pki.load_cert(ca))
         return ctx
 
@@ -427,7 +425,7 @@ class Portal(object):
             raise ApiError(status, 'cluster %s: %s' % (cluster, e.message))
         except ApiUnreachable as e:
             logger.info('portal: %s: %s: %s', who, what, e)
-            raise ApiError(503, 'cluster %s: %s' % (cluster, _one_line(e)))
+            raise ApiError(503, 'cluster %s: %s' % (cluster, one_line(e)))
         logger.info('portal: %s: %s: %s', who, what, message)
         return {'cluster': cluster, 'service': name, 'action': verb,
                 'to': to, 'via': url, 'message': message}

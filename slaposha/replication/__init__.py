@@ -29,7 +29,9 @@ import time
 from collections import namedtuple
 from contextlib import contextmanager
 
-from slaposha.units import human_bytes  # noqa: F401 (its users import it here)
+# Their users import them from here.
+from slaposha.inputs import one_line as trim  # noqa: F401
+from slaposha.units import human_bytes  # noqa: F401
 
 __all__ = ['ReplicationError', 'StaleToken', 'Peer', 'Progress', 'trim',
            'human_bytes', 'locked_state', 'read_state']
@@ -105,14 +107,6 @@ def locked_state(path, defaults, error, mode=0o777):
                 os.rename(path + '.tmp', path)
     finally:
         os.close(fd)
-
-
-def trim(text, size=300):
-    """Command output as one line, cut to ``size`` characters."""
-    text = ' '.join((text or '').split())
-    return text if len(text) <= size else text[:size - 3] + '...'
-
-
 
 
 class Progress(object):

@@ -27,7 +27,7 @@ import struct
 
 from slaposha import pki
 from slaposha.inputs import (
-    NUMBER, DeadlineReader, InputError, check_fields, cut, loads)
+    NUMBER, DeadlineReader, InputError, check_fields, cut, loads, one_line)
 
 __all__ = ['server_context', 'client_context', 'Channel', 'connect',
            'WireError', 'revocations', 'check_host', 'decode_line',
@@ -145,6 +145,7 @@ def refuse(channel, peer, message, **fields):
     """Say no to ``peer`` (who it is, as the log names it): one line in
     the log, and the answer ``{"ok": false, "error": message}`` with
     ``fields``. Returns False (the connection carries nothing more)."""
+    message = one_line(message, 500)
     logger.warning('receiver: refused %s: %s', peer, message)
     try:
         channel.send_json(dict(fields, ok=False, error=message))

@@ -31,6 +31,7 @@ import os
 import subprocess
 
 from slaposha.config import REQUIRED, Key
+from slaposha.inputs import one_line
 from slaposha.resources import (
     DOWN, UP, WARN, Resource, ResourceError, Status, register)
 
@@ -82,10 +83,6 @@ def _loop_backing_file(device):
     except OSError:
         return None
 
-
-def _trim(text, size=300):
-    text = ' '.join(text.split())
-    return text if len(text) <= size else text[:size - 3] + '...'
 
 
 def _users(path, limit=5):
@@ -232,7 +229,7 @@ class Fs(Resource):
         if p.returncode:
             raise ResourceError('%s: cannot mount %s on %s: %s' % (
                 self.rid, self.device, self.mount_point,
-                _trim(p.stderr) or 'exit %d' % p.returncode))
+                one_line(p.stderr) or 'exit %d' % p.returncode))
 
     def stop(self):
         # A mount made twice is stacked: unmount until ours is gone.
@@ -250,7 +247,7 @@ class Fs(Resource):
                         self.rid, self.mount_point, who))
                 raise ResourceError('%s: cannot unmount %s: %s' % (
                     self.rid, self.mount_point,
-                    _trim(p.stderr) or 'exit %d' % p.returncode))
+                    one_line(p.stderr) or 'exit %d' % p.returncode))
         raise ResourceError('%s: %s is still mounted on %s after 10 unmounts'
                             % (self.rid, self.device, self.mount_point))
 
@@ -266,7 +263,7 @@ class Fs(Resource):
             if p.returncode:
                 raise ResourceError('%s: cannot detach %s: %s' % (
                     self.rid, self.mount_point,
-                    _trim(p.stderr) or 'exit %d' % p.returncode))
+                    one_line(p.stderr) or 'exit %d' % p.returncode))
 
     def fence_targets(self):
         return [], []

@@ -43,6 +43,7 @@ import json
 import subprocess
 
 from slaposha.config import REQUIRED, Key
+from slaposha.inputs import one_line
 from slaposha.resources import (
     DOWN, UP, WARN, Resource, ResourceError, Status, announce, register)
 
@@ -81,10 +82,6 @@ def parse_routes(text):
         routes.append((destination, gateway))
     return routes
 
-
-def _trim(text, size=300):
-    text = ' '.join(text.split())
-    return text if len(text) <= size else text[:size - 3] + '...'
 
 
 @register
@@ -155,7 +152,7 @@ class Ip(Resource):
         p = self._run(args, what)
         if p.returncode and not any(s in p.stderr for s in ok):
             raise ResourceError('%s: cannot %s: %s' % (
-                self.rid, what, _trim(p.stderr) or 'exit %d' % p.returncode))
+                self.rid, what, one_line(p.stderr) or 'exit %d' % p.returncode))
         return p.stdout
 
     def _present(self):
@@ -167,7 +164,7 @@ class Ip(Resource):
             if 'does not exist' in p.stderr:
                 return None
             raise ResourceError('%s: cannot %s: %s' % (
-                self.rid, what, _trim(p.stderr) or 'exit %d' % p.returncode))
+                self.rid, what, one_line(p.stderr) or 'exit %d' % p.returncode))
         present = set()
         for link in json.loads(p.stdout or '[]'):
             for info in link.get('addr_info', []):
