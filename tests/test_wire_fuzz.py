@@ -141,7 +141,7 @@ def site(tmp_path_factory):
         site.receiver.stop()
 
 
-# -- what a peer may send -------------------------------------------------------
+# -- what a peer may send ----------------------------------------------------
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False,
@@ -218,7 +218,7 @@ def lines(site):
     return st.one_of(request, request, broken)
 
 
-# -- the properties ---------------------------------------------------------------
+# -- the properties ----------------------------------------------------------
 
 def check_exchange(site, data):
     threads = threading.active_count()
@@ -299,6 +299,39 @@ def test_a_request_that_trickles_is_cut_at_idle_timeout(site):
             except OSError:
                 break
     assert b'no whole request within 3 s' in answer, answer
+
+
+@pytest.mark.parametrize('answer, words', [
+    ({'token': '9', 'snapshots': []}, 'field token must be an integer'),
+    ({'token': True, 'snapshots': []}, 'field token must be an integer'),
+    ({'token': 1, 'snapshots': [{}]}, 'field snapshots must be an array'),
+    ({'token': 1, 'snapshots': [], 'active': 'yes'}, 'field active'),
+])
+def test_the_sender_reads_a_peers_answer_within_limits(site, answer, words):
+    """The owner's side: a list answer whose fields are of another type is
+    one ReplicationError (before: a TypeError in the sender's cycle)."""
+    from slaposha.replication import ReplicationError
+    from slaposha.replication.btrfs import Sender
+    context = wire.server_context(site.files('hB'))
+    with socket.socket() as server:
+        server.bind(('127.0.0.1', 0))
+        server.listen(1)
+
+        def peer():
+            conn, _ = server.accept()
+            with context.wrap_socket(conn, server_side=True) as tls:
+                channel = wire.Channel(tls)
+                channel.recv_json()
+                channel.send_json(dict(answer, ok=True))
+        thread = threading.Thread(target=peer, daemon=True)
+        thread.start()
+        sender = Sender(site.volume, 5, [('hB', '127.0.0.1',
+                                          server.getsockname()[1])],
+                        site.files('hA'), 'hA')
+        with pytest.raises(ReplicationError) as e:
+            sender.query(sender.peers[0])
+        thread.join(10)
+    assert '-> hB: list answer: %s' % words in str(e.value), e.value
 
 
 @settings(max_examples=300, deadline=None, database=None)

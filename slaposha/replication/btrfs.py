@@ -890,9 +890,12 @@ class Sender(object):
         channel = channel or self._connect(peer)
         try:
             channel.send_json({'op': 'list', 'volume': self.volume.path})
-            return self._answer(channel, peer, 'list')
+            return wire.check_answer(self._answer(channel, peer, 'list'),
+                                     'list')
         except OSError as e:
             raise self.error('list: %s' % (e.strerror or e), peer)
+        except wire.WireError as e:
+            raise self.error(str(e), peer)
         finally:
             if own:
                 channel.close()

@@ -31,7 +31,7 @@ from slaposha.inputs import (
 
 __all__ = ['server_context', 'client_context', 'Channel', 'connect',
            'WireError', 'revocations', 'check_host', 'decode_line',
-           'check_request', 'refuse', 'REQUESTS']
+           'check_request', 'check_answer', 'refuse', 'REQUESTS', 'ANSWERS']
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,10 @@ REQUESTS = {
     'rsync': {'tree': str, 'token': int, 'sender': str,
               'created': NUMBER + (None,), 'mode': str, 'args': [str]},
     'copy': {'target': str, 'sender': str, 'args': [str]},
+}
+# What a sender reads of the answers, checked alike.
+ANSWERS = {
+    'list': {'token': int, 'active': (int, None), 'snapshots': [str]},
 }
 
 
@@ -139,6 +143,15 @@ def check_host(sock, revoked, hosts=None):
     if hosts is not None and name not in hosts:
         raise WireError('%s is not a host of this cluster' % name)
     return name
+
+
+def check_answer(answer, op):
+    """``answer`` (an ok answer to ``op``); WireError unless its fields
+    are as ANSWERS says."""
+    try:
+        return check_fields(answer, ANSWERS.get(op, {}), '%s answer' % op)
+    except InputError as e:
+        raise WireError(str(e))
 
 
 def refuse(channel, peer, message, **fields):
