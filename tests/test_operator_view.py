@@ -26,6 +26,8 @@ from slaposha.lab.browser import Browser, relay
 from slaposha.lab.cluster import LabCluster, Observer, check_no_overlap
 from slaposha.metrics import Metrics, exposition
 
+from test_server import ask
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOP = os.path.dirname(HERE)
 SCREENSHOT = os.path.join(TOP, 'docs', 'status-page.png')
@@ -190,18 +192,12 @@ def test_health_port_answers_the_checks_and_nothing_else():
             assert r.text.count('\n') == 1
         r = requests.post(url + '/health/owner/web', timeout=5)
         assert r.status_code == 405
-        assert b'\r\n\r\n' in raw(health.port, b'GARBAGE\r\n\r\n')
+        assert ask(('127.0.0.1', health.port), b'GARBAGE\r\n\r\n').startswith(
+            b'HTTP/1.0 400 ')
         assert requests.get(url + '/health/owner/web',
                             timeout=5).status_code == 503
     finally:
         health.stop()
-
-
-def raw(port, data):
-    import socket
-    with socket.create_connection(('127.0.0.1', port), timeout=5) as s:
-        s.sendall(data)
-        return s.recv(4096)
 
 
 def test_mon_frame_names_owner_standby_and_takeovers():

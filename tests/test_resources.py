@@ -352,21 +352,13 @@ def load(tmp_path, text):
 
 
 @pytest.fixture
-def make_task(tmp_path):
-    """Task drivers whose cgroups are below a test cgroup of their own,
+def test_cgroup():
+    """A cgroup of the test's own, below which the drivers put theirs;
     killed and removed afterwards."""
-    base = Cgroup(os.path.join(cgroup2_mount(), 'slaposha-test', 'task-%d-%04x'
+    base = Cgroup(os.path.join(cgroup2_mount(), 'slaposha-test', 'res-%d-%04x'
                                % (os.getpid(), random.randrange(0x10000))))
-    log_dir = str(tmp_path / 'log')
-
-    def make(command, schedule='10', **keys):
-        lines = ['[task#t]', 'command = %s' % command,
-                 'schedule = %s' % schedule]
-        lines += ['%s = %s' % kv for kv in keys.items()]
-        section, = load(tmp_path, '\n'.join(lines) + '\n').resources
-        return driver('task')(section, Context('svc', base, log_dir))
     try:
-        yield make
+        yield base
     finally:
         base.kill()
         base.remove()
@@ -374,6 +366,23 @@ def make_task(tmp_path):
             os.rmdir(os.path.dirname(base.path))
         except OSError:
             pass  # another run's groups are there
+
+
+def section_driver(tmp_path, base, rid, **keys):
+    """The driver of the section ``rid`` with ``keys``, its cgroup below
+    ``base``."""
+    lines = ['[%s]' % rid] + ['%s = %s' % kv for kv in keys.items()]
+    section, = load(tmp_path, '\n'.join(lines) + '\n').resources
+    return driver(section.kind)(section, Context('svc', base,
+                                                 str(tmp_path / 'log')))
+
+
+@pytest.fixture
+def make_task(tmp_path, test_cgroup):
+    def make(command, schedule='10', **keys):
+        return section_driver(tmp_path, test_cgroup, 'task#t',
+                              command=command, schedule=schedule, **keys)
+    return make
 
 
 def dead(pid):
@@ -477,26 +486,9 @@ def test_task_failure_and_timeout_are_warnings(make_task):
 # -- app as another user -------------------------------------------------------
 
 @pytest.fixture
-def make_app(tmp_path):
-    """App drivers whose cgroups are below a test cgroup of their own,
-    killed and removed afterwards."""
-    base = Cgroup(os.path.join(cgroup2_mount(), 'slaposha-test', 'app-%d-%04x'
-                               % (os.getpid(), random.randrange(0x10000))))
-    log_dir = str(tmp_path / 'log')
-
-    def make(**keys):
-        lines = ['[app#a]'] + ['%s = %s' % kv for kv in keys.items()]
-        section, = load(tmp_path, '\n'.join(lines) + '\n').resources
-        return driver('app')(section, Context('svc', base, log_dir))
-    try:
-        yield make
-    finally:
-        base.kill()
-        base.remove()
-        try:
-            os.rmdir(os.path.dirname(base.path))
-        except OSError:
-            pass  # another run's groups are there
+def make_app(tmp_path, test_cgroup):
+    return lambda **keys: section_driver(tmp_path, test_cgroup, 'app#a',
+                                         **keys)
 
 
 def ids(pid):
@@ -566,11 +558,9 @@ def test_app_user_and_group_are_checked_with_the_service_file(tmp_path):
             load(tmp_path, '[app#a]\ncommand = sleep 1\n%s\n' % keys)
         assert str(info.value).endswith('[app#a]: ' + words), info.value
     # Checked again at start: a user removed since is one line.
-    section, = load(tmp_path, '[app#a]\ncommand = sleep 1\nuser = nobody\n'
-                    ).resources
-    section.user = 'nosuchuser'
-    app = driver('app')(section, Context('svc', Cgroup(str(tmp_path)),
-                                         str(tmp_path)))
+    app = section_driver(tmp_path, Cgroup(str(tmp_path)), 'app#a',
+                         command='sleep 1', user='nobody')
+    app.conf.user = 'nosuchuser'
     with pytest.raises(ResourceError) as info:
         app.start()
     assert str(info.value) == "app#a: user 'nosuchuser' does not exist on" \
