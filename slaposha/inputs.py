@@ -83,22 +83,24 @@ def loads(data, limit, what='JSON', depth=MAX_DEPTH, require=dict):
         raise InputError('%s is not JSON: %s' % (what, one_line(e)))
     if require is not None and not isinstance(value, require):
         raise InputError('%s must be %s (got %s)' % (
-            what, _kind(require()), _kind(value)))
+            what, _kind_name(require), _kind(value)))
     return value
 
 
+# JSON's names of Python's types (bool before int: True is an int).
+_KINDS = ((bool, 'a boolean'), (int, 'an integer'), (float, 'a number'),
+          (str, 'a string'), (list, 'an array'), (dict, 'an object'),
+          (type(None), 'null'))
+
+
 def _kind(value):
-    for types, name in ((bool, 'a boolean'), ((int, float), 'a number'),
-                        (str, 'a string'), (list, 'an array'),
-                        (dict, 'an object')):
-        if isinstance(value, types):
-            return name
-    return 'null'
+    return next(name for kind, name in _KINDS if isinstance(value, kind))
 
 
-_KINDS = {str: 'a string', int: 'an integer', float: 'a number',
-          bool: 'a boolean', dict: 'an object', list: 'an array',
-          None: 'null'}
+def _kind_name(kind):
+    if isinstance(kind, list):
+        return 'an array of %ss' % _kind_name(kind[0]).split()[-1]
+    return dict(_KINDS)[type(None) if kind is None else kind]
 
 
 def _is(value, kind):
@@ -110,12 +112,6 @@ def _is(value, kind):
     if kind in (int, float) and isinstance(value, bool):
         return False   # JSON true is no number
     return isinstance(value, kind)
-
-
-def _kind_name(kind):
-    if isinstance(kind, list):
-        return 'an array of %ss' % _KINDS[kind[0]].split()[-1]
-    return _KINDS[kind]
 
 
 def check_fields(obj, fields, what):

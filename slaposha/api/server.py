@@ -209,6 +209,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         if self.slot is not None:
             write_timeout = self.server.limits.request_timeout
             self.connection.settimeout(write_timeout)
+            self.rfile.close()   # the socket's own reader: reads wait alike
             self.rfile = io.BufferedReader(DeadlineReader(
                 self.connection, write_timeout, self.slot.deadline))
 
