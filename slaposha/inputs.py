@@ -20,9 +20,7 @@ value or an escape sequence never reaches a terminal or a log whole.
 """
 
 import io
-import itertools
 import json
-import re
 import socket
 import time
 
@@ -38,12 +36,6 @@ NUMBER = (int, float)
 CUT = 80          # characters of a value repeated in an error
 LINE = 300        # characters of a message or of a command's output
 
-# A JSON string (what may hold brackets that are not structure).
-_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_BRACKETS = re.compile(r'[\[\]{}]')
-_DEPTH = {'[': 1, '{': 1, ']': -1, '}': -1}
-
-
 class InputError(ValueError):
     """Input refused, as one line naming what it was."""
 
@@ -52,13 +44,21 @@ def _refuse_constant(name):
     raise ValueError('%s is not JSON' % name)
 
 
-def _too_deep(text, depth):
-    """Whether ``text`` nests deeper than ``depth``, counted outside its
-    strings: exact for a text the parser accepts; for another it may count
-    more, never less, of what the parser reads before its error."""
-    brackets = _BRACKETS.findall(_STRING.sub('', text))
-    return len(brackets) > depth and \
-        max(itertools.accumulate(_DEPTH[b] for b in brackets)) > depth
+def _too_deep(value, depth):
+    """Whether the parsed ``value`` nests containers deeper than
+    ``depth`` (looked at level by level, without recursion)."""
+    level = [value]
+    for _ in range(depth):
+        below = []
+        for item in level:
+            for child in (item.values() if isinstance(item, dict)
+                          else item):
+                if isinstance(child, (dict, list)):
+                    below.append(child)
+        if not below:
+            return False
+        level = below
+    return True
 
 
 def loads(data, limit, what='JSON', depth=MAX_DEPTH, require=dict):
@@ -75,12 +75,18 @@ def loads(data, limit, what='JSON', depth=MAX_DEPTH, require=dict):
         except UnicodeDecodeError as e:
             raise InputError('%s is not JSON: not UTF-8 (byte %d)' % (
                 what, e.start))
-    if _too_deep(data, depth):
-        raise InputError('%s nests deeper than %d levels' % (what, depth))
     try:
         value = json.loads(data, parse_constant=_refuse_constant)
     except ValueError as e:
         raise InputError('%s is not JSON: %s' % (what, one_line(e)))
+    except RecursionError:   # the parser's own limit, far beyond ours
+        too_deep = True
+    else:
+        too_deep = isinstance(value, (dict, list)) and \
+            data.count('[') + data.count('{') > depth and \
+            _too_deep(value, depth)
+    if too_deep:
+        raise InputError('%s nests deeper than %d levels' % (what, depth))
     if require is not None and not isinstance(value, require):
         raise InputError('%s must be %s (got %s)' % (
             what, _kind_name(require), _kind(value)))
