@@ -1,5 +1,7 @@
 """Parameters as the master sends them: plain, JSON in XML, instance XML."""
 
+import pytest
+
 from slaposha.slapos.parameters import parse_instance_xml, user_parameters
 
 
@@ -24,3 +26,18 @@ def test_instance_xml_is_parsed_with_repeated_ids_joined():
     assert parse_instance_xml(xml) == {'a': '1', 'b': 'x y'}
     assert user_parameters({'slave': xml}) == {'slave': {'a': '1',
                                                           'b': 'x y'}}
+
+
+def test_a_fingerprint_file_is_read_within_limits(tmp_path):
+    """`slapos check --reference` and `prepare-standby` read an owner's
+    fingerprint: nested 5000 deep it is one line (before: a RecursionError
+    traceback)."""
+    from slaposha.cli.main import UserError, read_reference
+    path = tmp_path / 'fingerprint.json'
+    path.write_text('[' * 5000 + ']' * 5000)
+    with pytest.raises(UserError) as e:
+        read_reference(str(path))
+    assert str(e.value) == '%s: cannot read the fingerprint: the' \
+        ' fingerprint nests deeper than 32 levels' % path
+    path.write_text('{"uid": 1}')
+    assert read_reference(str(path)) == {'uid': 1}

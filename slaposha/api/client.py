@@ -23,10 +23,13 @@ import re
 import requests
 
 from slaposha import pki
-from slaposha.inputs import one_line
+from slaposha.inputs import loads, one_line
 
 __all__ = ['ApiClient', 'ApiError', 'ApiUnreachable', 'ApiRefused',
            'default_files', 'url_for']
+
+# An agent's event (its whole cluster status) is read within this.
+MAX_EVENT = 16 << 20
 
 
 class ApiError(Exception):
@@ -190,7 +193,8 @@ class ApiClient(object):
                     if data:
                         text = '\n'.join(data)
                         try:
-                            yield event, json.loads(text)
+                            yield event, loads(text, MAX_EVENT, 'event',
+                                               require=None)
                         except ValueError:
                             yield event, text
                     event, data = 'message', []

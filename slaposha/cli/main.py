@@ -352,12 +352,14 @@ def slapos_fingerprint(args):
 
 def read_reference(path):
     """An owner's fingerprint, from a file or - (stdin)."""
-    import json
+    from slaposha.inputs import MAX_VALUE, loads
     try:
         if path == '-':
-            return json.load(sys.stdin)
-        with open(path) as f:
-            return json.load(f)
+            text = sys.stdin.read(MAX_VALUE + 1)
+        else:
+            with open(path) as f:
+                text = f.read(MAX_VALUE + 1)
+        return loads(text, MAX_VALUE, 'the fingerprint', require=None)
     except (OSError, ValueError) as e:
         raise UserError('%s: cannot read the fingerprint: %s' % (path, e))
 
