@@ -11,7 +11,7 @@ import pytest
 
 from slaposha.lab import wait_for
 from slaposha.lab.cluster import (
-    LabCluster, Observer, check_no_overlap, marked_pids)
+    SYSTEM_ETCD, LabCluster, Observer, check_no_overlap, marked_pids)
 
 pytestmark = pytest.mark.lab
 
@@ -181,15 +181,22 @@ def test_raft_leadership_moves_off_the_owner(cluster):
 
 
 def test_members_and_agents_talk_tls_with_the_cluster_ca(make_lab):
+    """Also the test that keeps Debian 12's etcd 3.4 working, with its
+    warning (the rest of the lab runs 3.5, which has the lease-safety
+    fixes)."""
     lab = make_lab(['hA', 'hB', 'hW'])
     marker = str(86400 + int(lab.id, 16))
     lc = LabCluster(lab, ['hA', 'hB'], ['hW'], services=service(marker),
-                    tls=True).start()
+                    tls=True, etcd_binary=SYSTEM_ETCD).start()
     try:
         host, token = lc.wait_owner('web', 'hW')
         assert host == 'hA' and token
         wait_for(lambda: Observer(lab, marker).running_on(lab['hA']), 10,
                  what='web running on hA')
+        assert 'etcd 3.4.23 at %s lacks the lease-safety fixes' % SYSTEM_ETCD \
+            in lc.log('hA')
+        assert lc.query('hW', 'result = client.status().version') == '3.4.23'
+
         # Plain HTTP, and TLS without a client certificate, are refused.
         probe = '''
             import requests

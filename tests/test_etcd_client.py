@@ -10,7 +10,6 @@ listening socket that never answers (times out).
 import contextlib
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -23,12 +22,13 @@ import requests
 from slaposha.cluster.etcd import (
     Client, Compare, EtcdRequestError, EtcdUnavailable, KeyValue, LeaseNotFound,
     Op, WatchCanceled, parse_version)
+from slaposha.lab.cluster import LAB_ETCD
 
-ETCD = shutil.which('etcd') or (
-    '/usr/bin/etcd' if os.access('/usr/bin/etcd', os.X_OK) else None)
+# The lab's etcd (3.5, fetched by tools/setup.sh), as the agents run it.
+ETCD = LAB_ETCD if os.access(LAB_ETCD, os.X_OK) else None
 needs_etcd = pytest.mark.skipif(
-    ETCD is None, reason='no etcd binary (Debian package etcd-server): these'
-    ' tests run real etcd members')
+    ETCD is None, reason='no %s: run tools/setup.sh; these tests run real'
+    ' etcd members' % LAB_ETCD)
 
 # Elections in about 0.5 s instead of 1 s, for the fail-over test; with these
 # the smallest lease etcd grants is 1 s instead of 2 s.

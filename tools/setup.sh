@@ -39,6 +39,37 @@ if [ -n "$missing" ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing
 fi
 
+# etcd 3.5.13 or newer for the lab, the demo and the benchmarks: it has the
+# lease-safety fixes that Debian 12's 3.4.23 lacks (DESIGN.md 1). Debian
+# 13's etcd-server (3.5.16, a static Go binary that runs here) is fetched
+# with a source list and an apt state of its own, in a temporary folder,
+# and unpacked into .lab/etcd: nothing of the system's changes, not even
+# its package lists. /usr/bin/etcd (3.4) stays for the test that keeps it
+# working.
+etcd=.lab/etcd/usr/bin/etcd
+if ! "$etcd" --version 2>/dev/null | grep -Eq '^etcd Version: 3\.(5\.(1[3-9]|[2-9][0-9])|[6-9]\.)'; then
+    echo "setup: etcd 3.5 from Debian 13 into .lab/etcd"
+    apt_dir=$(mktemp -d)
+    trap 'rm -rf "$apt_dir"' EXIT
+    mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" \
+        "$apt_dir/parts" "$apt_dir/preferences"
+    echo 'deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main' \
+        > "$apt_dir/sources.list"
+    set -- -q -o Dir::Etc::SourceList="$apt_dir/sources.list" \
+        -o Dir::Etc::SourceParts="$apt_dir/parts" \
+        -o Dir::Etc::PreferencesParts="$apt_dir/preferences" \
+        -o Dir::State::Lists="$apt_dir/lists" -o Dir::Cache="$apt_dir/cache" \
+        -o APT::Sandbox::User=root
+    apt-get "$@" update >/dev/null
+    (cd "$apt_dir" && apt-get "$@" download etcd-server >/dev/null)
+    rm -rf .lab/etcd
+    mkdir -p .lab
+    dpkg-deb -x "$apt_dir"/etcd-server_*.deb .lab/etcd
+    rm -rf "$apt_dir"
+    trap - EXIT
+    "$etcd" --version | head -1
+fi
+
 # The virtualenv is rebuilt only when setup.py changed.
 stamp=.venv/.slaposha-setup
 want=$(cat setup.py tools/setup.sh | sha256sum | cut -c1-16)

@@ -26,16 +26,32 @@ import time
 from slaposha.lab import LabError, wait_for
 
 __all__ = ['LabCluster', 'Observer', 'make_test_pki', 'holds_address',
-           'marked_pids']
+           'marked_pids', 'lab_etcd', 'LAB_ETCD', 'SYSTEM_ETCD']
 
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
+
+# The etcd of the lab, the demo and the benchmarks: Debian 13's 3.5, with
+# the lease-safety fixes, fetched by tools/setup.sh into the checkout.
+LAB_ETCD = os.path.join(TOP, '.lab', 'etcd', 'usr', 'bin', 'etcd')
+# Debian 12's own (3.4.23, without them): one test keeps it working.
+SYSTEM_ETCD = '/usr/bin/etcd'
+
+
+def lab_etcd():
+    """The lab's etcd executable; LabError if tools/setup.sh has not
+    fetched it."""
+    if not os.access(LAB_ETCD, os.X_OK):
+        raise LabError('%s is missing: run tools/setup.sh (it fetches etcd'
+                       ' 3.5 for the lab)' % LAB_ETCD)
+    return LAB_ETCD
 
 
 class LabCluster(object):
 
     def __init__(self, lab, hosts, witnesses=(), services=None, name=None,
-                 settings='', tls=False, external_etcd=None, config_dir=None):
+                 settings='', tls=False, external_etcd=None, config_dir=None,
+                 etcd_binary=None):
         self.lab = lab
         self.hosts = list(hosts)
         self.witnesses = list(witnesses)
@@ -46,6 +62,8 @@ class LabCluster(object):
         # A host that runs a plain etcd started by the lab, which the
         # cluster uses as an external one ([etcd] mode = external).
         self.external_etcd = external_etcd
+        # Every member runs it ([etcd] binary), the external one too.
+        self.etcd_binary = etcd_binary or lab_etcd()
         # Several clusters in one lab each have their own folder.
         self.config_dir = config_dir or os.path.join(lab.workdir, 'config')
         self.cluster_file = os.path.join(self.config_dir, 'cluster.cfg')
@@ -68,8 +86,8 @@ class LabCluster(object):
         for name in self.hosts + self.witnesses:
             lines += ['[host %s]' % name,
                       'address = %s' % self.lab[name].address]
-        lines += ['[etcd]', 'heartbeat_interval = 50ms',
-                  'election_timeout = 500ms']
+        lines += ['[etcd]', 'binary = %s' % self.etcd_binary,
+                  'heartbeat_interval = 50ms', 'election_timeout = 500ms']
         if self.external_etcd:
             lines += ['mode = external', 'endpoints = http://%s:2379'
                       % self.lab[self.external_etcd].address]
@@ -109,7 +127,7 @@ class LabCluster(object):
         if self.external_etcd:
             host = self.lab[self.external_etcd]
             url = 'http://%s:2379' % host.address
-            host.spawn(['etcd', '--name', 'external', '--data-dir',
+            host.spawn([self.etcd_binary, '--name', 'external', '--data-dir',
                         host.path('/var/lib/slaposha') + '/external-etcd',
                         '--listen-client-urls', url,
                         '--advertise-client-urls', url,
