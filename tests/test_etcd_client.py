@@ -427,6 +427,61 @@ def test_watch_from_a_compacted_revision_is_canceled(client, etcd):
     assert info.value.compact_revision == new
 
 
+@needs_etcd
+def test_watch_of_a_range_gives_a_revision_in_one_batch(client):
+    base = '/slaposha-test/range/'
+    start = client.revision() + 1
+    client.txn([], success=[Op.put(base + 'b', '1'), Op.put(base + 'c', '2'),
+                            Op.put(base + 'd', 'out of range')])
+    client.put(base + 'a', 'out of range')
+    client.delete(base + 'c')
+    seen = []
+    with contextlib.closing(client.watch(base + 'b', range_end=base + 'd',
+                                         start_revision=start, timeout=1,
+                                         batches=True)) as batches:
+        for batch in batches:
+            seen.append([(e.type, e.key, e.mod_revision) for e in batch])
+    flat = [event for batch in seen for event in batch]
+    assert flat == [('PUT', base + 'b', start), ('PUT', base + 'c', start),
+                    ('DELETE', base + 'c', start + 2)]
+    # The txn's two changes came together: a cache never shows one alone.
+    assert any(batch[:2] == flat[:2] for batch in seen)
+
+
+@needs_etcd
+def test_last_change_is_the_revision_of_this_clients_last_write(etcd):
+    client = Client([etcd], timeout=3)
+    other = Client([etcd], timeout=3)
+    key = '/slaposha-test/last-change'
+    assert client.last_change == 0
+    written = client.put(key, 'x')
+    assert client.last_change == written
+    other.put(key, 'by another client')
+    client.get(key)
+    client.delete(key + '/none')  # deletes nothing: no change
+    client.txn([Compare.version(key, '==', 0)], success=[Op.put(key, 'y')],
+               failure=[Op.range(key)])  # the failure branch only reads
+    assert client.last_change == written
+    result = client.txn([], success=[Op.put(key, 'z')])
+    assert client.last_change == result.revision > written
+    assert client.delete(key) == 1
+    assert client.last_change == client.revision()
+
+
+@needs_etcd
+def test_watch_leaves_an_endpoint_that_does_not_confirm_it(etcd, silent_url):
+    key = '/slaposha-test/watch/confirm'
+    revision = Client([etcd]).put(key, 'x')
+    client = Client([silent_url, etcd], request_timeout=0.3, retry_interval=0.1)
+    began = time.monotonic()
+    with contextlib.closing(client.watch(key, start_revision=revision,
+                                         timeout=5)) as events:
+        assert next(events).value == 'x'
+    # One request timeout lost on the silent endpoint, not the watch's 5 s.
+    assert time.monotonic() - began < 1.5
+    assert client.endpoint == etcd
+
+
 # -- cluster ----------------------------------------------------------------------
 
 @needs_etcd
@@ -523,3 +578,20 @@ def test_cluster_keeps_serving_when_the_member_in_use_dies(tmp_path):
         leaders = {client.status(url).leader for url in urls[1:]}
         assert len(leaders) == 1 and dead_id not in leaders
         assert {m.id for m in client.members()} >= {dead_id}  # killed, not removed
+
+        # The last member left has no leader: etcd ends the watch on it
+        # (else it would wait in silence until its deadline), and with
+        # patience the watcher hears of it instead of waiting either.
+        watch = client.watch(key, start_revision=first, timeout=20,
+                             patience=1.0)
+        with contextlib.closing(watch) as events:
+            assert next(events).value == 'v1'
+            alone = client.endpoint
+            for member in members:
+                if member.url != alone:
+                    member.kill()
+            killed = time.monotonic()
+            with pytest.raises(EtcdUnavailable) as info:
+                list(events)
+        assert time.monotonic() - killed < 8
+        assert 'no leader' in str(info.value) or 'refused' in str(info.value)

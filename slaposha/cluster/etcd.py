@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import re
+import socket
 import threading
 import time
 from typing import Any, List, NamedTuple
@@ -286,6 +287,11 @@ class Client:
     otherwise). ``tls``: (ca_file, cert_file, key_file), or an object with
     those attributes, for https endpoints. ``timeout``: overall deadline of a
     call that gives none.
+
+    ``last_change`` is the store revision of the newest change this client
+    made (a put, a delete that deleted, a txn whose branch wrote): a reader
+    of a watched cache waits for it, so that it never decides on a view
+    older than its own writes.
     """
 
     def __init__(self, endpoints, request_timeout=0.5, retry_interval=0.2,
@@ -309,6 +315,11 @@ class Client:
         self._tls = _tls_options(tls)
         self._lock = threading.Lock()
         self._current = 0
+        self.last_change = 0
+
+    def _changed(self, revision):
+        with self._lock:
+            self.last_change = max(self.last_change, revision)
 
     def __repr__(self):
         return 'Client(%r)' % (self.endpoints,)
@@ -364,13 +375,18 @@ class Client:
         (LeaseNotFound if it is already gone)."""
         request = Op.put(key, value, lease)['request_put']
         _, body = self._lease_request('kv/put', request, timeout, lease)
-        return _int(body.get('header', {}), 'revision')
+        revision = _int(body.get('header', {}), 'revision')
+        self._changed(revision)
+        return revision
 
     def delete(self, key, prefix=False, timeout=None):
         """Delete ``key`` (or every key under it with ``prefix=True``);
         returns how many keys were deleted."""
         _, body = self._request('kv/deleterange', _key_range(key, prefix), timeout)
-        return _int(body, 'deleted')
+        deleted = _int(body, 'deleted')
+        if deleted:
+            self._changed(_int(body.get('header', {}), 'revision'))
+        return deleted
 
     def revision(self, timeout=None):
         """The current store revision (linearizable)."""
@@ -386,10 +402,15 @@ class Client:
         payload = {'compare': list(compare), 'success': list(success),
                    'failure': list(failure)}
         _, body = self._request('kv/txn', payload, timeout)
+        revision = _int(body.get('header', {}), 'revision')
+        if any('response_put' in item or _int(item.get('response_delete_range', {}),
+                                              'deleted')
+               for item in body.get('responses', [])):
+            self._changed(revision)
         # proto3 JSON leaves out false booleans: no "succeeded" means false.
         return TxnResult(bool(body.get('succeeded', False)),
                          [_txn_response(item) for item in body.get('responses', [])],
-                         _int(body.get('header', {}), 'revision'))
+                         revision)
 
     # -- leases
 
@@ -449,24 +470,41 @@ class Client:
 
     # -- watch
 
-    def watch(self, key, start_revision=None, timeout=None, prefix=False):
+    def watch(self, key, start_revision=None, timeout=None, prefix=False,
+              range_end=None, batches=False, patience=None):
         """Yield the Events of ``key`` (or of keys under it with
-        ``prefix=True``) from ``start_revision`` (default: changes after now),
-        until ``timeout`` seconds have passed; then the generator ends, so that
-        a caller can loop and look at its own state in between.
+        ``prefix=True``, or from it to ``range_end`` excluded) from
+        ``start_revision`` (default: changes after now), until ``timeout``
+        seconds have passed; then the generator ends, so that a caller can
+        loop and look at its own state in between. With ``batches=True`` it
+        yields lists of Events as etcd sent them: every event of one
+        revision (one txn, or the keys of a lease that ended) in the same
+        list, so that a cache applying a list never shows half a change.
 
         If the connection breaks, the watch goes on from the next endpoint at
         the revision after the last event, so no event is lost or repeated.
-        Raises EtcdUnavailable if, when time is up, no endpoint is watching,
-        and WatchCanceled if etcd drops the watch (revision compacted).
-        Closing the generator closes its HTTP connection, which ends the watch
-        in etcd.
+        An endpoint must confirm the watch within ``request_timeout`` and
+        have a raft leader (a member cut off from the others would send
+        nothing: etcd ends such a watch after about three election
+        timeouts); an idle connection is probed by TCP keepalives, so that a
+        member lost with its link is left within seconds.
+        Raises EtcdUnavailable if, when time is up (or, with ``patience``,
+        once no endpoint has been watching for that many seconds), no
+        endpoint is watching, and WatchCanceled if etcd drops the watch
+        (revision compacted). Closing the generator closes its HTTP
+        connection, which ends the watch in etcd.
         """
         budget = self.timeout if timeout is None else float(timeout)
         deadline = time.monotonic() + budget
         create_request = _key_range(key, prefix)
+        if range_end is not None:
+            if prefix:
+                raise ValueError('watch of %r: give range_end or prefix=True,'
+                                 ' not both' % (key,))
+            create_request['range_end'] = _b64(range_end)
         next_revision = int(start_revision) if start_revision else None
         watching = False
+        lost_since = time.monotonic()  # no endpoint watching since then
         tried, last_error = [], None
         while deadline - time.monotonic() > 0:
             endpoint = self.endpoint
@@ -477,9 +515,13 @@ class Client:
                 request['start_revision'] = str(next_revision)
             response = None
             try:
+                confirm = min(deadline, time.monotonic() + self.request_timeout)
                 response = self._open_stream(endpoint, 'watch',
-                                             {'create_request': request}, deadline)
-                for message in _stream_messages(response, deadline):
+                                             {'create_request': request},
+                                             deadline, confirm,
+                                             _WATCH_HEADERS)
+                for message in _stream_messages(response, deadline,
+                                                None if watching else confirm):
                     if message.get('error'):
                         _raise_error(message['error'], endpoint, 'watch', 200)
                     result = message.get('result', {})
@@ -496,28 +538,38 @@ class Client:
                             result.get('cancel_reason') or 'revision %s is compacted,'
                             ' the oldest one left is %s' % (next_revision, oldest),
                             oldest, endpoint)
-                    for raw_event in result.get('events', ()):
-                        event = _event(raw_event)
-                        # Resume after the last event seen, not after the
-                        # header's revision: etcd may send a batch's header
-                        # with a revision whose events come in a later batch.
-                        next_revision = event.mod_revision + 1
-                        yield event
+                    events = [_event(raw) for raw in result.get('events', ())]
+                    if not events:
+                        continue
+                    # Resume after the last event seen, not after the
+                    # header's revision: etcd may send a batch's header
+                    # with a revision whose events come in a later batch.
+                    next_revision = events[-1].mod_revision + 1
+                    if batches:
+                        yield events
+                    else:
+                        for event in events:
+                            yield event
                 break  # time is up while watching
             except _Transient as exc:
+                if watching:
+                    lost_since = time.monotonic()
                 watching = False
                 last_error = '%s: %s' % (endpoint, exc)
                 logger.debug('etcd %s watch failed (%s), trying the next endpoint',
                              endpoint, exc)
                 self._advance(endpoint)
-                if deadline - time.monotonic() <= self.retry_interval:
+                now = time.monotonic()
+                if deadline - now <= self.retry_interval or (
+                        patience is not None and now - lost_since >= patience):
                     break
                 time.sleep(self.retry_interval)
             finally:
                 if response is not None:
                     response.close()
         if not watching:
-            raise EtcdUnavailable('watch', tried or self.endpoints, last_error, budget)
+            raise EtcdUnavailable('watch', tried or self.endpoints, last_error,
+                                  budget if patience is None else patience)
 
     # -- cluster
 
@@ -596,14 +648,18 @@ class Client:
         finally:
             response.close()
 
-    def _open_stream(self, endpoint, operation, payload, deadline):
-        remaining = max(deadline - time.monotonic(), 0.001)
-        connect_timeout = min(self.request_timeout, remaining)
+    def _open_stream(self, endpoint, operation, payload, deadline,
+                     first_answer, headers=None):
+        """POST a streamed request; its answer must begin by ``first_answer``
+        (a monotonic time), and the stream may last until ``deadline``."""
+        now = time.monotonic()
+        connect_timeout = min(self.request_timeout, max(deadline - now, 0.001))
         try:
             response = self._session.post(
                 '%s/v3/%s' % (endpoint, operation), data=json.dumps(payload),
-                headers=_JSON_HEADERS, stream=True,
-                timeout=urllib3.Timeout(connect=connect_timeout, read=remaining),
+                headers=headers or _JSON_HEADERS, stream=True,
+                timeout=urllib3.Timeout(connect=connect_timeout,
+                                        read=max(first_answer - now, 0.001)),
                 **self._tls)
         except requests.RequestException as exc:
             raise _Transient(_describe(exc, connect_timeout)) from None
@@ -612,6 +668,7 @@ class Client:
                 _decode_answer(response, endpoint, operation)
             finally:
                 response.close()
+        _keep_alive(_stream_socket(response))
         return response
 
     def _rotation(self):
@@ -635,6 +692,17 @@ class Client:
 # -- gateway details ------------------------------------------------------------------
 
 _JSON_HEADERS = {'Content-Type': 'application/json'}
+# gRPC metadata through the gateway: etcd refuses the watch on a member
+# without a raft leader and ends it when the member loses its leader for
+# about three election timeouts (clientv3's WithRequireLeader), instead of
+# leaving the watcher with a member that will never send another event.
+_WATCH_HEADERS = dict(_JSON_HEADERS, **{'Grpc-Metadata-hasleader': 'true'})
+
+# TCP keepalive of a watch's connection: first probe after 1 s idle, then
+# every 1 s, dead after 2 unanswered. A member whose host was lost with its
+# link sends no reset: without the probes an idle watch would wait for it
+# until its deadline.
+_KEEPALIVE = (1, 1, 2)
 
 _VERSION_RE = re.compile(r'^v?(\d+)\.(\d+)(?:\.(\d+))?')
 
@@ -758,11 +826,12 @@ def _decode_answer(response, endpoint, operation):
     except ValueError:
         body = None
     status = response.status_code
+    # Streamed calls (keepalive, watch) answer errors in-band, with HTTP 200
+    # (or 503 when refused at once, etcd 3.5):
+    # {"error": {"grpc_code" or "code": .., "message": ..}}.
+    if isinstance(body, dict) and isinstance(body.get('error'), dict):
+        _raise_error(body['error'], endpoint, operation, status)
     if status == 200 and isinstance(body, dict):
-        # Streamed calls (keepalive) answer errors in-band, with HTTP 200:
-        # {"error": {"grpc_code": .., "http_code": .., "message": ..}}.
-        if isinstance(body.get('error'), dict):
-            _raise_error(body['error'], endpoint, operation, status)
         return body
     # Unary calls answer errors as {"error": .., "message": .., "code": ..}
     # with an HTTP status mapped from the gRPC code (400, 404, 503...).
@@ -832,9 +901,23 @@ def _stream_socket(response):
     return None
 
 
-def _stream_messages(response, deadline):
+def _keep_alive(sock):
+    if sock is None:
+        return
+    idle, interval, count = _KEEPALIVE
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+    except (OSError, AttributeError):
+        pass  # not Linux: the watch's deadline still ends it
+
+
+def _stream_messages(response, deadline, first_answer=None):
     """The JSON messages of a streamed answer, one per line, until the
-    deadline; raises _Transient if the stream ends or breaks before it."""
+    deadline; raises _Transient if the stream ends or breaks before it, or
+    if no message came by ``first_answer`` (before the deadline)."""
     sock = _stream_socket(response)
     chunks = response.iter_content(chunk_size=None)
     pending = b''
@@ -847,9 +930,13 @@ def _stream_messages(response, deadline):
                 message = json.loads(line.decode('utf-8'))
             except ValueError:
                 raise _Transient('unreadable message %r' % line[:100]) from None
+            first_answer = None
             yield message
-        remaining = deadline - time.monotonic()
+        until = deadline if first_answer is None else min(first_answer, deadline)
+        remaining = until - time.monotonic()
         if remaining <= 0:
+            if until < deadline:
+                raise _Transient('no answer within the request timeout')
             return
         if sock is not None:
             try:
@@ -864,5 +951,7 @@ def _stream_messages(response, deadline):
             # Our own read timeout at the deadline is the normal end.
             if time.monotonic() >= deadline - 0.01:
                 return
+            if until < deadline and time.monotonic() >= until - 0.01:
+                raise _Transient('no answer within the request timeout') from None
             raise _Transient('stream broken: %s' % _describe(exc, remaining)) from None
         pending += chunk
