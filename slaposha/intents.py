@@ -24,8 +24,8 @@ from collections import namedtuple
 from slaposha.cluster.etcd import Op
 from slaposha.inputs import MAX_VALUE, NUMBER, InputError, check_fields, loads
 
-__all__ = ['View', 'read', 'set_frozen', 'set_target', 'set_switch', 'clear',
-           'who']
+__all__ = ['View', 'read', 'views', 'set_frozen', 'set_target', 'set_switch',
+           'clear', 'who']
 
 
 class View(namedtuple('View',
@@ -64,8 +64,16 @@ def _decode(text, field):
 
 def read(client, keys, timeout=None):
     """{service name: View} in one read of the services prefix."""
+    return views(client.get_prefix(keys.services, timeout=timeout), keys)
+
+
+def views(kvs, keys):
+    """{service name: View} of the KeyValues of the services prefix (other
+    keys are left out), as read or as a watch keeps them."""
     fields = {}
-    for kv in client.get_prefix(keys.services, timeout=timeout):
+    for kv in kvs:
+        if not kv.key.startswith(keys.services):
+            continue
         name, _, field = kv.key[len(keys.services):].partition('/')
         entry = fields.setdefault(name, {})
         if field == 'owner':

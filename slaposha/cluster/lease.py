@@ -32,7 +32,7 @@ from slaposha.cluster.etcd import (
     Compare, EtcdError, LeaseNotFound, Op)
 from slaposha.inputs import MAX_VALUE, InputError, check_fields, loads
 
-__all__ = ['HostLease', 'Ownership', 'Membership', 'keys']
+__all__ = ['HostLease', 'Ownership', 'Membership', 'alive_hosts', 'keys']
 
 logger = logging.getLogger(__name__)
 
@@ -292,13 +292,23 @@ class Membership(object):
     def alive(self, timeout=None):
         """{host: health} of every host whose lease holds; a health that
         is not as HEALTH says is {"error": why}."""
-        hosts = {}
-        for kv in self.client.get_prefix(self.keys.hosts, timeout=timeout):
-            name = kv.key[len(self.keys.hosts):]
-            try:
-                hosts[name] = check_fields(
-                    loads(kv.value, MAX_VALUE, 'membership of %s' % name),
-                    HEALTH, 'membership of %s' % name)
-            except InputError as e:
-                hosts[name] = {'error': 'unreadable: %s' % e}
-        return hosts
+        return alive_hosts(self.client.get_prefix(self.keys.hosts,
+                                                  timeout=timeout), self.keys)
+
+
+def alive_hosts(kvs, keys):
+    """{host: health} of the membership keys among ``kvs`` (other keys are
+    left out), as read or as a watch keeps them; a health that is not as
+    HEALTH says is {"error": why}."""
+    hosts = {}
+    for kv in kvs:
+        if not kv.key.startswith(keys.hosts):
+            continue
+        name = kv.key[len(keys.hosts):]
+        try:
+            hosts[name] = check_fields(
+                loads(kv.value, MAX_VALUE, 'membership of %s' % name),
+                HEALTH, 'membership of %s' % name)
+        except InputError as e:
+            hosts[name] = {'error': 'unreadable: %s' % e}
+    return hosts
