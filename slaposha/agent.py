@@ -1,11 +1,14 @@
 """The agent: the daemon on every host that turns ownership into services.
 
-Each cycle (every ``[agent] loop_interval``) reads the world from etcd,
-decides for each service, acts, and says why in one log line per decision,
-as Patroni's HA loop does. The lease is renewed in a thread of its own
-(:class:`~slaposha.cluster.lease.HostLease`); when it is lost, that thread
-fences at once (kills the services' cgroups) and the next cycle cleans up.
-A separate watchdog process fences too if the agent itself is frozen.
+Each cycle reads the world (hosts and services, followed by an etcd watch:
+:mod:`slaposha.cluster.watch`), decides for each service, acts, and says
+why in one log line per decision, as Patroni's HA loop does. A change in
+etcd starts a cycle at once; at rest the loop sleeps until its next timed
+check (``[agent] loop_interval`` while it must look often). The lease is
+renewed in a thread of its own (:class:`~slaposha.cluster.lease.HostLease`);
+when it is lost, that thread fences at once (kills the services' cgroups)
+and the next cycle cleans up. A separate watchdog process fences too if the
+agent itself is frozen.
 
 A service runs only where its owner key is held (DESIGN.md 2). Operators
 steer it with intents stored beside the owner key (:mod:`slaposha.intents`):
@@ -45,6 +48,7 @@ from slaposha.cluster.etcd import Client, EtcdError
 from slaposha.cluster.lease import HostLease, Membership, Ownership, keys
 from slaposha.cluster.member import EtcdMember
 from slaposha.cluster.view import EtcdView
+from slaposha.cluster.watch import ClusterWatch
 from slaposha.config import ConfigError, load_services
 from slaposha.metrics import Metrics
 from slaposha.resources import DOWN, NA
@@ -144,6 +148,14 @@ class Agent(object):
         self.action_client = Client(endpoints, timeout=ACTION_ETCD_TIMEOUT,
                                     **client_options)
         self.membership = Membership(self.client, self.keys, self.host)
+        # What the cycles read: hosts and services, followed by a watch. A
+        # change wakes the loop (DESIGN.md 8).
+        self._wake = threading.Event()
+        self.world = ClusterWatch(
+            Client(endpoints, timeout=lease.request_timeout * 2,
+                   **client_options),
+            self.keys, cluster.agent.resync_interval,
+            on_change=self.wake)
         self.member = None
         self.lease = None
         self.watchdog = None
@@ -180,6 +192,7 @@ class Agent(object):
         self.receivers = []
         # Every decision, for the API's decision log (bounded).
         self.decision_log = collections.deque(maxlen=DECISIONS_KEPT)
+        self.decisions = 0         # made since the agent began
         self.metrics = Metrics()
         names = cluster.members if cluster.etcd.mode == 'embedded' else \
             cluster.etcd_endpoints()
@@ -197,6 +210,7 @@ class Agent(object):
         if once and slot.decision and slot.decision[1:] == (action, reason):
             return
         slot.decision = (time.time(), action, reason)
+        self.decisions += 1
         self.decision_log.append({'service': slot.service.name,
                                   'time': slot.decision[0], 'action': action,
                                   'reason': reason})
@@ -234,6 +248,7 @@ class Agent(object):
             self.member = EtcdMember(self.cluster, self.host,
                                      tls=self.tls).start()
         self.watchdog = Watchdog().start()
+        self.world.start()
         from slaposha.api.local import LocalApi
         from slaposha.api.server import limits_of
         self.api = LocalApi(self, self.socket_path,
@@ -259,22 +274,66 @@ class Agent(object):
     def run(self):
         """Run until stop() (or SIGTERM / SIGINT through the CLI)."""
         self.start()
-        interval = self.cluster.agent.loop_interval
         try:
             while not self._stop.is_set():
-                began = time.monotonic()
+                # Cleared before the cycle: a change during it runs another.
+                self._wake.clear()
+                decided = self.decisions
                 try:
                     self.tick()
                 except Exception:  # one bad cycle must not end the agent
                     logger.exception('cycle failed')
                 self.write_status()
-                self._stop.wait(max(0.0, interval -
-                                    (time.monotonic() - began)))
+                # A decision changes what the next cycle sees here (a
+                # service stopped, a start failed): look again soon.
+                busy = self.decisions != decided
+                self._wake.wait(self.cluster.agent.loop_interval if busy
+                                else self._next_cycle())
         finally:
             self.shutdown()
 
+    def _next_cycle(self):
+        """Seconds the loop may sleep when etcd shows no change: a change
+        (or a lost lease, or stop) wakes it sooner. ``loop_interval`` while
+        something needs the loop often: no lease yet, etcd out of reach, a
+        service here with work on a schedule (replication, tasks); else
+        until the first timed duty: a monitor or eligibility check, the
+        end of a failure hold, of the startup grace or of a switch."""
+        interval = self.cluster.agent.loop_interval
+        if self.lease is None or not self.lease.valid or self.etcd_problem \
+                or self.world.problem:
+            return interval
+        now, wall = time.monotonic(), time.time()
+        due = [self._next_leader_check if self._owns_any() else None,
+               now + self.cluster.agent.monitor_interval]
+        for slot in self.slots.values():
+            if slot.state == RUNNING and any(
+                    getattr(res, 'tick', None) is not None
+                    for res in slot.service.resources):
+                return interval
+            due.append(slot.next_check if slot.token else
+                       slot.next_eligibility)
+            if slot.failed_until > now:
+                due.append(slot.failed_until)
+            if not slot.seen_owner:
+                due.append(self.started + self.cluster.agent.startup_grace)
+            switch = getattr(slot, 'view', None) and slot.view.switch
+            if switch and isinstance(switch.get('at'), (int, float)):
+                due.append(now + switch['at'] + slot.conf.stop_timeout +
+                           slot.conf.start_timeout - wall)
+        due = min(t for t in due if t is not None and t > now)
+        return max(interval, due - now)
+
+    def _owns_any(self):
+        return any(slot.token for slot in self.slots.values())
+
+    def wake(self):
+        """Run a cycle now: for whatever changes what it would decide."""
+        self._wake.set()
+
     def stop(self):
         self._stop.set()
+        self.wake()
 
     def shutdown(self):
         """Stop services here, hand ownership back, leave the cluster."""
@@ -285,6 +344,7 @@ class Agent(object):
         if self.health_api is not None:
             self.health_api.stop()
         self.etcd_view.stop()
+        self.world.stop()
         for slot in self.slots.values():
             if slot.state != STOPPED or slot.token:
                 self.decide(slot, 'stop', 'the agent is shutting down')
@@ -425,6 +485,7 @@ class Agent(object):
                     slot.fenced = True
                     logger.warning('service %s: fence: lease lost: %s',
                                    slot.service.name, reason)
+        self.wake()  # the next cycle cleans up and asks a new lease
 
     def _update_fence_targets(self):
         cgroups, addresses = [], []
@@ -452,8 +513,8 @@ class Agent(object):
             if not self._grant():
                 return
         try:
-            views = intents.read(self.client, self.keys)
-            alive = self.membership.alive()
+            # Never older than what this loop itself wrote.
+            views, alive = self.world.read(at_least=self.client.last_change)
         except EtcdError as e:
             # Keep what runs: the lease thread fences at the deadline if
             # etcd stays out of reach.
@@ -530,7 +591,7 @@ class Agent(object):
         if now < self._next_leader_check:
             return
         self._next_leader_check = now + self.cluster.agent.monitor_interval
-        if not any(slot.token for slot in self.slots.values()):
+        if not self._owns_any():
             return
         # Moving the leader is itself a short election: never while the
         # lease is short of a fresh renewal or raft has just changed term.
@@ -724,8 +785,10 @@ class Agent(object):
 
     def _keep_move(self, guard, entry):
         try:
-            if not history.record(self.client, self.keys, guard, entry,
-                                  self.cluster.agent.history_kept):
+            # Not with the loop's client: history/ is not watched, and the
+            # loop waits for the watch to bring its client's writes.
+            if not history.record(self.action_client, self.keys, guard,
+                                  entry, self.cluster.agent.history_kept):
                 logger.warning('service %s: %s not kept in the history:'
                                ' no longer the owner', entry['service'],
                                entry['kind'])

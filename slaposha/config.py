@@ -332,9 +332,16 @@ CLUSTER_SCHEMA = OrderedDict([
             ' the processes and clock-rate drift', minimum=0.1),
     )),
     ('agent', _keys(
-        Key('loop_interval', 'duration', 0.1, 'how often the agent reads the'
-            ' cluster from etcd and decides what to start or stop',
+        Key('loop_interval', 'duration', 0.1, 'how often the agent decides'
+            ' what to start or stop while it must look often (no lease yet,'
+            ' etcd out of reach, a service here with work on a schedule:'
+            ' replication, tasks); otherwise it decides when its etcd watch'
+            ' sees a change, and for its timed checks',
             minimum=0.01, maximum=5.0),
+        Key('resync_interval', 'duration', 10.0, 'the agent follows the'
+            ' cluster with an etcd watch; this often it also reads every host'
+            ' and service key again and watches anew, a safety net',
+            minimum=1.0),
         Key('monitor_interval', 'duration', 2.0, 'how often an owner checks'
             ' the status of its services\' resources', minimum=0.1),
         Key('startup_grace', 'duration', 5.0, 'after its agent starts, a'

@@ -3,8 +3,10 @@ DESIGN.md 2 under etcd leader loss, host crash, partition and a frozen
 agent. A service never runs on two hosts at once (an observer outside every
 host checks every 20 ms) and a deposed owner cannot write."""
 
+import json
 import os
 import signal
+import sys
 import time
 
 import pytest
@@ -76,9 +78,38 @@ def test_etcd_leader_loss_does_not_move_the_service(cluster):
     assert 'fence' not in lc.log('hA') and 'lease lost' not in lc.log('hA')
 
 
+# Follows the owner key from a host: the time from its deletion (the lost
+# lease) to the next owner's key, both as etcd told this watcher.
+OWNER_WATCH = '''
+import json, sys, time
+from slaposha.config import load_cluster
+from slaposha.cluster.etcd import Client
+from slaposha.cluster.lease import keys as Keys
+cluster = load_cluster(sys.argv[1])
+endpoints = cluster.etcd_endpoints()
+mine = endpoints.pop(cluster.members.index(sys.argv[2]))
+client = Client([mine] + endpoints, timeout=5)  # not the member that dies
+key = Keys(cluster.etcd.prefix, cluster.name).owner('web')
+start = client.revision() + 1
+print('watching', flush=True)
+deleted = None
+for event in client.watch(key, start_revision=start, timeout=60):
+    if event.type == 'DELETE':
+        deleted = time.monotonic()
+    elif deleted is not None:
+        print(json.dumps([event.value, time.monotonic() - deleted]), flush=True)
+        break
+'''
+
+
 def test_owner_host_crash_moves_the_service_with_a_larger_token(cluster):
     lc = cluster
     _, token = lc.owner('web', 'hW')
+    watcher = lc.lab['hW'].spawn([sys.executable, '-c', OWNER_WATCH,
+                                  lc.cluster_file, 'hW'], name='owner-watch',
+                                 env=lc.env())
+    wait_for(lambda: 'watching' in open(watcher.log_path).read(), 20,
+             what='owner watch ready')
     lc.lab.crash('hA')
     crashed = time.monotonic()
     host, new_token = lc.wait_owner('web', 'hW', not_host='hA')
@@ -87,6 +118,15 @@ def test_owner_host_crash_moves_the_service_with_a_larger_token(cluster):
     lc.observer.wait_running('hB', 20)
     print('takeover after crash: %.2f s' % (lc.observer.first['hB'] - crashed))
     check_no_overlap(lc.observer)
+    # hB follows the owner key with a watch: it took the service within
+    # milliseconds of the key's deletion (as when it read etcd every
+    # 0.1 s), not at its next timed check.
+    watcher.wait(20)
+    new_owner, reaction = json.loads(open(watcher.log_path).read().split(
+        '\n')[-2])
+    print('owner key deleted, retaken by %s %.3f s later' % (new_owner,
+                                                            reaction))
+    assert new_owner == 'hB' and reaction < 0.5
 
 
 def test_partitioned_owner_stops_before_the_other_side_starts(cluster):
