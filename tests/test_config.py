@@ -58,6 +58,21 @@ def test_good_cluster_defaults_and_endpoints(tmp_path):
     assert c.services_dir == str(tmp_path / 'services')
 
 
+def test_fast_lease_profile_and_a_key_that_overrides_it(tmp_path):
+    c = config.load_cluster(write(tmp_path, GOOD + '[lease]\nprofile = fast\n'))
+    assert (c.lease.ttl, c.lease.renew_interval, c.lease.retry_interval,
+            c.lease.request_timeout, c.lease.fence_margin) == (
+                2, 0.4, 0.1, 0.3, 0.3)
+    c = config.load_cluster(write(tmp_path, GOOD + '[lease]\nprofile = fast\n'
+                                  'ttl = 3\n'))
+    assert c.lease.ttl == 3 and c.lease.renew_interval == 0.4
+    # The fast profile leaves room for one election of 500 ms, not more.
+    text = error_of(write(tmp_path, GOOD + '[lease]\nprofile = fast\n'
+                          '[etcd]\nelection_timeout = 1s\n'))
+    assert '[lease] ttl: too short for an etcd election' in text
+    assert '= 3 s must not exceed ttl (2 s)' in text
+
+
 def test_units_of_durations_and_sizes():
     assert Key('d', 'duration').parse('500ms') == 0.5
     assert Key('d', 'duration').parse(' 2s ') == 2.0
