@@ -26,7 +26,8 @@ import time
 from slaposha.lab import LabError, wait_for
 
 __all__ = ['LabCluster', 'Observer', 'make_test_pki', 'holds_address',
-           'marked_pids', 'lab_etcd', 'LAB_ETCD', 'SYSTEM_ETCD']
+           'marked_pids', 'lab_etcd', 'spread_services', 'LAB_ETCD',
+           'SYSTEM_ETCD']
 
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -45,6 +46,27 @@ def lab_etcd():
         raise LabError('%s is missing: run tools/setup.sh (it fetches etcd'
                        ' 3.5 for the lab)' % LAB_ETCD)
     return LAB_ETCD
+
+
+def spread_services(hosts, count, first_marker):
+    """``count`` services ``s00``, ``s01``... of one program each (``sleep``
+    with its own marker, ``first_marker`` + its number), spread over
+    ``hosts``: each host the preferred one of as many, and the services of
+    one host falling back to different hosts, as an operator would place
+    them. Returns {name: service file}."""
+    services = {}
+    for i in range(count):
+        first = hosts[i % len(hosts)]
+        rest = [h for h in hosts if h != first]
+        turn = (i // len(hosts)) % max(1, len(rest))
+        order = [first] + rest[turn:] + rest[:turn]
+        services['s%02d' % i] = textwrap.dedent('''
+            [service]
+            hosts = %s
+            [app#main]
+            command = exec sleep %d
+        ''') % (' '.join(order), first_marker + i)
+    return services
 
 
 class LabCluster(object):
