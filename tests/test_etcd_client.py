@@ -416,6 +416,25 @@ def test_closing_a_watch_ends_it_in_etcd(client, etcd):
 
 
 @needs_etcd
+def test_closing_the_client_ends_a_watch_in_progress(etcd):
+    client = Client([etcd], timeout=3)
+    watch = client.watch('/slaposha-test/watch/closed', timeout=10)
+    ended = []
+
+    def follow():
+        ended.append(list(watch))
+        ended.append(time.monotonic())
+    thread = threading.Thread(target=follow)
+    thread.start()
+    time.sleep(0.5)  # watching, blocked in a read
+    closed = time.monotonic()
+    client.close()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert ended[0] == [] and ended[1] - closed < 1
+
+
+@needs_etcd
 def test_watch_from_a_compacted_revision_is_canceled(client, etcd):
     key = '/slaposha-test/watch/compacted'
     old = client.put(key, 'old')
@@ -516,6 +535,8 @@ def test_fails_over_at_once_and_remembers_the_endpoint_that_answered(
     refused.put('/slaposha-test/failover', 'x')
     assert time.monotonic() - start < 0.2  # no pause before the next endpoint
     assert refused.endpoint == etcd
+    refused.prefer_first()  # e.g. an agent's own member, back again
+    assert refused.endpoint == closed_url
 
     frozen = Client([silent_url, etcd], request_timeout=0.3, retry_interval=0.2)
     start = time.monotonic()

@@ -316,6 +316,8 @@ class Client:
         self._lock = threading.Lock()
         self._current = 0
         self.last_change = 0
+        self._streams = set()      # responses of the watches in progress
+        self._closed = False
 
     def _changed(self, revision):
         with self._lock:
@@ -330,8 +332,27 @@ class Client:
         with self._lock:
             return self.endpoints[self._current]
 
+    def prefer_first(self):
+        """Try the endpoints in their given order again: the first one (an
+        agent's own member) is tried first even after another answered."""
+        with self._lock:
+            self._current = 0
+
     def close(self):
-        """Close pooled connections (only those of a session made here)."""
+        """Close pooled connections (only those of a session made here), and
+        end the watches in progress: their generators end, and no new watch
+        starts. An etcd member stops at once only when no watch is open on
+        it (3.5 waits for its streams), so an agent closes its own first."""
+        with self._lock:
+            self._closed = True
+            streams = list(self._streams)
+        for response in streams:
+            sock = _stream_socket(response)
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked read
+                except OSError:
+                    pass
         if self._own_session:
             self._session.close()
 
@@ -506,7 +527,7 @@ class Client:
         watching = False
         lost_since = time.monotonic()  # no endpoint watching since then
         tried, last_error = [], None
-        while deadline - time.monotonic() > 0:
+        while deadline - time.monotonic() > 0 and not self._closed:
             endpoint = self.endpoint
             if endpoint not in tried:
                 tried.append(endpoint)
@@ -520,6 +541,8 @@ class Client:
                                              {'create_request': request},
                                              deadline, confirm,
                                              _WATCH_HEADERS)
+                with self._lock:
+                    self._streams.add(response)
                 for message in _stream_messages(response, deadline,
                                                 None if watching else confirm):
                     if message.get('error'):
@@ -552,6 +575,8 @@ class Client:
                             yield event
                 break  # time is up while watching
             except _Transient as exc:
+                if self._closed:
+                    return
                 if watching:
                     lost_since = time.monotonic()
                 watching = False
@@ -566,8 +591,10 @@ class Client:
                 time.sleep(self.retry_interval)
             finally:
                 if response is not None:
+                    with self._lock:
+                        self._streams.discard(response)
                     response.close()
-        if not watching:
+        if not watching and not self._closed:
             raise EtcdUnavailable('watch', tried or self.endpoints, last_error,
                                   budget if patience is None else patience)
 

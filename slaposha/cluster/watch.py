@@ -21,6 +21,9 @@ What keeps the cache true:
   is back, every read is a full read (the loop polls, as it did before), and
   a read that fails says why;
 - every ``resync_interval`` a full read and a new watch, a safety net;
+  every ``timeout`` of the client while the watch is not on its first
+  endpoint (the agent's own member, which then serves its reads and does
+  not wait for a foreign watch when it is stopped);
 - the loop never decides on a view older than its own writes: ``at_least``
   (the revision of its client's last change) is waited for, briefly, and
   read at once if the watch does not bring it.
@@ -78,10 +81,11 @@ class ClusterWatch(object):
         return self
 
     def stop(self):
-        """The thread ends at its next event or span (it is a daemon)."""
+        """End the watch (its connection closed at once) and the thread."""
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
+        self.client.close()
 
     # -- reading --------------------------------------------------------------
 
@@ -174,9 +178,22 @@ class ClusterWatch(object):
             self.on_change()
 
     def _run(self):
+        while not self._stop.is_set():
+            try:
+                self._follow()
+            except Exception as e:  # a bug here must not freeze the view
+                logger.exception('etcd watch failed')
+                self._set_problem('watch: %s' % e)
+                self._stop.wait(self.client.retry_interval)
+
+    def _follow(self):
         start = None  # revision to watch from; None: read everything first
         while not self._stop.is_set():
             if start is None:
+                # Back to the first endpoint (the agent's own member) if
+                # another one served the last span: a member being stopped
+                # waits for the watches open on it.
+                self.client.prefer_first()
                 try:
                     start = self.reload() + 1
                 except EtcdError as e:
@@ -184,7 +201,11 @@ class ClusterWatch(object):
                     self._stop.wait(self.client.retry_interval)
                     continue
                 self._set_problem(None)
-                resync_at = time.monotonic() + self.resync_interval
+                # On another member than the first, only until the first
+                # can be tried again: the first one is the agent's own.
+                span = self.resync_interval if self.client.endpoint == \
+                    self.client.endpoints[0] else self.client.timeout
+                resync_at = time.monotonic() + span
             try:
                 watch = self.client.watch(
                     self.first_key, range_end=self.range_end,
