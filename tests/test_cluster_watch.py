@@ -15,7 +15,7 @@ from slaposha.cluster.etcd import Client, EtcdError
 from slaposha.cluster.lease import keys as Keys
 from slaposha.cluster.watch import ClusterWatch
 
-from test_etcd_client import etcd_cluster, needs_etcd
+from test_etcd_client import etcd_cluster, needs_etcd, wait_healthy
 
 pytestmark = needs_etcd
 
@@ -133,7 +133,7 @@ def test_a_watch_resumed_from_a_compacted_revision_reads_again(tmp_path):
                        retry_interval=4.0) as world:
             member.kill()
             member.start('%s=%s' % (member.name, member.peer_url), 'again', [])
-            wait_healthy(member)
+            wait_healthy(member, time.monotonic() + 15)
             client.put(keys.service('web', 'target'), '{"n": 1}')
             latest = client.put(keys.service('web', 'frozen'), '{}')
             requests.post(member.url + '/v3/kv/compaction',
@@ -147,16 +147,3 @@ def test_a_watch_resumed_from_a_compacted_revision_reads_again(tmp_path):
             assert views['web'].target == {'n': 1}
             assert views['web'].frozen == {}
 
-
-def wait_healthy(member, timeout=15):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(member.url + '/health', timeout=0.5).json().get(
-                    'health') == 'true':
-                return
-        except (requests.RequestException, ValueError):
-            pass
-        time.sleep(0.05)
-    pytest.fail('etcd %s not healthy again:\n%s' % (member.name,
-                                                     member.log_tail()))

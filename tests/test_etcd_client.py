@@ -104,6 +104,24 @@ class Member:
             return log.read()[-2000:].decode('utf-8', 'replace')
 
 
+def wait_healthy(member, deadline):
+    """Wait until ``member`` says it is healthy (a leader elected), or fail
+    the test at ``deadline`` (monotonic) with the end of its log."""
+    while True:
+        if not member.alive():
+            pytest.fail('etcd %s exited:\n%s' % (member.name, member.log_tail()))
+        try:
+            if requests.get(member.url + '/health', timeout=0.5).json().get(
+                    'health') == 'true':
+                return
+        except (requests.RequestException, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail('etcd %s not healthy in time:\n%s'
+                        % (member.name, member.log_tail()))
+        time.sleep(0.05)
+
+
 @contextlib.contextmanager
 def etcd_cluster(directory, size, extra=()):
     """``size`` members on 127.0.0.1, healthy (a leader elected) on entry."""
@@ -116,19 +134,7 @@ def etcd_cluster(directory, size, extra=()):
             member.start(initial_cluster, 'slaposha-test-%d' % ports[0], list(extra))
         deadline = time.monotonic() + 15
         for member in members:
-            while True:
-                if not member.alive():
-                    pytest.fail('etcd %s exited:\n%s' % (member.name, member.log_tail()))
-                try:
-                    if requests.get(member.url + '/health', timeout=0.5).json().get(
-                            'health') == 'true':
-                        break
-                except (requests.RequestException, ValueError):
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail('etcd %s not healthy after 15 s:\n%s'
-                                % (member.name, member.log_tail()))
-                time.sleep(0.05)
+            wait_healthy(member, deadline)
         yield members
     finally:
         for member in members:
