@@ -51,7 +51,7 @@ class Placement(object):
         self.first = {}
         self.overlaps = collections.Counter()
         self.now = {}
-        self._known = {}            # pid: service or None
+        self._known = {}            # pid: service
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -70,8 +70,10 @@ class Placement(object):
                     argv = f.read().split(b'\0')
             except OSError:
                 return None
-            key = b' '.join(argv[:2])
-            self._known[pid] = self.markers.get(key)
+            service = self.markers.get(b' '.join(argv[:2]))
+            if service is None:
+                return None  # maybe not exec'd yet: read again next time
+            self._known[pid] = service
         return self._known[pid]
 
     def _run(self):
@@ -136,6 +138,7 @@ def main():
                 victim = max(HOSTS, key=lambda h: (count[h], h))
                 moving = sorted(s for s, h in placed.items() if h == [victim])
                 leader = lc.etcd_leader([h for h in HOSTS if h != victim][0])
+                where.first.clear()  # a service may go back where it was
                 crashed = time.monotonic()
                 lab.crash(victim)
 
