@@ -98,9 +98,11 @@ def test_reads_are_never_older_than_our_own_writes(tmp_path):
         keys = Keys('/slaposha-test', 'two')
         with following(url, 'two') as world:
             for n in range(20):
-                loop.put(keys.service('web', 'target'), '{"n": %d}' % n)
+                loop.put(keys.service('web', 'target'),
+                         '{"state": "started", "by": "op%d"}' % n)
                 views, _ = world.read(at_least=loop.last_change)
-                assert views['web'].target == {'n': n}
+                assert views['web'].target == {'state': 'started',
+                                               'by': 'op%d' % n}
             assert world.reloads == 1
             # A write out of the watched keys is never brought by the
             # watch: the read waits a little, then reads.
@@ -126,7 +128,7 @@ def test_a_watch_resumed_from_a_compacted_revision_reads_again(tmp_path):
         member = members[0]
         client = Client([member.url], timeout=3)
         keys = Keys('/slaposha-test', 'three')
-        client.put(keys.service('web', 'target'), '{"n": 0}')
+        client.put(keys.service('web', 'target'), '{"state": "stopped"}')
         # A long pause between tries: the member comes back and its history
         # is compacted before the watch resumes from its old revision.
         with following(member.url, 'three', timeout=6.0,
@@ -134,7 +136,7 @@ def test_a_watch_resumed_from_a_compacted_revision_reads_again(tmp_path):
             member.kill()
             member.start('%s=%s' % (member.name, member.peer_url), 'again', [])
             wait_healthy(member, time.monotonic() + 15)
-            client.put(keys.service('web', 'target'), '{"n": 1}')
+            client.put(keys.service('web', 'target'), '{"state": "started"}')
             latest = client.put(keys.service('web', 'frozen'), '{}')
             requests.post(member.url + '/v3/kv/compaction',
                           json={'revision': str(latest)},
@@ -144,6 +146,6 @@ def test_a_watch_resumed_from_a_compacted_revision_reads_again(tmp_path):
                 time.sleep(0.05)
             assert world.reloads == 2  # the first read, then after the cancel
             views, _ = world.read()
-            assert views['web'].target == {'n': 1}
+            assert views['web'].target == {'state': 'started'}
             assert views['web'].frozen == {}
 
