@@ -68,6 +68,9 @@ setup(
             'ha freeze = slaposha.cli.ha:FreezeCommand',
             'ha thaw = slaposha.cli.ha:ThawCommand',
             'ha check = slaposha.cli.ha:CheckCommand',
+            'ha adopt = slaposha.cli.ha:AdoptCommand',
+            'ha prepare-standby = slaposha.cli.ha:PrepareStandbyCommand',
+            'ha release = slaposha.cli.ha:ReleaseCommand',
         ],
         # Recipes of software/slaposha (recipes/, as slaposha.recipes).
         'zc.buildout': [

@@ -326,7 +326,8 @@ def test_slapos_help_lists_the_ha_commands():
     assert p.returncode == 0, p.stderr
     section = p.stdout.split('ha commands:\n')[1].split('\n\n')[0]
     assert [line.split()[1] for line in section.splitlines()] == [
-        'check', 'freeze', 'status', 'switch', 'takeover', 'thaw']
+        'adopt', 'check', 'freeze', 'prepare-standby', 'release', 'status',
+        'switch', 'takeover', 'thaw']
     assert 'the cluster as a tree' in section
 
 
@@ -351,6 +352,13 @@ def test_slapos_ha_errors_are_one_line(tmp_path):
     assert p.returncode == 2
     assert p.stderr == 'slapos ha status: %s: cannot read: No such file or' \
         ' directory\n' % (tmp_path / 'none.cfg')
+    # The adoption commands too, under their slapos names.
+    p = slapos('ha', 'prepare-standby', '--reference',
+               str(tmp_path / 'none.json'))
+    assert p.returncode == 2
+    assert p.stderr.startswith('slapos ha prepare-standby: %s: cannot read'
+                               ' the fingerprint' % (tmp_path / 'none.json'))
+    assert p.stderr.count('\n') == 1
 
 
 @pytest.mark.lab

@@ -2,7 +2,8 @@
 
 Registered in setup.py's ``slapos.cli`` entry point group, so that an
 operator who knows ``slapos node ...`` finds ``slapos ha status | switch |
-takeover | freeze | thaw | check`` in ``slapos --help``. Each one is the
+takeover | freeze | thaw | check | adopt | prepare-standby | release`` in
+``slapos --help``. Each one is the
 ``slaposha`` command of the same name (its arguments, its code, its output),
 with ``--cfg`` for the cluster file as every slapos command has.
 
@@ -18,7 +19,8 @@ import sys
 from slapos.cli.command import Command
 
 __all__ = ['HaCommand', 'StatusCommand', 'SwitchCommand', 'TakeoverCommand',
-           'FreezeCommand', 'ThawCommand', 'CheckCommand']
+           'FreezeCommand', 'ThawCommand', 'CheckCommand', 'AdoptCommand',
+           'PrepareStandbyCommand', 'ReleaseCommand']
 
 # As slaposha.config.DEFAULT_CLUSTER_FILE, which this module does not import.
 DEFAULT_CFG = '/etc/opt/slaposha/cluster.cfg'
@@ -105,3 +107,21 @@ class CheckCommand(HaCommand):
     """check that this host may be a standby of the node (slaposha slapos
     check)"""
     slaposha_command = 'slapos check'
+
+
+class AdoptCommand(HaCommand):
+    """put this host's SlapOS node under the cluster's care (slaposha
+    slapos adopt)"""
+    slaposha_command = 'slapos adopt'
+
+
+class PrepareStandbyCommand(HaCommand):
+    """make this host ready to take over a node (slaposha slapos
+    prepare-standby)"""
+    slaposha_command = 'slapos prepare-standby'
+
+
+class ReleaseCommand(HaCommand):
+    """give the adopted node back to SlapOS on this host (slaposha slapos
+    release)"""
+    slaposha_command = 'slapos release'
