@@ -12,10 +12,11 @@ and each change is followed:
    its error and age, and once hB can receive again the copy is retried by
    itself and hB is eligible again;
 2. the release deleted on hB comes back by itself;
-3. a partition's folder is removed on the owner, then the owner crashes:
-   on hB every other partition answers (the first with every acknowledged
-   record, the new ones too), status names the broken one as set aside
-   and the node as degraded; `slapos node format` run by hB keeps the
+3. a partition's folder is moved away on the owner, then the owner
+   crashes: on hB every other partition answers (the first with every
+   acknowledged record, the new ones too), status names the broken one as
+   set aside and the node as degraded; once its folder is back it starts
+   by itself in the running supervisord, the others untouched; `slapos node format` run by hB keeps the
    computer's address on the master (it moved with the node);
 4. a partition destroyed by SlapOS (`slapos node instance` and `report`
    on hB) drops out of `slaposha slapos partitions` at once.
@@ -48,6 +49,7 @@ SERVICE = node_service(INTERVAL, '''
     copy_retry = 1
     copy_retry_max = 4
     computer_address = true
+    aside_retry = 1
 ''')
 SR2 = '/opt/slapgrid/' + release_name(SR2_URL)
 
@@ -65,6 +67,15 @@ def shown(lc, host, *words):
     """The status tree of ``host`` once every word is in it, else False."""
     out = lc.cli(host, 'status', check=False).stdout
     return all(w in out for w in words) and out
+
+
+def programs(host):
+    """'name RUNNING pid N' of each running program of the node on
+    ``host``, as `slapos node supervisorctl status` shows them."""
+    out = host.run([NODE + '/bin/slapos', 'node', 'supervisorctl', '--cfg',
+                    '/etc/opt/slapos/slapos.cfg', 'status'], check=False).stdout
+    return [' '.join(line.split()[:4]).rstrip(',') for line in
+            out.splitlines() if ' RUNNING ' in line]
 
 
 def lines_with(text, start):
@@ -129,7 +140,7 @@ def test_a_node_that_changes_stays_protected(make_lab):
         acked = ['record-0'] + post_records(lab, ['record-%d' % n
                                                   for n in range(1, 11)])
         assert len(acked) == 11
-        a.run(['rm', '-rf', '/srv/slapgrid/slappart2'])
+        a.run(['mv', '/srv/slapgrid/slappart2', '/srv/slapgrid/.slappart2'])
         time.sleep(4 * INTERVAL)  # in the snapshots hB has
         lc.wait_standby('hB', 'btrfs#slapgrid')
         lab.crash('hA')
@@ -156,6 +167,20 @@ def test_a_node_that_changes_stays_protected(make_lab):
             in lc.log('hB')
         print('\npartitions 0 and 1 answered from hB %.2f s after hA crashed'
               ' with slappart2 set aside' % took)
+        # The folder is back (an operator's repair): slappart2 starts in
+        # the running supervisord by itself, the others untouched.
+        running = programs(b)
+        b.run(['mv', '/srv/slapgrid/.slappart2', '/srv/slapgrid/slappart2'])
+        wait_for(lambda: who(lab, 2), 30, interval=0.3,
+                 what='slappart2 answering on hB once its folder is back')
+        assert who(lab, 2) == 'recordstore slappart2'
+        after = programs(b)
+        assert [p for p in after if p.startswith('slappart2:')], after
+        assert set(running) < set(after)  # the same pids: untouched
+        tree = wait_for(lambda: shown(lc, 'hB', 'slappart2  started   1/1'),
+                        30, interval=0.3, what='slappart2 running in status')
+        assert 'set aside' not in tree, tree
+        assert 'slapos#node: partition slappart2 repaired' in lc.log('hB')
         # The computer's address moved with the node: `slapos node format`
         # on hB posts it, not hB's own address.
         assert COMPUTER_ADDRESS6 in b.run(['ip', '-6', 'addr']).stdout

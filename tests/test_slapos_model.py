@@ -140,10 +140,10 @@ def test_copies_follow_the_standbys_reports_with_backoff():
     assert copies.problems(str, now=24) == []
 
 
-def supervisord(node):
+def supervisord(node, keep=False):
     """Run the real supervisord on the node's configuration as slapgrid
     does; returns (exit code, output). A daemon that started is shut
-    down."""
+    down, unless ``keep``."""
     conf = os.path.join(node.instance_root, 'etc', 'supervisord.conf')
     with open(conf, 'w') as f:
         f.write(textwrap.dedent('''\
@@ -161,7 +161,7 @@ def supervisord(node):
     p = subprocess.run([sys.executable, '-c', SUPERVISORD, conf],
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                        universal_newlines=True, timeout=30)
-    if p.returncode == 0:
+    if p.returncode == 0 and not keep:
         rpc(node.supervisord_socket).supervisor.shutdown()
     return p.returncode, p.stdout
 
@@ -207,6 +207,45 @@ def test_a_partition_supervisord_refuses_is_named_and_set_aside(tmp_path):
     with open(os.path.join(conf_dir, 'slappart1.conf')) as f:
         assert f.read() == '# rewritten by slapgrid\n'
     assert AsideBook(node).records == {}
+
+
+def test_a_partition_whose_folder_is_back_starts_in_the_running_node(
+        tmp_path):
+    from types import SimpleNamespace
+    from slaposha.resources.slapos import Slapos
+    from slaposha.slapos.supervisor import rpc
+    node = make_node(tmp_path)
+    part1 = os.path.join(node.instance_root, 'slappart1')
+    os.rename(part1, str(tmp_path / 'elsewhere'))
+    book = AsideBook(node)
+    book.set_aside('slappart1', 'its folder is missing', 'folder')
+    book.set_aside('slappart2', 'supervisord refuses its program file')
+    code, output = supervisord(node, keep=True)
+    assert code == 0, output
+    server = rpc(node.supervisord_socket)
+    try:
+        server.supervisor.startProcessGroup('slappart0', True)
+        before = server.supervisor.getProcessInfo(
+            'slappart0:slappart0_service-on-watch')['pid']
+        conf = SimpleNamespace(
+            rid='slapos#node', cfg=str(tmp_path / 'slapos.cfg'), timeout=10.0,
+            aside_retry=1.0, copy_retry=1.0, copy_retry_max=4.0,
+            copy_interval=1.0, announce=False)
+        res = Slapos(conf, None)
+        res._retry_aside()  # the folder is still missing: nothing done
+        assert sorted(AsideBook(node).current()) == ['slappart1', 'slappart2']
+        os.rename(str(tmp_path / 'elsewhere'), part1)
+        assert AsideBook(node).repaired() == ['slappart1']  # not slappart2
+        res._retry_aside()
+        info = {i['name']: i for i in server.supervisor.getAllProcessInfo()}
+        assert info['slappart1_service-on-watch']['statename'] == 'RUNNING'
+        assert info['slappart0_service-on-watch']['pid'] == before
+        assert 'slappart2_service-on-watch' not in info
+        assert sorted(AsideBook(node).current()) == ['slappart2']
+        assert os.path.exists(os.path.join(node.supervisord_conf_dir,
+                                           'slappart1.conf'))
+    finally:
+        server.supervisor.shutdown()
 
 
 def test_partition_rows_show_programs_and_drop_destroyed_partitions(

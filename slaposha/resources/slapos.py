@@ -51,6 +51,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 import xmlrpc.client
 
@@ -101,6 +102,10 @@ class Slapos(Resource):
             ' tries of a failing software release copy', minimum=0.1),
         Key('copy_timeout', 'duration', 600.0, 'time allowed to one copy'
             ' of a software release to one standby', minimum=1.0),
+        Key('aside_retry', 'duration', 30.0, 'how often the owner looks'
+            ' again at the partitions set aside: one whose folder is back'
+            ' is added to the running supervisord and started',
+            minimum=1.0),
         Key('port', 'integer', 1216, 'the standbys\' replication port (their'
             ' receiver takes the software releases)'),
         Key('computer_address', 'boolean', False, 'the owner holds the'
@@ -116,6 +121,8 @@ class Slapos(Resource):
         self.peers = {}            # standby: address
         self.standbys = Standbys(self.rid, self.conf)
         self.failed = {}           # partition: why its programs did not start
+        self._aside_next = 0.0     # monotonic time of the next look
+        self._aside_worker = None
 
     def node(self):
         try:
@@ -169,6 +176,18 @@ class Slapos(Resource):
         if p.returncode and verb == 'replace':
             raise ResourceError('%s: cannot add partition addresses: %s'
                                 % (self.rid, p.stderr.strip()[-300:]))
+
+    def _announce(self, addresses):
+        if not self.conf.announce:
+            return
+        by_dev = {}
+        for addr, prefix, dev in addresses:
+            by_dev.setdefault(dev, []).append(addr)
+        for dev, addrs in by_dev.items():
+            try:
+                announce.announce(dev, addrs)
+            except OSError:
+                pass  # a neighbour learns late; the service still runs
 
     def _format_would_post(self, node):
         """The address `slapos node format` would post here as the
@@ -231,8 +250,8 @@ class Slapos(Resource):
                     ' and %d process(es) below it', self.rid, pid,
                     len(moved) - 1)
 
-    def _set_aside(self, book, pid, reason):
-        book.set_aside(pid, reason)
+    def _set_aside(self, book, pid, reason, cause='refused'):
+        book.set_aside(pid, reason, cause)
         logger.warning('%s: partition %s set aside: %s', self.rid, pid,
                        reason)
 
@@ -248,7 +267,7 @@ class Slapos(Resource):
         book = AsideBook(node)
         book.restore()
         for pid, reason in missing_folders(node).items():
-            self._set_aside(book, pid, reason)
+            self._set_aside(book, pid, reason, 'folder')
         deadline = time.monotonic() + self.conf.timeout
         # As slapgrid does: its configuration, an empty environment. The
         # daemon's parent returns once the socket is bound.
@@ -318,19 +337,14 @@ class Slapos(Resource):
         node = self.node()
         addresses = self._addresses(node)
         self._ip_batch('replace', addresses)
-        if self.conf.announce:
-            by_dev = {}
-            for addr, prefix, dev in addresses:
-                by_dev.setdefault(dev, []).append(addr)
-            for dev, addrs in by_dev.items():
-                try:
-                    announce.announce(dev, addrs)
-                except OSError:
-                    pass  # a neighbour learns late; the service still runs
+        self._announce(addresses)
         self._launch_supervisord(node)
         self._start_partitions(node)
 
     def stop(self):
+        worker = self._aside_worker
+        if worker is not None:
+            worker.join(self.conf.timeout)  # it adds to what stops now
         node = self.node()
         if state(node) is not None:
             server = rpc(node.supervisord_socket, self.conf.timeout)
@@ -389,8 +403,70 @@ class Slapos(Resource):
 
     def tick(self):
         """On the owner, every agent cycle: the standbys' identity and
-        software release copies (:mod:`slaposha.slapos.standbys`)."""
+        software release copies (:mod:`slaposha.slapos.standbys`), and the
+        partitions set aside that were repaired meanwhile."""
         self.standbys.tick()
+        now = time.monotonic()
+        worker = self._aside_worker
+        if now < self._aside_next or (worker is not None and
+                                      worker.is_alive()):
+            return
+        self._aside_next = now + self.conf.aside_retry
+        self._aside_worker = threading.Thread(
+            target=self._retry_aside, name='%s-aside' % self.rid,
+            daemon=True)
+        self._aside_worker.start()
+
+    def _retry_aside(self):
+        """Start each partition set aside whose folder is back, in the
+        running supervisord, without touching the others."""
+        try:
+            node = load_node(self.conf.cfg)
+            book = AsideBook(node)
+            repaired = book.repaired()
+            if repaired and state(node) == 'RUNNING':
+                for pid in repaired:
+                    self._start_repaired(node, book, pid)
+        except (NodeError, OSError, xmlrpc.client.Error) as e:
+            logger.warning('%s: partitions set aside: %s', self.rid, e)
+        except Exception:  # never let the thread die silently
+            logger.exception('%s: partitions set aside', self.rid)
+
+    def _start_repaired(self, node, book, pid):
+        # Its addresses first: the node's start did not see them (they are
+        # read from the partition's folder). The next monitor adds them
+        # to what the watchdog drops in a fence; fence and stop read them
+        # afresh.
+        addresses = [(addr, prefix, node.device(addr))
+                     for part in node.partitions() if part.id == pid
+                     for addr, prefix in part.addresses]
+        self._ip_batch('replace', addresses)
+        self._announce(addresses)
+        book.put_back(pid)
+        server = rpc(node.supervisord_socket, self.conf.timeout)
+        try:
+            added = server.supervisor.reloadConfig()[0][0]
+        except xmlrpc.client.Fault as e:
+            # Still refused: aside again, with what supervisord says now.
+            self._set_aside(book, pid, refusal_reason(e.faultString))
+            return
+        for group in added:
+            try:
+                server.supervisor.addProcessGroup(group)
+            except xmlrpc.client.Fault:
+                pass  # added meanwhile (ALREADY_ADDED)
+        results = server.supervisor.startProcessGroup(pid, True)
+        bad = [r for r in results if r.get('status') != STARTED]
+        if bad:
+            self.failed[pid] = 'its programs did not start: %s' % ', '.join(
+                '%s %s' % (r.get('name'), r.get('description'))
+                for r in bad[:3])
+            logger.warning('%s: partition %s repaired but %s', self.rid,
+                           pid, self.failed[pid])
+            return
+        self.failed.pop(pid, None)
+        logger.info('%s: partition %s repaired (its folder is back): its'
+                    ' programs run again', self.rid, pid)
 
     def publish(self):
         """What a standby must have the same (DESIGN.md 4 and 6)."""

@@ -21,7 +21,12 @@ partition replaces or removes them) and records why in
 ``instance_root/.slaposha/aside.json``, in the replicated data. The next
 start of the node puts every file set aside back first and checks again:
 a partition repaired meanwhile (its folder restored, or rebuilt by
-slapgrid) starts again.
+slapgrid) starts again. While the node runs, its owner looks again every
+``aside_retry`` seconds: a partition set aside for its missing folder,
+whose folder is back, has its files
+put back and is added to the running supervisord (``reloadConfig``, as
+``supervisorctl update`` does) and started; one supervisord still refuses
+goes aside again with the new reason.
 
 :func:`partition_rows` says, for each partition in use, its requested
 state, its programs and what is wrong; the ``slapos`` resource's status
@@ -81,9 +86,11 @@ class AsideBook(object):
         return {pid: record for pid, record in self.records.items()
                 if pid in aside and pid not in fresh}
 
-    def set_aside(self, pid, reason):
+    def set_aside(self, pid, reason, cause='refused'):
         """Move the program files of ``pid`` out of supervisord's reach and
-        record why; returns the files moved."""
+        record why (``cause``: 'folder' when its folder is missing, which
+        the owner looks at again while it runs); returns the files
+        moved."""
         folder = self.node.supervisord_conf_dir
         moved = []
         for name in self.node.program_files().get(pid, []):
@@ -91,26 +98,42 @@ class AsideBook(object):
                 folder, name[:-len('.conf')] + ASIDE_SUFFIX))
             moved.append(name)
         self.records[pid] = {'reason': reason, 'since': time.time(),
-                             'files': moved}
+                             'files': moved, 'cause': cause}
         self._save()
         return moved
+
+    def _put_back(self, names):
+        folder = self.node.supervisord_conf_dir
+        for name in names:
+            aside = os.path.join(folder, name)
+            conf = os.path.join(folder, name[:-len(ASIDE_SUFFIX)] + '.conf')
+            if os.path.exists(conf):
+                os.unlink(aside)
+            else:
+                os.rename(aside, conf)
 
     def restore(self):
         """Put back every file set aside (a fresh file of the same name,
         written by slapgrid meanwhile, wins) and forget the records: the
         next start checks each partition again."""
-        folder = self.node.supervisord_conf_dir
-        for pid, names in self.node.program_files(ASIDE_SUFFIX).items():
-            for name in names:
-                aside = os.path.join(folder, name)
-                conf = os.path.join(folder, name[:-len(ASIDE_SUFFIX)] +
-                                    '.conf')
-                if os.path.exists(conf):
-                    os.unlink(aside)
-                else:
-                    os.rename(aside, conf)
+        for names in self.node.program_files(ASIDE_SUFFIX).values():
+            self._put_back(names)
         if self.records:
             self.records = {}
+            self._save()
+
+    def repaired(self):
+        """The partitions set aside for a missing folder whose folder is
+        back."""
+        return [pid for pid, record in sorted(self.current().items())
+                if record.get('cause') == 'folder' and os.path.isdir(
+                    os.path.join(self.node.instance_root, pid))]
+
+    def put_back(self, pid):
+        """Put back the files of ``pid`` alone and forget its record (a
+        partition repaired while the node runs)."""
+        self._put_back(self.node.program_files(ASIDE_SUFFIX).get(pid, []))
+        if self.records.pop(pid, None) is not None:
             self._save()
 
 
