@@ -70,9 +70,19 @@ def test_partitions_move_to_the_peer_without_buildout(node):
     status = drive(a, SERVICE, 'slapos#node', 'status')
     assert status[0] == 'up', status
     stamp = os.stat(a.path('/srv/slapgrid/slappart0/.timestamp')).st_mtime
+    # format routed the partition's IPv6 range to hA.
+    with open(a.path('/srv/slapgrid/slappart0/.slapos-resource')) as f:
+        network = json.load(f)['ipv6_range']['network']
+    route = 'local %s dev lo' % network
+
+    def routed(host):
+        return route in host.run(['ip', '-6', 'route', 'show', 'table',
+                                  'local']).stdout
+    assert routed(a)
     # Stop on hA (the old owner), then the peer takes over.
     assert drive(a, SERVICE, 'slapos#node', 'stop') is None
     assert PART4 not in a.run(['ip', 'addr']).stdout
+    assert not routed(a)  # the range goes with the node
     assert answer(lab) is None
     copy_node(lab, 'hA', 'hB')
     began = time.monotonic()
@@ -82,6 +92,7 @@ def test_partitions_move_to_the_peer_without_buildout(node):
     print('partition answered from hB %.2f s after start'
           % (time.monotonic() - began))
     assert PART4 in b.run(['ip', 'addr']).stdout
+    assert routed(b)
     assert 'tentative' not in b.run(['ip', '-6', 'addr']).stdout
     # The program runs in hB, as the partition's user; no buildout ran.
     procs = b.run(['ps', '-o', 'user=,args=', '-u', 'nobody']).stdout
@@ -98,6 +109,7 @@ def test_partitions_move_to_the_peer_without_buildout(node):
     with open(resource) as f:
         assert json.load(f)['address_list'] == before
     assert drive(b, SERVICE, 'slapos#node', 'stop') is None
+    assert not routed(b)
 
 
 def test_check_names_the_user_whose_uid_differs(node, tmp_path):

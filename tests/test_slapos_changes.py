@@ -181,6 +181,16 @@ def test_a_node_that_changes_stays_protected(make_lab):
                         30, interval=0.3, what='slappart2 running in status')
         assert 'set aside' not in tree, tree
         assert 'slapos#node: partition slappart2 repaired' in lc.log('hB')
+        # The partitions' IPv6 ranges (format gave each one) moved with
+        # them: routed to hB as format routes them (hB never ran format).
+        ranges = [json.loads(b.run(['cat', '/srv/slapgrid/slappart%d/'
+                                    '.slapos-resource' % n]).stdout)
+                  ['ipv6_range']['network'] for n in range(3)]
+        local = b.run(['ip', '-6', 'route', 'show', 'table', 'local']).stdout
+        for network in ranges:
+            assert 'local %s dev lo' % network in local, (network, local)
+        assert b.run(['sysctl', '-n', 'net.ipv6.ip_nonlocal_bind']
+                     ).stdout.strip() == '1'
         # The computer's address moved with the node: `slapos node format`
         # on hB posts it, not hB's own address.
         assert COMPUTER_ADDRESS6 in b.run(['ip', '-6', 'addr']).stdout

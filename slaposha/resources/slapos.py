@@ -5,7 +5,9 @@ has put instance_root, software_root and /etc/opt/slapos in place, start
 
 1. the partitions' addresses, read from each ``.slapos-resource`` (IPv4 on
    ``interface_name``, IPv6 on ``ipv6_interface``, without DAD so that
-   programs can bind at once), announced to the neighbours;
+   programs can bind at once), announced to the neighbours, and their IPv6
+   ranges routed to this host as format routes them (``local RANGE dev
+   lo``; stop and fence remove those routes);
 2. the instance supervisord, launched as slapgrid launches it (its own
    configuration, an empty environment) in the resource's cgroup;
 3. the programs of every started partition (those with a file in
@@ -177,6 +179,35 @@ class Slapos(Resource):
             raise ResourceError('%s: cannot add partition addresses: %s'
                                 % (self.rid, p.stderr.strip()[-300:]))
 
+    def _ranges(self, verb, networks):
+        """Route (``replace``) or stop routing (``del``) each partition's
+        IPv6 range to this host, as format does (reference/slapos-internals.md
+        1.4); a start also allows binding their addresses."""
+        if not networks:
+            return
+        if verb == 'replace':
+            try:
+                with open('/proc/sys/net/ipv6/ip_nonlocal_bind', 'w') as f:
+                    f.write('1\n')
+            except OSError as e:
+                raise ResourceError('%s: cannot allow binding the partitions\''
+                                    ' IPv6 ranges (net.ipv6.ip_nonlocal_bind):'
+                                    ' %s' % (self.rid, e.strerror or e))
+        p = subprocess.run(['ip', '-6', '-force', '-batch', '-'], input=''.join(
+            'route %s local %s dev lo\n' % (verb, net) for net in networks),
+            universal_newlines=True, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE)
+        if p.returncode and verb == 'replace':
+            raise ResourceError('%s: cannot route the partitions\' IPv6 ranges:'
+                                ' %s' % (self.rid, p.stderr.strip()[-300:]))
+
+    def _node_ranges(self, node):
+        try:
+            return node.ipv6_ranges()
+        except NodeError as e:
+            logger.warning('%s: %s', self.rid, e)
+            return []
+
     def _announce(self, addresses):
         if not self.conf.announce:
             return
@@ -337,6 +368,7 @@ class Slapos(Resource):
         node = self.node()
         addresses = self._addresses(node)
         self._ip_batch('replace', addresses)
+        self._ranges('replace', self._node_ranges(node))
         self._announce(addresses)
         self._launch_supervisord(node)
         self._start_partitions(node)
@@ -361,12 +393,15 @@ class Slapos(Resource):
                 time.sleep(0.02)
         self.cgroup.kill()
         self._ip_batch('del', self._addresses(node, strict=False))
+        self._ranges('del', self._node_ranges(node))
         self.cgroup.remove()
 
     def fence(self):
         self.cgroup.kill()
         try:
-            self._ip_batch('del', self._addresses(self.node(), strict=False))
+            node = self.node()
+            self._ip_batch('del', self._addresses(node, strict=False))
+            self._ranges('del', self._node_ranges(node))
         except (ResourceError, NodeError):
             pass
 
@@ -437,10 +472,11 @@ class Slapos(Resource):
         # read from the partition's folder). The next monitor adds them
         # to what the watchdog drops in a fence; fence and stop read them
         # afresh.
+        part, = [p for p in node.partitions() if p.id == pid]
         addresses = [(addr, prefix, node.device(addr))
-                     for part in node.partitions() if part.id == pid
                      for addr, prefix in part.addresses]
         self._ip_batch('replace', addresses)
+        self._ranges('replace', [part.ipv6_range] if part.ipv6_range else [])
         self._announce(addresses)
         book.put_back(pid)
         server = rpc(node.supervisord_socket, self.conf.timeout)

@@ -105,6 +105,21 @@ class Partition(object):
         return found
 
     @property
+    def ipv6_range(self):
+        """The partition's IPv6 range (``ipv6_range`` of .slapos-resource,
+        written by format with partition_has_ipv6_range, its default) as
+        a network 'addr/prefix', or None."""
+        entry = self.resource.get('ipv6_range')
+        network = entry.get('network') if isinstance(entry, dict) else None
+        if not network:
+            return None
+        try:
+            return str(ipaddress.IPv6Network(network, strict=False))
+        except ValueError:
+            raise NodeError('%s/.slapos-resource: bad ipv6_range %r'
+                            % (self.path, network))
+
+    @property
     def software_path(self):
         """The software release folder it runs, or None."""
         link = os.path.join(self.path, 'software_release')
@@ -290,6 +305,14 @@ class Node(object):
     def device(self, addr):
         """The interface that carries ``addr`` (IPv4 or IPv6)."""
         return self.ipv6_interface if ':' in addr else self.interface
+
+    def ipv6_ranges(self):
+        """The IPv6 range of every partition that has one: format routes
+        each to the host itself (``ip -6 route add local RANGE dev lo``,
+        with net.ipv6.ip_nonlocal_bind) so that programs may use any
+        address of it."""
+        return [part.ipv6_range for part in self.partitions()
+                if part.ipv6_range]
 
     def addresses(self):
         """[(address, prefix, interface)] of every partition."""
