@@ -209,3 +209,70 @@ def test_a_process_using_the_instance_root_is_found(tmp_path):
             p.wait()
         log.close()
     assert processes_in(str(root)) == []
+
+
+# systemd cannot run here (it is not PID 1, in the lab or on this machine):
+# a stand-in for systemctl that keeps one unit's state in two files and
+# logs its calls, as `systemctl is-enabled | is-active | enable | disable`
+# answer and act.
+FAKE_SYSTEMCTL = '''#!/bin/sh
+d=$(dirname "$0")
+echo "$*" >> "$d/calls"
+case "$1" in
+is-enabled) cat "$d/enabled" ;;
+is-active) cat "$d/active" ;;
+disable) echo disabled > "$d/enabled"
+         [ "$2" = --now ] && echo inactive > "$d/active" ;;
+enable) echo enabled > "$d/enabled"
+        [ "$2" = --now ] && echo active > "$d/active" ;;
+esac
+exit 0
+'''
+
+
+def test_the_hosts_own_re6st_daemon_is_disabled_then_back(tmp_path):
+    from slaposha.slapos.adopt import Adoption, read_state
+    from slaposha.slapos.release import unit_back
+    from slaposha.slapos.systemd import Units
+    cfg, cluster = _node(tmp_path)
+    re6st = tmp_path / 're6stnet'
+    re6st.mkdir()
+    (re6st / 're6stnet.conf').write_text('registry http://re6st.example/\n')
+    bin_ = tmp_path / 'bin'
+    bin_.mkdir()
+    (bin_ / 'systemctl').write_text(FAKE_SYSTEMCTL)
+    os.chmod(bin_ / 'systemctl', 0o755)
+    (bin_ / 'enabled').write_text('enabled\n')
+    (bin_ / 'active').write_text('active\n')
+    units = Units(str(bin_ / 'systemctl'))
+
+    def adoption():
+        return Adoption(cfg, cluster, 'hA', cron_dir=str(tmp_path / 'cron.d'),
+                        re6st_config=str(re6st), units=units)
+    plan = '\n'.join(adoption().plan())
+    assert '[    ] re6stnet.service (this host\'s own re6st daemon) stopped' \
+        ' and disabled: the agent runs the node\'s daemon where the node' \
+        ' runs (it is enabled, active)' in plan
+    assert 'disable' not in (bin_ / 'calls').read_text()  # a plan only
+    first = adoption()
+    first._do_state()
+    assert first._do_re6st_unit() == 're6stnet.service stopped and' \
+        ' disabled (it was enabled, active)'
+    assert (bin_ / 'calls').read_text().splitlines()[-1] == \
+        'disable --now re6stnet.service'
+    assert '[done] re6stnet.service' in '\n'.join(adoption().plan())
+    # A second run keeps what the unit was before the first.
+    again = adoption()
+    again._do_re6st_unit()
+    state = read_state(str(tmp_path / 'etc'))
+    assert state['re6st_unit'] == 'enabled'
+    # release: enabled and started again; then nothing left to do.
+    assert unit_back(state, units) is units
+    units.enable('re6stnet.service')
+    assert (bin_ / 'active').read_text() == 'active\n'
+    assert unit_back(state, units) is None
+    # A unit that was off before adopt stays off.
+    assert unit_back(dict(state, re6st_unit='disabled'), units) is None
+    # No such unit here: no step at all.
+    (bin_ / 'enabled').write_text('not-found\n')
+    assert 're6stnet.service' not in '\n'.join(adoption().plan())

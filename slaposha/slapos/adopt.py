@@ -15,7 +15,10 @@ idempotent step after the other, so that a run cut short is run again:
    undoes it from there, on whichever host runs the node then;
 2. ``cron``: the entries that run `slapos node ...` are disabled, kept in
    their file (:mod:`slaposha.slapos.cron`): only the owner may run
-   slapgrid, as tasks of the service;
+   slapgrid, as tasks of the service; ``re6st_unit``: where the node has
+   re6st, the host's own ``re6stnet.service`` is stopped and disabled
+   (:mod:`slaposha.slapos.systemd`: the agent runs the node's daemon
+   where the node runs) and its state before recorded;
 3. ``data``: instance_root must be a btrfs subvolume below a btrfs file
    system root (the ``btrfs`` driver replicates it). A folder on btrfs is
    moved into a new subvolume at the same path with ``--convert``, the
@@ -49,6 +52,7 @@ from slaposha.config import NAME_RE
 from slaposha.slapos import cron, identity
 from slaposha.slapos.files import read_ini, set_key, write_atomic
 from slaposha.slapos.node import NodeError, load_node
+from slaposha.slapos.systemd import OFF, RE6ST_UNIT, UnitError, Units
 from slaposha.units import human_bytes
 
 __all__ = ['Adoption', 'AdoptError', 'STATE', 'DEFINITION', 'EXCLUSIVE',
@@ -269,7 +273,7 @@ class Adoption(object):
 
     def __init__(self, cfg, cluster, host, name=None, hosts=None,
                  cron_dir=cron.CRON_DIR, crontab=cron.CRONTAB,
-                 re6st_config='/etc/re6stnet'):
+                 re6st_config='/etc/re6stnet', units=None):
         try:
             self.node = load_node(cfg)
         except NodeError as e:
@@ -305,6 +309,7 @@ class Adoption(object):
         self.entries = cron.entries(cron_dir, crontab)
         self.re6st = re6st_config if os.path.exists(
             os.path.join(re6st_config, 're6stnet.conf')) else None
+        self.units = units or Units()
         self.partitions = self.node.partitions()
         self.state = read_state(self.identity)
         self.slapos = slapos_command(self.entries or kept_entries(self.state))
@@ -402,6 +407,20 @@ class Adoption(object):
                               'y' if len(self.entries) == 1 else 'ies')
                           if self.entries else 'no cron entry runs `slapos'
                           ' node` here'))
+        if self.re6st:
+            try:
+                unit = self.units.state(RE6ST_UNIT)
+            except UnitError as e:
+                steps.append(Step('re6st_unit', False, '%s stopped and'
+                                  ' disabled' % RE6ST_UNIT, str(e)))
+            else:
+                if unit is not None:
+                    steps.append(Step(
+                        're6st_unit', unit[0] in OFF and unit[1] != 'active',
+                        '%s (this host\'s own re6st daemon) stopped and'
+                        ' disabled: the agent runs the node\'s daemon where'
+                        ' the node runs (it is %s, %s)' % (
+                            RE6ST_UNIT, unit[0], unit[1])))
         kind, detail = data_state(self.node.instance_root)
         root = self.node.instance_root
         if kind == 'subvolume':
@@ -559,6 +578,20 @@ class Adoption(object):
             return 'recorded what adopt changes in %s' % os.path.join(
                 self.identity, STATE)
         return None
+
+    def _do_re6st_unit(self):
+        before = self.units.state(RE6ST_UNIT)
+        if before is None:
+            return None
+        if 're6st_unit' not in self.state:  # the original, not a rerun's
+            self.state['re6st_unit'] = before[0]
+            write_state(self.identity, self.state)
+        try:
+            self.units.disable(RE6ST_UNIT)
+        except UnitError as e:
+            raise AdoptError(str(e))
+        return '%s stopped and disabled (it was %s, %s)' % (
+            RE6ST_UNIT, before[0], before[1])
 
     def _do_cron(self):
         changed = cron.disable(self.entries)

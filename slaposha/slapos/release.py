@@ -7,6 +7,8 @@ On the host that ran it last, the service stopped (``slaposha stop``):
   do not load it);
 - the cron entries that adopt disabled come back, or are written back from
   what adopt kept in the identity when the node moved to this host since;
+- the host's own ``re6stnet.service``, which adopt stopped and disabled,
+  is enabled (and started) again here;
 - slapos.cfg's ``input_definition_file`` is as it was, on the host where
   the node was adopted (elsewhere the pinned definition stays: without it
   format would choose other addresses there);
@@ -27,6 +29,7 @@ from slaposha.slapos.adopt import (
     supervisord_pid, write_state)
 from slaposha.slapos.files import set_key, write_atomic
 from slaposha.slapos.node import NodeError, load_node
+from slaposha.slapos.systemd import OFF, RE6ST_UNIT, UnitError, Units
 
 __all__ = ['release']
 
@@ -37,7 +40,7 @@ START_TIMEOUT = 600
 
 def release(cfg, cluster, host, agent=None, apply=False, start=True,
             cron_dir=cron.CRON_DIR, crontab=cron.CRONTAB,
-            timeout=START_TIMEOUT):
+            timeout=START_TIMEOUT, units=None):
     """Give the adopted node back to SlapOS on this host. ``agent(method,
     route, body)`` asks this host's agent (None: no agent answers). Returns
     lines: the plan, or what was done with ``apply``."""
@@ -83,6 +86,7 @@ def release(cfg, cluster, host, agent=None, apply=False, start=True,
                if not any(e.path == p for e in entries)]
     slapos = slapos_command(entries or kept_entries(state))
     restore_cfg = state.get('host') == host
+    unit = unit_back(state, units or Units())
     plan = ['release %s (service %s) on %s: a plain SlapOS node again, no'
             ' data moved' % (node.computer_id, name, host)]
     plan += ['  - ' + n for n in notes]
@@ -100,6 +104,9 @@ def release(cfg, cluster, host, agent=None, apply=False, start=True,
             '(none)') if restore_cfg else 'the pinned definition file is'
          ' kept: it holds the addresses the node has (adopted on %s)'
          % state.get('host'), restore_cfg),
+        ('%s enabled%s again, as it was before adopt (the node\'s re6st'
+         ' daemon from this host)' % (RE6ST_UNIT, ' and started' if start
+                                     else ''), unit is not None),
         ('the node started as SlapOS starts it, no buildout: `%s node format'
          ' --now`, then `node start all`' % slapos, start),
     ]
@@ -127,12 +134,33 @@ def release(cfg, cluster, host, agent=None, apply=False, start=True,
         set_key(node.config_path, 'slapformat', 'input_definition_file',
                 state.get('input_definition_file'))
         done.append('%s: input_definition_file as it was' % node.config_path)
+    if unit is not None:
+        try:
+            unit.enable(RE6ST_UNIT, now=start)
+        except UnitError as e:
+            raise AdoptError(str(e))
+        done.append('%s enabled%s' % (RE6ST_UNIT, ' and started' if start
+                                       else ''))
     state['released'] = {'host': host,
                          'at': time.strftime('%Y-%m-%d %H:%M:%S')}
     write_state(folder, state)
     if start:
         done += _start_node(node, slapos, timeout)
     return done
+
+
+def unit_back(state, units):
+    """``units`` when this host's re6stnet.service must be enabled
+    again (adopt disabled it; it was not off before), else None."""
+    if state.get('re6st_unit') in (None,) + OFF:
+        return None
+    try:
+        unit = units.state(RE6ST_UNIT)
+    except UnitError as e:
+        raise AdoptError(str(e))
+    if unit is None or (unit[0] not in OFF and unit[1] == 'active'):
+        return None
+    return units
 
 
 def _start_node(node, slapos, timeout):
