@@ -370,6 +370,19 @@ def test_who_acts_cannot_be_claimed_in_the_body(env):
                     json={'by': 'alice on hB'})
     assert r.status_code == 200
     assert env.agent.calls[-1][2]['by'] == 'alice on hB'
+    # A relay (the portal) names the user it acts for, after itself.
+    r = env.request('operator', 'POST', '/services/web/freeze',
+                    json={'for': 'alice@site-2'})
+    assert r.status_code == 200
+    cn = pki.cert_name(pki.load_cert(env.certs['operator'][0]))
+    assert env.agent.calls[-1][2]['by'] == 'operator %s for alice@site-2' % cn
+    calls = len(env.agent.calls)
+    for bad in ('', 'x' * 65, 'alice\x1b[31m', 'a/b'):
+        r = env.request('operator', 'POST', '/services/web/freeze',
+                        json={'for': bad})
+        assert r.status_code == 400, bad
+        assert "field 'for' must be a name" in one_line_error(r)
+    assert len(env.agent.calls) == calls
 
 
 # -- bad input ----------------------------------------------------------------

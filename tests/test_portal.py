@@ -342,7 +342,7 @@ def test_portal_shows_both_clusters_relays_actions_and_marks_the_silent_one(
     assert r.json()['message'] == 'web: moving to hB'
     host, name, verb, params = clusters.stand_ins['east'].calls[-1]
     assert (name, verb, params['to'], params['by']) == (
-        'web', 'switch', 'hB', 'operator portal')
+        'web', 'switch', 'hB', 'operator portal for alice-operator')
     # The history is read again when an owner changes.
     clusters.wait(lambda v: v['east']['services'][0]['owner'] == 'hB' and
                   (v['east']['history'] or [{}])[-1].get('to') == 'hB',

@@ -24,6 +24,9 @@ __all__ = ['dispatch', 'ACTIONS', 'MAX_BODY']
 
 ACTIONS = ('start', 'stop', 'switch', 'takeover', 'freeze', 'thaw')
 ACTION_FIELDS = {'to': str, 'by': str, 'force': bool}
+# Who a relay (the portal) acts for: a name the history shows after the
+# relay's own (the HTTPS API's 'for'); never trusted for permissions.
+ON_BEHALF = re.compile(r'^[A-Za-z0-9_.@ -]{1,64}$')
 MAX_BODY = 64 * 1024
 MAX_BY = 200    # characters of who acts, as a peer relays it
 

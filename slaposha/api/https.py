@@ -47,7 +47,8 @@ import threading
 import time
 
 from slaposha import metrics, pki
-from slaposha.api import ApiError, MAX_BODY, _body, dispatch, health
+from slaposha.api import (
+    ACTION_FIELDS, ON_BEHALF, ApiError, MAX_BODY, _body, dispatch, health)
 from slaposha.api.server import BoundedServer, RequestHandler, limits_of
 from slaposha.cluster.etcd import EtcdError
 from slaposha.config import CLUSTER_SCHEMA, ConfigError
@@ -286,7 +287,12 @@ class _Handler(RequestHandler):
         if raw and ctype.strip().lower() not in ('', 'application/json'):
             raise ApiError(415, 'the body must be application/json (got %s)'
                            % cut(ctype))
-        body = _body(raw)
+        body = _body(raw, dict(ACTION_FIELDS, **{'for': str}))
+        behalf = body.pop('for', None)
+        if behalf is not None and not ON_BEHALF.match(behalf):
+            raise ApiError(400, 'field \'for\' must be a name of at most 64'
+                           ' letters, digits, spaces or "_.@-" (got %s)'
+                           % cut(behalf))
         if who.role == pki.HOST_ROLE:
             # A peer relays an operator's action: it names who.
             body.setdefault('by', 'host %s' % who.name)
@@ -295,6 +301,8 @@ class _Handler(RequestHandler):
                 raise ApiError(400, 'unknown field \'by\': who acts is'
                                ' taken from the client certificate')
             body['by'] = '%s %s' % (who.role, who.name)
+        if behalf is not None:
+            body['by'] += ' for %s' % behalf
         return dispatch(self.server.api.agent, 'POST', '/services/%s/%s'
                         % (params['name'], params['action']),
                         json.dumps(body).encode())

@@ -22,12 +22,14 @@ and when.
 """
 
 import logging
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
-from slaposha.api.client import ApiClient, ApiError, ApiUnreachable
+from slaposha.api.client import (
+    ApiClient, ApiError, ApiRefused, ApiUnreachable)
 from slaposha.inputs import one_line
 
 __all__ = ['ClusterFeed', 'ACTING_ROLES', 'certificate_may_act']
@@ -293,12 +295,15 @@ class ClusterFeed(object):
                 order.append(url)
         return order
 
-    def act(self, service, verb, to=None, force=False):
+    def act(self, service, verb, to=None, force=False, behalf=None):
         """(url, the agent's one-line message) of an action; raises
         ApiRefused when the agent refuses it, ApiUnreachable when none
         answers. A takeover goes to the agent of ``to`` (agents take a
-        service over to themselves)."""
+        service over to themselves). ``behalf``: the portal's user, whom
+        the cluster's history names after the portal's certificate."""
         body = {'force': True} if force else {}
+        if behalf:
+            body['for'] = re.sub(r'[^A-Za-z0-9_.@ -]', '-', behalf)[:64]
         if verb == 'takeover':
             url = self.endpoint_of(to)
             if url is None:
@@ -318,8 +323,17 @@ class ClusterFeed(object):
                 break
             try:
                 with self._client(url, left) as client:
-                    answer = client.request('POST', '/services/%s/%s'
-                                            % (service, verb), body)
+                    try:
+                        answer = client.request('POST', '/services/%s/%s'
+                                                % (service, verb), body)
+                    except ApiRefused as e:
+                        # An agent older than 'for': the action without.
+                        if 'for' not in body or 'unknown field' not in \
+                                e.message:
+                            raise
+                        body.pop('for')
+                        answer = client.request('POST', '/services/%s/%s'
+                                                % (service, verb), body)
                 return url, answer.get('message', '')
             except ApiUnreachable as e:
                 error = e   # the intent is idempotent: the next agent

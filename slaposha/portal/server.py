@@ -418,7 +418,8 @@ class Portal(object):
         what = '%s %s on %s%s' % (verb, name, cluster,
                                   ' to %s' % to if to else '')
         try:
-            url, message = feed.act(name, verb, to, bool(body.get('force')))
+            url, message = feed.act(name, verb, to, bool(body.get('force')),
+                                    behalf=who.name)
         except ApiRefused as e:
             logger.info('portal: %s: %s: refused: %s', who, what, e.message)
             status = e.status if e.status in (400, 404, 409) else 502
