@@ -410,7 +410,9 @@ class Agent(object):
         - it has no copy at all (neither the live data nor a complete
           copy) while an owner was seen with the data: taking over would
           start the service on empty data, whatever the timings;
-        - with ``[service] max_lag``, its copy is older than that. The lag
+        - with ``[service] max_lag``, its copy is older than that, or it
+          has none: only the data itself, never copied (a first start),
+          may start without one, before any owner was seen. The lag
           that counts is the one measured while the owner was alive: after
           its loss the copy cannot get fresher, and a short outage must not
           make it ineligible.
@@ -425,9 +427,18 @@ class Agent(object):
                 seconds, snapshot = res.lag()
                 slot.lags[res.rid] = seconds
             seconds = slot.lags[res.rid]
-            if seconds is None:
-                if max_lag is not None or (
-                        slot.owner_had_data and not res.volume.exists()):
+            if seconds is None and res.volume.exists():
+                # The data itself, never a copy: a first start may use it;
+                # once an owner ran the service elsewhere, its age is
+                # unknown, which max_lag does not allow.
+                if max_lag is not None and slot.owner_had_data:
+                    problems.append('%s: %s here is no copy of the owner\'s'
+                                    ' data: its age is unknown (max_lag'
+                                    ' %gs); `slaposha takeover --force`'
+                                    ' overrides' % (res.rid, res.volume.path,
+                                                    max_lag))
+            elif seconds is None:
+                if max_lag is not None or slot.owner_had_data:
                     problems.append('%s: no copy of %s here yet; `slaposha'
                                     ' takeover --force` overrides' % (
                                         res.rid, res.volume.path))

@@ -88,3 +88,41 @@ def test_takeover_keeps_the_replicated_data(make_lab):
     finally:
         for host in ('hA', 'hB'):
             lc.stop_agent(host)
+
+
+def test_max_lag_lets_a_fresh_service_start_where_its_data_is(make_lab):
+    """max_lag keeps a standby with an old copy (or none) from taking over;
+    the host with the service's original data, never copied, still starts
+    it the first time (before, every host said "no copy here yet" and the
+    service ran nowhere); the standby becomes eligible once it has a
+    copy."""
+    lab = make_lab(['hA', 'hB', 'hW'], paths=LAB_PATHS)
+    ReplicationLab(lab, disk_size='256M')
+    writer = lab.workdir + '/writer.py'
+    with open(writer, 'w') as f:
+        f.write(WRITER)
+    service = SERVICE.replace('hosts = hA hB', 'hosts = hB hA\n    max_lag = 5s')
+    lc = LabCluster(lab, ['hA', 'hB'], ['hW'], tls=True,
+                    services={'web': service % (VOL, writer)}, settings='''
+                    [agent]
+                    monitor_interval = 0.5
+                    ''').start()
+    try:
+        # hB is preferred but has no copy: hA, where the data is, starts it.
+        wait_for(lambda: lc.owner('web', 'hW')[0] == 'hA', 40, interval=0.5,
+                 what='hA owning web')
+        out = lc.cli('hB', 'status', check=False).stdout
+        assert 'no copy of %s here yet' % VOL in out, out
+        wait_for(lambda: len(records(lab, 'hA')) > 10, 20,
+                 what='the writer appending on hA')
+        # Once hB has a fresh copy it may take the service over.
+        def eligible():
+            out = lc.cli('hB', 'status', check=False).stdout
+            return 'web' in out and 'not eligible' not in out
+        wait_for(eligible, 30, interval=0.5, what='hB eligible with a copy')
+        lab.crash('hA')
+        wait_for(lambda: lc.owner('web', 'hW')[0] == 'hB', 30, interval=0.2,
+                 what='hB taking web over')
+    finally:
+        for host in ('hA', 'hB'):
+            lc.stop_agent(host)
