@@ -298,3 +298,44 @@ def test_check_without_an_agent_says_how_in_one_line(tmp_path, slaposha_cmd):
     assert p.returncode == 2
     assert p.stderr.count('\n') == 1 and 'Traceback' not in p.stderr
     assert 'agent' in p.stderr, p.stderr
+
+
+def test_the_first_line_of_status_says_what_is_wrong_and_where():
+    from slaposha.cli.status import problems, render
+    node = {'owner': 'hB', 'token': 7, 'orchestrate': 'ha',
+            'hosts': ['hA', 'hB', 'hC'],
+            'resources': [['btrfs#slapgrid', 'up', 'hA: 0.3 s old'],
+                          ['slapos#node', 'warn', 'degraded: slappart2 set'
+                           ' aside since 12:00:01: its folder is missing']],
+            'on': {'hB': {'state': 'running'}}}
+    web = {'owner': None, 'hosts': ['hA', 'hB'], 'resources': [],
+           'on': {'hA': {'state': 'stopped', 'decision': [
+               0, 'wait', 'no live host can run it: hB failed it']}}}
+    status = {'cluster': 'c', 'etcd': 'ok', 'host': 'hB', 'local': {},
+              'hosts': {'hA': {'alive': True, 'ineligible': {
+                  'node': 'software release http://x/sr.cfg is missing'}},
+                        'hB': {'alive': True, 'failed': ['web']},
+                        'hC': {'alive': False},
+                        'hW': {'alive': True, 'role': 'witness'}},
+              'services': {'node': node, 'web': web}}
+    first = render(status)[0]
+    assert first == (
+        'cluster c   etcd ok   (seen from hB)   ! 5 problem(s): host hC down;'
+        ' node warn on hB: slapos#node degraded: slappart2 set aside since'
+        ' 12:00:01: its folder is missing; node not eligible on hA: software'
+        ' release http://x/sr.cfg is missing (and 2 more)')
+    assert problems(status)[3:] == [
+        'web down: no live host can run it: hB failed it',
+        'web failed on hB']
+    # Stopped on purpose is not a problem; every host back: ok.
+    web['target'] = {'state': 'stopped'}
+    node['resources'][1][1] = 'up'
+    status['hosts']['hA'].pop('ineligible')
+    status['hosts']['hC']['alive'] = True
+    assert render(status)[0].endswith(
+        '(seen from hB)   ok: 1 of 2 service(s) running, every host alive')
+    # etcd out of reach: said once, nothing claimed fine.
+    bad = {'cluster': 'c', 'etcd': 'cannot read the cluster: timeout',
+           'host': 'hB', 'local': {}}
+    assert render(bad)[0] == 'cluster c   etcd cannot read the cluster:' \
+        ' timeout   (seen from hB)'

@@ -2,7 +2,10 @@
 
 import time
 
-__all__ = ['render', 'service_state']
+__all__ = ['render', 'service_state', 'problems', 'verdict']
+
+# Characters of one problem in the verdict line.
+ITEM = 120
 
 
 def _when(decision):
@@ -27,6 +30,74 @@ def service_state(svc):
     return 'up'
 
 
+def _short(text):
+    text = ' '.join(str(text).split())
+    return text if len(text) <= ITEM else text[:ITEM - 3] + '...'
+
+
+def problems(status, etcd=True):
+    """What is wrong and where, one short item each: etcd, this agent's
+    lease, hosts down or that cannot run services, services down, degraded
+    (the first resource not up, on its owner), not eligible on a live host
+    or failed there, a move in progress (``etcd``: and etcd itself)."""
+    found = []
+    if etcd and status.get('etcd', 'ok') != 'ok':
+        found.append('etcd: %s' % status['etcd'])
+    local = status.get('local') or {}
+    lease = local.get('lease')
+    if lease and not lease.get('valid'):
+        found.append('%s: lease lost%s' % (status.get('host'), ': %s' % lease[
+            'lost'] if lease.get('lost') else ''))
+    hosts = status.get('hosts') or {}
+    for name, h in sorted(hosts.items()):
+        if not h.get('alive'):
+            found.append('%s %s down' % (h.get('role', 'host'), name))
+        elif h.get('cannot_run'):
+            found.append('host %s: its agent %s' % (name, h['cannot_run']))
+    for name, svc in sorted((status.get('services') or {}).items()):
+        state = service_state(svc)
+        owner = svc.get('owner')
+        if state == 'down' and not owner:
+            if (svc.get('target') or {}).get('state') == 'stopped' or \
+                    svc.get('frozen'):
+                continue  # stopped or frozen on purpose
+            why = [on['decision'][2] for on in (svc.get('on') or {}).values()
+                   if on and on.get('decision')]
+            found.append('%s down%s' % (name, ': %s' % why[0] if why else ''))
+        elif state in ('down', 'warn'):
+            bad = [(rid, st, msg) for rid, st, msg in svc.get('resources')
+                   or [] if st in ('down', 'warn')]
+            found.append('%s %s on %s%s' % (name, state, owner, ': %s %s' % (
+                bad[0][0], bad[0][2]) if bad else ''))
+        if svc.get('switch'):
+            found.append('%s: switch to %s in progress' % (
+                name, svc['switch'].get('to')))
+        for host in svc.get('hosts') or ():
+            h = hosts.get(host) or {}
+            if host == owner or not h.get('alive'):
+                continue
+            why = (h.get('ineligible') or {}).get(name)
+            if why:
+                found.append('%s not eligible on %s: %s' % (name, host, why))
+            elif name in (h.get('failed') or ()):
+                found.append('%s failed on %s' % (name, host))
+    return [_short(item) for item in found]
+
+
+def verdict(status, etcd=True):
+    """One line: 'ok: ...' or '! N problem(s): ...', the worst first."""
+    found = problems(status, etcd)
+    if not found:
+        services = status.get('services')
+        if services is None:
+            return ''  # etcd out of reach: nothing known to be fine
+        up = sum(1 for svc in services.values() if svc.get('owner'))
+        return 'ok: %d of %d service(s) running, every host alive' % (
+            up, len(services))
+    more = ' (and %d more)' % (len(found) - 3) if len(found) > 3 else ''
+    return '! %d problem(s): %s%s' % (len(found), '; '.join(found[:3]), more)
+
+
 def _intent_text(label, intent):
     if not intent:
         return None
@@ -43,8 +114,9 @@ def render(status, only=None):
     """Lines of the tree for a /status answer."""
     lines = []
     local = status.get('local', {})
-    lines.append('cluster %s   etcd %s   (seen from %s)' % (
-        status.get('cluster'), status.get('etcd'), status.get('host')))
+    lines.append(('cluster %s   etcd %s   (seen from %s)   %s' % (
+        status.get('cluster'), status.get('etcd'), status.get('host'),
+        verdict(status, etcd=False))).rstrip())
     lease = local.get('lease')
     if lease:
         lines.append('  lease %s %s, %.1f s left%s' % (
