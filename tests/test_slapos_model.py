@@ -317,14 +317,20 @@ def test_the_first_line_of_status_says_what_is_wrong_and_where():
                         'hB': {'alive': True, 'failed': ['web']},
                         'hC': {'alive': False},
                         'hW': {'alive': True, 'role': 'witness'}},
-              'services': {'node': node, 'web': web}}
+              'services': {'node': node, 'web': web},
+              'etcd_members': [
+                  {'name': 'hA', 'reachable': True},
+                  {'name': 'hC', 'reachable': False, 'error': 'refused'},
+                  {'name': 'hW', 'reachable': False, 'error': 'timed out'}]}
     first = render(status)[0]
     assert first == (
-        'cluster c   etcd ok   (seen from hB)   ! 5 problem(s): host hC down;'
-        ' node warn on hB: slapos#node degraded: slappart2 set aside since'
-        ' 12:00:01: its folder is missing; node not eligible on hA: software'
-        ' release http://x/sr.cfg is missing (and 2 more)')
+        'cluster c   etcd ok   (seen from hB)   ! 6 problem(s): host hC down;'
+        ' etcd member hW out of reach: timed out; node warn on hB:'
+        ' slapos#node degraded: slappart2 set aside since 12:00:01: its'
+        ' folder is missing (and 3 more)')
     assert problems(status)[3:] == [
+        'node not eligible on hA: software release http://x/sr.cfg is'
+        ' missing',
         'web down: no live host can run it: hB failed it',
         'web failed on hB']
     # Stopped on purpose is not a problem; every host back: ok.
@@ -332,6 +338,7 @@ def test_the_first_line_of_status_says_what_is_wrong_and_where():
     node['resources'][1][1] = 'up'
     status['hosts']['hA'].pop('ineligible')
     status['hosts']['hC']['alive'] = True
+    status['etcd_members'] = [{'name': 'hW', 'reachable': True}]
     assert render(status)[0].endswith(
         '(seen from hB)   ok: 1 of 2 service(s) running, every host alive')
     # etcd out of reach: said once, nothing claimed fine.

@@ -49,11 +49,19 @@ def problems(status, etcd=True):
         found.append('%s: lease lost%s' % (status.get('host'), ': %s' % lease[
             'lost'] if lease.get('lost') else ''))
     hosts = status.get('hosts') or {}
+    down = set()
     for name, h in sorted(hosts.items()):
+        if h.get('role') == 'witness':
+            continue  # no agent: its etcd member says (below)
         if not h.get('alive'):
-            found.append('%s %s down' % (h.get('role', 'host'), name))
+            down.add(name)
+            found.append('host %s down' % name)
         elif h.get('cannot_run'):
             found.append('host %s: its agent %s' % (name, h['cannot_run']))
+    for member in status.get('etcd_members') or ():
+        if member.get('reachable') is False and member.get('name') not in down:
+            found.append('etcd member %s out of reach: %s' % (
+                member.get('name'), member.get('error')))
     for name, svc in sorted((status.get('services') or {}).items()):
         state = service_state(svc)
         owner = svc.get('owner')
