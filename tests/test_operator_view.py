@@ -228,7 +228,10 @@ def test_mon_frame_names_owner_standby_and_takeovers():
     history = [{'service': 'web', 'kind': 'takeover', 'from': 'hB',
                 'to': 'hA', 'token': 40, 'running': time.time(),
                 'duration': 0.42}]
-    text = '\n'.join(frame(status, history))
+    lines = frame(status, history)
+    # The verdict under the title: what is wrong and where.
+    assert lines[1] == '! 1 problem(s): etcd member hW out of reach: no answer'
+    text = '\n'.join(lines)
     assert 'web        up       owner hA token 40' in text
     assert re.search(r'hA +owner +running .* start: took it', text)
     assert re.search(r'hB +eligible +stopped .*standby: hA owns it'

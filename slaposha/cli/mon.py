@@ -11,7 +11,7 @@ the stream. Plain ANSI (cursor home, erase line), no curses.
 
 import time
 
-from slaposha.cli.status import service_state
+from slaposha.cli.status import service_state, verdict
 from slaposha.inputs import one_line
 from slaposha.units import human_seconds
 
@@ -34,6 +34,9 @@ def frame(status, history=None, note=None):
     lines = ['cluster %s   seen from %s at %s   etcd %s%s' % (
         status.get('cluster'), status.get('host'), _clock(local.get('time')),
         status.get('etcd'), '   [%s]' % note if note else '')]
+    said = verdict(status, etcd=False)
+    if said:
+        lines.append(said)
     hosts = status.get('hosts')
     lines.append('')
     lines.append('HOSTS')
