@@ -385,7 +385,9 @@ def test_portal_shows_both_clusters_relays_actions_and_marks_the_silent_one(
                          clusters.apis[other].url and
                          cut_off in v['east']['problems'] and v,
                          'east seen from %s' % other)
-    assert view['east']['problems'] == ['web is frozen', cut_off]
+    assert view['east']['problems'] == [
+        'web frozen by operator portal for alice-operator: the agents'
+        ' neither start nor move it', cut_off]
     assert [s['name'] for s in view['east']['services']] == ['web']
     east_agent.etcd = 'ok'
 

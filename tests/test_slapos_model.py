@@ -341,6 +341,10 @@ def test_the_first_line_of_status_says_what_is_wrong_and_where():
     status['etcd_members'] = [{'name': 'hW', 'reachable': True}]
     assert render(status)[0].endswith(
         '(seen from hB)   ok: 1 of 2 service(s) running, every host alive')
+    # Frozen: no failover, said.
+    web['frozen'] = {'by': 'admin bob', 'at': 1.0}
+    assert problems(status) == [
+        'web frozen by admin bob: the agents neither start nor move it']
     # etcd out of reach: said once, nothing claimed fine.
     bad = {'cluster': 'c', 'etcd': 'cannot read the cluster: timeout',
            'host': 'hB', 'local': {}}

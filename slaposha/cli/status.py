@@ -38,8 +38,9 @@ def _short(text):
 def problems(status, etcd=True):
     """What is wrong and where, one short item each: etcd, this agent's
     lease, hosts down or that cannot run services, services down, degraded
-    (the first resource not up, on its owner), not eligible on a live host
-    or failed there, a move in progress (``etcd``: and etcd itself)."""
+    (the first resource not up, on its owner), frozen, not eligible on a
+    live host or failed there, a move in progress (``etcd``: and etcd
+    itself)."""
     found = []
     if etcd and status.get('etcd', 'ok') != 'ok':
         found.append('etcd: %s' % status['etcd'])
@@ -65,6 +66,11 @@ def problems(status, etcd=True):
     for name, svc in sorted((status.get('services') or {}).items()):
         state = service_state(svc)
         owner = svc.get('owner')
+        frozen = svc.get('frozen')
+        if frozen:
+            found.append('%s frozen%s: the agents neither start nor move it'
+                         % (name, ' by %s' % frozen['by']
+                            if frozen.get('by') else ''))
         if state == 'down' and not owner:
             if (svc.get('target') or {}).get('state') == 'stopped' or \
                     svc.get('frozen'):

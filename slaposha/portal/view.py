@@ -9,7 +9,7 @@ or ``ok``. A service is ``up``, ``warn``, ``down`` or ``starting`` (as
 ``slaposha status`` says), and may be frozen.
 """
 
-from slaposha.cli.status import service_state
+from slaposha.cli.status import problems as status_problems, service_state
 from slaposha.portal.feed import certificate_may_act
 
 __all__ = ['cluster_view', 'service_view', 'select', 'Filters',
@@ -27,16 +27,6 @@ def _locals_by_host(snap):
         if isinstance(local, dict) and local.get('host'):
             found[local['host']] = (local, answer['at'])
     return found
-
-
-def _state_line(svc):
-    """Why a service is not up, as a few words."""
-    if not svc.get('owner'):
-        return 'not running anywhere'
-    for rid, state, message in svc.get('resources') or []:
-        if state in ('down', 'warn'):
-            return '%s %s: %s' % (rid, state, message)
-    return 'starting on %s' % svc['owner']
 
 
 def service_view(name, svc, status, locals_by_host):
@@ -99,7 +89,6 @@ def cluster_view(snap, history_kept=20, user_may_act=False):
     locals_by_host = _locals_by_host(snap)
     problems = entry['problems']
     for name, h in (status.get('hosts') or {}).items():
-        witness = h.get('role') == 'witness'
         local = locals_by_host.get(name, (None, None))[0] or {}
         entry['hosts'].append({
             'name': name, 'role': h.get('role'), 'address': h.get('address'),
@@ -107,23 +96,18 @@ def cluster_view(snap, history_kept=20, user_may_act=False):
             'ineligible': h.get('ineligible') or {},
             'cannot_run': h.get('cannot_run'), 'lease': local.get('lease'),
         })
-        if not witness and not h.get('alive'):
-            problems.append('host %s is down' % name)
-        if h.get('cannot_run'):
-            problems.append('host %s: its agent %s' % (name, h['cannot_run']))
     if snap['status'] is not None and status.get('etcd') != 'ok':
         problems.append('etcd, seen from %s: %s' % (status.get('host'),
                                                     status.get('etcd')))
-    for name, svc in (status.get('services') or {}).items():
-        if not isinstance(svc, dict):
-            continue
-        view = service_view(name, svc, status, locals_by_host)
-        entry['services'].append(view)
-        if view['frozen']:
-            problems.append('%s is frozen' % name)
-        if view['state'] != 'up':
-            problems.append('%s is %s: %s' % (name, view['state'],
-                                              _state_line(svc)))
+    services = {name: svc for name, svc in
+                (status.get('services') or {}).items()
+                if isinstance(svc, dict)}
+    # What is wrong and where, as `slaposha status` says it.
+    problems.extend(status_problems(dict(status, services=services),
+                                    etcd=False))
+    for name, svc in services.items():
+        entry['services'].append(service_view(name, svc, status,
+                                              locals_by_host))
     if not snap['unreachable']:
         for agent in entry['agents']:
             if agent['error']:
