@@ -612,3 +612,34 @@ def test_progress_of_a_full_copy(pair):
     middle = going[len(going) // 2]
     print('\nprogress: %s; at the end: %s in %.2f s' % (
         middle['text'], last['text'], last['seconds']))
+
+
+@lab
+def test_planned_switches_under_writes_set_nothing_aside(pair):
+    """A planned switch (the writer stops, the owner sends a last snapshot,
+    the target promotes it) loses nothing, so it keeps nothing aside: the
+    old owner's volume gives way to the new owner's stream without a
+    diverged copy, round after round."""
+    pair.receiver('hA')
+    pair.receiver('hB')
+    source, token, total = 'hA', 10, 0
+    for round in range(16):
+        target = pair.other(source)
+        if round:
+            said = pair.promote(source)
+            assert 'aside' not in said, said
+        writer, acks = pair.appender(source, size=110, rate=200)
+        owner, report = pair.owner(source, token=token, interval=0.3)
+        wait_cycles(pair, source, token, target, 3)
+        time.sleep(random.uniform(0, 0.3))
+        writer.terminate()
+        writer.wait(10)
+        owner.terminate()
+        assert owner.wait(30) == 0
+        stopped = read_report(report)[-1]
+        assert stopped.get('stopped'), stopped
+        for host in ('hA', 'hB'):
+            diverged = pair.status(host)['diverged']
+            assert diverged == [], (round, host, [d["reason"] for d in diverged],
+                                    pair.log(host)[-2000:])
+        source, token = target, token + 10
