@@ -50,6 +50,16 @@ def test_takeover_keeps_the_replicated_data(make_lab):
         tree = wait_for(replicated, 60, interval=0.5,
                         what='the owner replicating to hB')
         assert 'app#writer     up' in tree, tree
+        # A subvolume made inside the volume is not in its snapshots: the
+        # owner's status says so, naming it.
+        lab['hA'].run(['btrfs', 'subvolume', 'create', VOL + '/cache'])
+        tree = wait_for(lambda: 'not replicated: cache, nested subvolume' in
+                        lc.cli('hB', 'status', check=False).stdout and
+                        lc.cli('hB', 'status').stdout, 30, interval=0.5,
+                        what='the nested subvolume in the status')
+        assert 'btrfs#data     warn  not replicated: cache' in tree, tree
+        assert '! 1 problem(s): web warn on hA: btrfs#data not replicated:' \
+            ' cache' in tree.splitlines()[0], tree
         time.sleep(2)
         lab.crash('hA')
         crashed = time.monotonic()

@@ -66,6 +66,8 @@ when a standby did not get the last snapshot, or its copy is older than
 """
 
 import logging
+import os
+import subprocess
 import threading
 import time
 
@@ -136,6 +138,7 @@ class Btrfs(DataResource):
         self.sent = {}
         # Given each Cycle the pacer reports (the lab's owner records them).
         self.observers = []
+        self._nested = ([], 0.0)   # (nested subvolumes, next look)
         self._reported = threading.Lock()  # the pacer's threads report
 
     # -- what the agent gives -------------------------------------------------
@@ -272,6 +275,15 @@ class Btrfs(DataResource):
             return Status(WARN, 'no standby to send %s to'
                           % self.volume.path)
         warn, parts = False, []
+        nested = self.nested()
+        if nested:
+            warn = True
+            parts.append('not replicated: %s, nested subvolume%s (a btrfs'
+                         ' snapshot stops at a subvolume: make %s a folder)'
+                         % (', '.join(nested[:3]) + (' and %d more' % (
+                             len(nested) - 3) if len(nested) > 3 else ''),
+                            's' if len(nested) > 1 else '',
+                            'them' if len(nested) > 1 else 'it'))
         for peer in self.peers:
             lag, name = self.sender.lag(peer.name)
             last = self.sender.last.get(peer.name)
@@ -306,6 +318,17 @@ class Btrfs(DataResource):
                                                  human_bytes(sent)))
         return Status(WARN if warn else UP, '; '.join(parts))
 
+    def nested(self):
+        """The subvolumes inside the volume (paths below it), looked for
+        every NESTED_EVERY seconds: snapshots, so the standbys, have an
+        empty folder in their place."""
+        found, due = self._nested
+        now = time.monotonic()
+        if now >= due:
+            found = nested_subvolumes(self.volume)
+            self._nested = (found, now + NESTED_EVERY)
+        return found
+
     def standby_status(self):
         """On a host where the service does not run: the age of its copy
         and what diverged copies were kept aside."""
@@ -317,3 +340,32 @@ class Btrfs(DataResource):
         return self._copy_status(
             'copy %s' % name, lag, diverged, missing=name is None and
             'no copy of %s here' % self.volume.path)
+
+
+# Seconds between two looks for subvolumes inside a volume (a `btrfs
+# subvolume list`, a few milliseconds).
+NESTED_EVERY = 10.0
+
+
+def nested_subvolumes(volume):
+    """Paths, relative to ``volume``, of the subvolumes directly inside it
+    (``btrfs subvolume list -o``); [] when it cannot be told."""
+    try:
+        p = subprocess.run(['btrfs', 'subvolume', 'list', '-o', volume.path],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                           universal_newlines=True, timeout=10)
+        own = os.path.relpath(volume.path, volume.root)
+    except (OSError, subprocess.TimeoutExpired, ReplicationError):
+        return []
+    if p.returncode:
+        return []
+    found = []
+    for line in p.stdout.splitlines():
+        path = line.partition(' path ')[2].strip()
+        if path.startswith('<FS_TREE>/'):
+            path = path[len('<FS_TREE>/'):]
+        if path.startswith(own + '/'):
+            path = path[len(own) + 1:]
+        if path:
+            found.append(path)
+    return sorted(found)
