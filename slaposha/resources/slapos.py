@@ -171,13 +171,11 @@ class Slapos(Resource):
             lines.append(line)
         if not lines:
             return
-        p = subprocess.run(['ip', '-force', '-batch', '-'],
-                           input='\n'.join(lines) + '\n',
-                           universal_newlines=True, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE)
-        if p.returncode and verb == 'replace':
+        failed = _ip_batch(['ip', '-force', '-batch', '-'],
+                           '\n'.join(lines) + '\n')
+        if failed and verb == 'replace':
             raise ResourceError('%s: cannot add partition addresses: %s'
-                                % (self.rid, p.stderr.strip()[-300:]))
+                                % (self.rid, failed))
 
     def _ranges(self, verb, networks):
         """Route (``replace``) or stop routing (``del``) each partition's
@@ -193,13 +191,11 @@ class Slapos(Resource):
                 raise ResourceError('%s: cannot allow binding the partitions\''
                                     ' IPv6 ranges (net.ipv6.ip_nonlocal_bind):'
                                     ' %s' % (self.rid, e.strerror or e))
-        p = subprocess.run(['ip', '-6', '-force', '-batch', '-'], input=''.join(
-            'route %s local %s dev lo\n' % (verb, net) for net in networks),
-            universal_newlines=True, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE)
-        if p.returncode and verb == 'replace':
+        failed = _ip_batch(['ip', '-6', '-force', '-batch', '-'], ''.join(
+            'route %s local %s dev lo\n' % (verb, net) for net in networks))
+        if failed and verb == 'replace':
             raise ResourceError('%s: cannot route the partitions\' IPv6 ranges:'
-                                ' %s' % (self.rid, p.stderr.strip()[-300:]))
+                                ' %s' % (self.rid, failed))
 
     def _node_ranges(self, node):
         try:
@@ -553,6 +549,21 @@ class Slapos(Resource):
                 '; '.join(wrong[:3]), ' (and %d more)' % (len(wrong) - 3)
                 if len(wrong) > 3 else '', text), details)
         return Status(UP, text, details)
+
+
+def _ip_batch(argv, commands, timeout=30):
+    """Run ``ip -batch``; what went wrong in one line, or None."""
+    try:
+        p = subprocess.run(argv, input=commands, universal_newlines=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return 'ip did not answer within %d s' % timeout
+    except OSError as e:
+        return 'ip: %s' % (e.strerror or e)
+    if p.returncode:
+        return p.stderr.strip()[-300:] or 'ip: exit code %d' % p.returncode
+    return None
 
 
 def _children(pid):
