@@ -44,7 +44,7 @@ import time
 
 from slaposha import __version__, history, intents, placement
 from slaposha.cgroup import Cgroup, CgroupError, own_cgroup
-from slaposha.cluster.etcd import Client, EtcdError
+from slaposha.cluster.etcd import Client, Compare, EtcdError, Op
 from slaposha.cluster.lease import HostLease, Membership, Ownership, keys
 from slaposha.cluster.member import EtcdMember
 from slaposha.cluster.view import EtcdView
@@ -649,9 +649,8 @@ class Agent(object):
                 blocked.append(why)
             return why is None
         switch = view.switch
-        if switch and time.time() - (switch.get('at') or 0) > \
-                slot.conf.stop_timeout + slot.conf.start_timeout:
-            switch = None  # it never happened: back to the preferences
+        if switch and self._switch_lost(slot, switch, alive):
+            switch = None  # given up: back to the preferences
         if switch and switch.get('to') in hosts and switch['to'] in alive \
                 and free(switch['to']):
             return switch['to'], 'an operator switched it to %s' % switch['to']
@@ -704,7 +703,7 @@ class Agent(object):
                 slot.token = None
                 self._stop_service(slot, release=False)
                 return
-            self._owned(slot, view)
+            self._owned(slot, view, alive)
             return
         if owner_kv is not None:
             if slot.state != STOPPED:
@@ -744,13 +743,80 @@ class Agent(object):
         slot.token = token
         slot.owner = self.host
         slot.owner_token = token
+        switch = view.switch
+        abandoned = switch and switch.get('to') not in (None, self.host)
+        if abandoned:
+            # Chosen instead of the switch's host: the switch is over.
+            self._abandon(slot, switch, self._switch_lost(
+                slot, switch, alive) or '%s did not take it' % switch['to'])
         self._start_service(slot, 'took the owner key with token %d: %s'
                             % (token, reason))
         if slot.state == RUNNING and view.switch and \
                 view.switch.get('to') == self.host:
             intents.clear(self.client, self.keys, slot.service.name, 'switch')
-        if slot.state == RUNNING:
+        if slot.state == RUNNING and not abandoned:
             self._record_move(slot, view)
+
+    def _switch_deadline(self, slot, switch):
+        """When a switch must be done (wall clock): the service's
+        stop_timeout + start_timeout after it was asked."""
+        at = switch.get('at')
+        if not isinstance(at, (int, float)):
+            return time.time()
+        return at + slot.conf.stop_timeout + slot.conf.start_timeout
+
+    def _switch_lost(self, slot, switch, alive):
+        """Why a switch that is not done yet will never be, or None: its
+        host is gone (no lease) or failed it, or its deadline passed."""
+        to = switch.get('to')
+        if to is None:
+            return 'unreadable'
+        health = alive.get(to)
+        if health is None:
+            return '%s is not alive (no agent holds a lease there)' % to
+        if slot.service.name in health.get('failed', ()):
+            return '%s failed to start it' % to
+        if health.get('cannot_run'):
+            return '%s cannot run it' % to
+        if time.time() > self._switch_deadline(slot, switch):
+            return 'not running on %s within %g s (stop_timeout +' \
+                ' start_timeout)' % (to, slot.conf.stop_timeout +
+                                     slot.conf.start_timeout)
+        return None
+
+    def _abandon(self, slot, switch, reason, outcome='it runs here'):
+        """Give up a switch (or an operator's takeover) while we own the
+        service: the intent goes and a record of why goes into the history,
+        in one transaction under our token, and only if the intent is still
+        the one given up (a newer request stays). It never resurfaces."""
+        name = slot.service.name
+        now = time.time()
+        since = switch.get('at') if isinstance(switch.get('at'),
+                                               (int, float)) else now
+        self.decide(slot, 'abandon', 'the switch to %s asked by %s is'
+                    ' abandoned after %.1f s: %s; %s' % (
+                        switch.get('to'), intents.who(switch), now - since,
+                        reason, outcome))
+        key = self.keys.service(name, 'switch')
+        entry = {'service': name, 'kind': 'abandoned',
+                 'from': self.host, 'to': str(switch.get('to')),
+                 'token': slot.token, 'since': since, 'running': now,
+                 'duration': round(max(0.0, now - since), 3),
+                 'by': switch.get('by'), 'reason': reason}
+        try:
+            kept = history.record(
+                self.client, self.keys, slot.ownership.guard(slot.token),
+                entry, self.cluster.agent.history_kept,
+                compare=[Compare.value(key, '==', json.dumps(
+                    switch, sort_keys=True))], ops=[Op.delete(key)])
+        except EtcdError as e:
+            logger.warning('service %s: the abandoned switch is not'
+                           ' cleared yet: %s', name, e)
+            return
+        if not kept:
+            logger.info('service %s: the switch changed meanwhile (or we'
+                        ' no longer own it): left as it is', name)
+        slot.view = slot.view._replace(switch=None)
 
     def _refused(self, slot):
         """Why the owner key was not ours to take, as one line."""
@@ -838,7 +904,7 @@ class Agent(object):
                 self.decide(slot, 'eligible', 'this host matches the owner'
                             ' and may take it over')
 
-    def _owned(self, slot, view):
+    def _owned(self, slot, view, alive):
         name = slot.service.name
         if view.frozen:
             self.decide(slot, 'frozen', 'left as it is (%s): frozen by %s'
@@ -860,10 +926,16 @@ class Agent(object):
             return
         switch = view.switch
         if switch and switch.get('to') not in (None, self.host):
-            self.decide(slot, 'switch', 'moving it to %s, as %s asked' % (
-                switch['to'], intents.who(switch)))
-            self._stop_service(slot, release=True)
-            return
+            lost = self._switch_lost(slot, switch, alive)
+            if lost is None:
+                self.decide(slot, 'switch', 'moving it to %s, as %s asked'
+                            ' (deadline in %.0f s)' % (
+                                switch['to'], intents.who(switch),
+                                self._switch_deadline(slot, switch) -
+                                time.time()))
+                self._stop_service(slot, release=True)
+                return
+            self._abandon(slot, switch, lost)
         if slot.state != RUNNING:
             self._start_service(slot, 'we own it and it is not running')
         else:
@@ -973,7 +1045,11 @@ class Agent(object):
                     % (reason, on_failure))
         view = getattr(slot, 'view', None)
         if view and view.switch and view.switch.get('to') == self.host:
-            intents.clear(self.client, self.keys, name, 'switch')
+            if slot.token:
+                self._abandon(slot, view.switch, reason,
+                              outcome='it does not run here')
+            else:
+                intents.clear(self.client, self.keys, name, 'switch')
         if on_failure == 'freeze':
             # Left as it is for an operator to look at.
             intents.set_frozen(self.client, self.keys, name, True,
@@ -1143,6 +1219,8 @@ class Agent(object):
         try:
             views = intents.read(self.client, self.keys)
             alive = self.membership.alive()
+            last = {e['service']: e for e in history.read(self.client,
+                                                          self.keys)}
         except EtcdError as e:
             status['etcd'] = 'cannot read the cluster: %s' % e
             return status
@@ -1164,6 +1242,9 @@ class Agent(object):
                 'token': view.owner.create_revision if view.owner else None,
                 'frozen': view.frozen, 'target': view.target,
                 'switch': view.switch,
+                'operation': self._operation(conf.service, view, alive),
+                'abandoned': last.get(name) if (last.get(name) or {}).get(
+                    'kind') == 'abandoned' else None,
                 'resources': (published or {}).get('resources', []),
                 'details': (published or {}).get('details', {}),
                 'facts': view.facts,
@@ -1173,6 +1254,29 @@ class Agent(object):
         status['services'] = services
         status['etcd_members'] = self.etcd_view.read()
         return status
+
+    def _operation(self, conf, view, alive):
+        """The switch in progress, with its stage and deadline, or None."""
+        switch = view.switch
+        if not switch or not switch.get('to'):
+            return None
+        to, owner = switch['to'], view.owner.value if view.owner else None
+        at = switch.get('at') if isinstance(switch.get('at'),
+                                            (int, float)) else None
+        running = ((alive.get(owner) or {}).get('services', {}).get(
+            view.name) or {}).get('state') == 'running' if owner else False
+        if owner is None:
+            stage = 'waiting for %s to take it' % to
+        elif owner != to:
+            stage = 'stopping on %s' % owner
+        elif not running:
+            stage = 'starting on %s' % to
+        else:
+            stage = 'running on %s' % to
+        return {'kind': 'switch', 'to': to, 'by': switch.get('by'),
+                'at': at, 'stage': stage,
+                'deadline': None if at is None else
+                at + conf.stop_timeout + conf.start_timeout}
 
     def write_status(self):
         tmp = self.status_path + '.tmp'

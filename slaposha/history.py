@@ -14,6 +14,12 @@ A record::
      "to": "hB", "token": 1234, "since": <time>, "running": <time>,
      "duration": 3.1, "by": "operator alice"}
 
+A switch (or an operator's takeover) given up is kept too, by the owner
+that gives it up (the host that runs the service instead, or the switch's
+host when the service failed to start there), with ``"kind": "abandoned"``,
+``"from"`` that host, ``"to"`` the host it was asked to move to,
+``"running"`` when it was given up and ``"reason"`` why.
+
 ``since`` (wall clock) is, for a switch, when the operator asked for it
 (the switch intent's time); for a takeover, the last time the new owner's
 agent read the owner key still held by the previous owner, which is at most
@@ -34,22 +40,25 @@ __all__ = ['record', 'read', 'prefix']
 # What a record holds (inputs.check_fields); another is not shown.
 FIELDS = {'service': str, 'kind': str, 'from': (str, None), 'to': str,
           'token': int, 'since': NUMBER, 'running': NUMBER,
-          'duration': NUMBER, 'by': (str, None)}
+          'duration': NUMBER, 'by': (str, None), 'reason': (str, None)}
 
 
 def prefix(keys, service=None):
     return keys.root + 'history/' + ('%s/' % service if service else '')
 
 
-def record(client, keys, guard, entry, kept):
+def record(client, keys, guard, entry, kept, compare=(), ops=()):
     """Write ``entry`` if ``guard`` (``Ownership.guard(token)``: the owner
-    key still has our token) holds, else return False; then drop the records
-    beyond the newest ``kept``."""
+    key still has our token) and ``compare`` hold, with ``ops`` in the same
+    transaction, else return False; then drop the records beyond the newest
+    ``kept``."""
     service = entry['service']
     key = prefix(keys, service) + '%020d' % entry['token']
-    result = client.txn(compare=guard,
-                        success=[Op.put(key, json.dumps(entry,
-                                                        sort_keys=True))])
+    if entry['kind'] == 'abandoned':
+        key += '-abandoned'   # beside the start of the same owner
+    result = client.txn(compare=list(guard) + list(compare),
+                        success=[Op.put(key, json.dumps(
+                            entry, sort_keys=True))] + list(ops))
     if not result.succeeded:
         return False
     old = sorted(kv.key for kv in client.get_prefix(prefix(keys, service)))

@@ -106,6 +106,57 @@ def test_switch_moves_the_service_and_freeze_holds_it(web):
     check_no_overlap(lc.observer)
 
 
+def test_a_switch_to_a_crashed_host_is_abandoned_for_good(web):
+    """A switch to a host that dies right after the request: the source
+    stops once, the service is back on the source as soon as the target
+    is known lost (its lease gone), the switch is recorded as abandoned
+    with its reason and is never tried again: the service stays on the
+    source when the target comes back (before, the source started and
+    stopped it every ~6 s and it moved when the target returned)."""
+    lc = web
+    lc.lab.crash('hB')
+    asked = time.monotonic()
+    # hB's lease still runs: the request is accepted.
+    p = lc.cli('hA', 'switch', 'web', '--to', 'hB', '--timeout', '60',
+               check=False)
+    assert p.returncode == 2, p.stdout
+    assert p.stderr.count('\n') == 1, p.stderr
+    assert 'web: the switch to hB was abandoned after' in p.stderr
+    assert 'hB is not alive (no agent holds a lease there)' in p.stderr
+    assert 'owned by hA' in p.stderr
+    lc.observer.wait_running('hA', 10)
+    wait_for(lambda: lc.observer.where() == ['hA'], 10, interval=0.1,
+             what='web back on hA')
+    back = time.monotonic() - asked
+    svc = status_of(lc, 'hA', 'web')
+    assert back < 120, 'not back within the deadline (stop_timeout +' \
+        ' start_timeout)'
+    print('web back on hA %.2f s after the switch to the crashed hB' % back)
+    assert svc['switch'] is None and svc['operation'] is None
+    assert svc['owner'] == 'hA'
+    assert svc['abandoned']['to'] == 'hB'
+    assert svc['abandoned']['reason'] == \
+        'hB is not alive (no agent holds a lease there)'
+    assert 'switch to hB abandoned at' in lc.cli('hA', 'status').stdout
+    mon = lc.cli('hC', 'mon', '--once').stdout
+    assert [line for line in mon.splitlines() if ' web ' in line and
+            ' abandoned ' in line], mon
+    assert 'abandon: the switch to hB asked by operator on hA' in \
+        lc.log('hA')
+    # hB comes back: nothing moves, nothing restarts on hA.
+    first = lc.observer.first['hA']
+    lc.lab.restart('hB')
+    lc.start_agent('hB')
+    lc.wait_agent('hB')
+    for _ in range(16):
+        time.sleep(0.5)
+        assert lc.observer.where() == ['hA']
+    assert 'hB' not in lc.observer.first
+    assert lc.observer.first['hA'] == first
+    assert lc.log('hA').count('switch: moving it to hB') == 1
+    check_no_overlap(lc.observer)
+
+
 def test_stop_start_and_takeover(web):
     lc = web
     assert 'stopped after' in lc.cli('hB', 'stop', 'web').stdout

@@ -280,7 +280,7 @@ def _action(verb, with_to=False, help=''):
 
     def run(args):
         import time
-        began = time.monotonic()
+        began, asked = time.monotonic(), time.time()
         body = {'to': args.to} if with_to and args.to else {}
         if getattr(args, 'force', False):
             body['force'] = True
@@ -301,6 +301,18 @@ def _action(verb, with_to=False, help=''):
                     if svc.get('owner') else 'stopped',
                     time.monotonic() - began))
                 return 0
+            svc = (status.get('services') or {}).get(args.service) or {}
+            gone = svc.get('abandoned')
+            if verb in ('switch', 'takeover') and gone and \
+                    not svc.get('switch') and \
+                    (gone.get('running') or 0) >= asked - 1:
+                raise UserError('%s: the %s to %s was abandoned after %.1f s:'
+                                ' %s; %s' % (
+                                    args.service, verb, gone.get('to'),
+                                    gone.get('duration') or 0,
+                                    gone.get('reason'), 'owned by %s' %
+                                    svc['owner'] if svc.get('owner') else
+                                    'owned by no host yet'))
             if time.monotonic() - began > args.timeout:
                 svc = (status.get('services') or {}).get(args.service, {})
                 decisions = ['%s: %s: %s' % (h, on['decision'][1],

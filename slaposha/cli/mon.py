@@ -116,7 +116,8 @@ def frame(status, history=None, note=None):
             lines.append('  %s %-10s %-8s %s -> %s  token %s  %.2f s' % (
                 _clock(e.get('running')), e.get('service'), e.get('kind'),
                 e.get('from') or '-', e.get('to'), e.get('token'),
-                e.get('duration') or 0.0))
+                e.get('duration') or 0.0) + (
+                    ': %s' % e['reason'] if e.get('reason') else ''))
     return lines
 
 

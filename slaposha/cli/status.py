@@ -193,10 +193,22 @@ def render(status, only=None):
             if key == 'switch' and intent:
                 text = 'switch to %s requested by %s' % (
                     intent.get('to'), intent.get('by'))
+                op = svc.get('operation') or {}
+                if op.get('stage'):
+                    text += ': %s' % op['stage']
+                if isinstance(op.get('deadline'), (int, float)):
+                    text += ', deadline %s' % time.strftime(
+                        '%H:%M:%S', time.localtime(op['deadline']))
             if intent and 'unreadable' in intent:
                 text = '%s: %s' % (key, intent['unreadable'])
             if text:
                 lines.append('  ! %s' % text)
+        gone = svc.get('abandoned')
+        if gone and not svc.get('switch'):
+            lines.append('  ! switch to %s abandoned at %s after %.1f s: %s'
+                         % (gone.get('to'), time.strftime('%H:%M:%S',
+                            time.localtime(gone.get('running') or 0)),
+                            gone.get('duration') or 0, gone.get('reason')))
         for host in svc.get('hosts', []):
             on = (svc.get('on') or {}).get(host)
             if on is None:

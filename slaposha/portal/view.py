@@ -38,6 +38,7 @@ def service_view(name, svc, status, locals_by_host):
         'owner': svc.get('owner'), 'token': svc.get('token'),
         'orchestrate': svc.get('orchestrate'),
         'frozen': svc.get('frozen'), 'switch': svc.get('switch'),
+        'operation': svc.get('operation'), 'abandoned': svc.get('abandoned'),
         'target': svc.get('target'),
         'resources': svc.get('resources') or [], 'hosts': [],
     }
