@@ -84,8 +84,10 @@ def problems(status, etcd=True):
             found.append('%s %s on %s%s' % (name, state, owner, ': %s %s' % (
                 bad[0][0], bad[0][2]) if bad else ''))
         if svc.get('switch'):
-            found.append('%s: switch to %s in progress' % (
-                name, svc['switch'].get('to')))
+            stage = (svc.get('operation') or {}).get('stage')
+            found.append('%s: switch to %s in progress%s' % (
+                name, svc['switch'].get('to'), ': %s' % stage if stage
+                else ''))
         for host in svc.get('hosts') or ():
             h = hosts.get(host) or {}
             if host == owner or not h.get('alive'):
