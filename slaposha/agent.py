@@ -175,7 +175,15 @@ class Agent(object):
         self.socket_path = os.path.join(run_dir, 'agent.sock')
         self.log_dir = os.path.join(cluster.cluster.state_dir, 'log')
         self.cgroup_root = Cgroup(os.path.join(own_cgroup(), 'slaposha'))
-        confs = services if services is not None else load_services(cluster)
+        # Service files that do not load: the others run (one broken file
+        # degrades this host, it does not keep the agent down); each is
+        # said in the log and the status, and this host is not eligible
+        # for it.
+        self.broken = {}
+        confs = services if services is not None else load_services(
+            cluster, self.broken)
+        for name, why in sorted(self.broken.items()):
+            logger.error('service %s is not run here: %s', name, why)
         self.confs = {conf.name: conf for conf in confs}
         self.slots = {}
         for conf in confs:
@@ -561,8 +569,10 @@ class Agent(object):
             'pid': os.getpid(), 'version': __version__,
             'failed': sorted(n for n, s in self.slots.items()
                              if s.failed_until > now),
-            'ineligible': {n: s.ineligible[0] for n, s in self.slots.items()
-                           if s.ineligible},
+            'ineligible': dict({n: s.ineligible[0] for n, s in
+                                self.slots.items() if s.ineligible}, **{
+                n: 'its service file does not load here: %s' % why
+                for n, why in self.broken.items()}),
             'reports': {n: s.report for n, s in self.slots.items()
                         if s.report and not s.token},
             'services': {n: {'state': s.state, 'decision': s.decision}
@@ -1199,6 +1209,7 @@ class Agent(object):
                 'lost': lease.lost_reason},
             'etcd': self.etcd_problem or 'ok',
             'cannot_run': self.cannot_run,
+            'broken': dict(self.broken),
             'services': {
                 name: {'state': slot.state, 'owner': slot.owner,
                        'token': slot.token, 'decision': slot.decision,

@@ -784,8 +784,10 @@ def _check_service_hosts(path, hosts):
                               ' twice' % host)
 
 
-def load_services(cluster):
-    """Every ``*.cfg`` of the cluster's services folder, sorted by name."""
+def load_services(cluster, broken=None):
+    """Every ``*.cfg`` of the cluster's services folder, sorted by name.
+    ``broken``: a dict that takes {service: one-line error} of the files
+    that do not load, instead of raising (an agent runs the others)."""
     folder = cluster.services_dir
     try:
         names = sorted(n for n in os.listdir(folder) if n.endswith('.cfg'))
@@ -794,8 +796,14 @@ def load_services(cluster):
     except OSError as e:
         raise ConfigError(folder, message='cannot read the services folder:'
                           ' %s' % (e.strerror or e))
-    services = [load_service(os.path.join(folder, n), cluster)
-                for n in names]
+    services = []
+    for n in names:
+        try:
+            services.append(load_service(os.path.join(folder, n), cluster))
+        except ConfigError as e:
+            if broken is None:
+                raise
+            broken[n[:-len('.cfg')]] = str(e)
     from slaposha.placement import collisions
     found = collisions(services)
     if found:

@@ -49,6 +49,9 @@ def problems(status, etcd=True):
     if lease and not lease.get('valid'):
         found.append('%s: lease lost%s' % (status.get('host'), ': %s' % lease[
             'lost'] if lease.get('lost') else ''))
+    for name, why in sorted((local.get('broken') or {}).items()):
+        found.append('%s does not run %s: %s' % (status.get('host'), name,
+                                                  why))
     hosts = status.get('hosts') or {}
     down = set()
     for name, h in sorted(hosts.items()):
