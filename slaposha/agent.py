@@ -385,7 +385,9 @@ class Agent(object):
                 if getattr(res, 'tree', None) is not None:
                     trees.setdefault(res.conf.port, []).append(res.tree)
                 else:
-                    volumes[res.conf.port].append(res.volume.path)
+                    # The volume itself: its retention applies to what
+                    # this host receives.
+                    volumes[res.conf.port].append(res.volume)
         if not volumes:
             return
         if self.tls is None:

@@ -6,6 +6,7 @@ side in a process inside that host::
 
     receiver --host hA --listen 10.0.0.1 --ssl-dir D VOLUME...   # foreground
              [--tree PATH]... [--copy-root PATH]...   # rsync trees, copies
+             [--retention 10,24,7,4]        # snapshots kept as backups
     status VOLUME                   # JSON: snapshots, lag, token, diverged
     promote VOLUME                  # newest snapshot -> writable volume
     cycle VOLUME --host hA --token 7 --ssl-dir D --peer hB=10.0.0.2[:1216]
@@ -22,6 +23,7 @@ import sys
 
 from slaposha.replication import Peer, ReplicationError
 from slaposha.replication.btrfs import DEFAULT_PORT, Receiver, Sender, Volume
+from slaposha.replication.retention import Retention
 
 
 def tls_files(ssl_dir, host):
@@ -48,6 +50,17 @@ def parse_peer(text):
     return Peer(name, address, port)
 
 
+def parse_retention(text):
+    """``minutely,hourly,daily,weekly`` counts, e.g. ``10,24,7,4``."""
+    try:
+        minutely, hourly, daily, weekly = [int(n) for n in text.split(',')]
+        return Retention(minutely, hourly, daily, weekly)
+    except ValueError:
+        raise argparse.ArgumentTypeError('expected MINUTELY,HOURLY,DAILY,'
+                                         'WEEKLY (four counts), got %r'
+                                         % text)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog='python -m slaposha.replication',
                                      description=__doc__.split('\n')[0])
@@ -63,6 +76,9 @@ def main(argv=None):
                    help='a tree of an rsync resource to receive')
     p.add_argument('--copy-root', action='append', default=None,
                    help='where one-off copies may land (/opt/slapgrid)')
+    p.add_argument('--retention', type=parse_retention, default=None,
+                   metavar='MINUTELY,HOURLY,DAILY,WEEKLY',
+                   help='snapshots kept as backups (default: none)')
     p.add_argument('volumes', nargs='*')
     p = sub.add_parser('status', help='what this host holds of a volume')
     p.add_argument('volume')
@@ -83,9 +99,12 @@ def main(argv=None):
             from slaposha.replication.rsync import COPY_ROOTS, TreeReceiver
             trees = TreeReceiver(args.tree, args.copy_root or COPY_ROOTS,
                                  idle_timeout=args.idle_timeout)
+            volumes = [Volume(path) for path in args.volumes]
+            for volume in volumes:
+                volume.retention = args.retention
             receiver = Receiver(args.listen, args.port,
                                 tls_files(args.ssl_dir, args.host),
-                                args.volumes, args.idle_timeout,
+                                volumes, args.idle_timeout,
                                 hosts=args.hosts,
                                 handlers=trees.handlers).listen()
 

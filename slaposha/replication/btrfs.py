@@ -222,6 +222,11 @@ class Volume(object):
         self.path = path
         self.name = os.path.basename(path)
         self._root = None
+        # Snapshots kept as backups (a Retention; None: only what
+        # replication needs), and the clock snapshots are dated by (a test
+        # moves its own).
+        self.retention = None
+        self.clock = time.time
 
     def __repr__(self):
         return '<Volume %s>' % self.path
@@ -397,7 +402,7 @@ class Volume(object):
             path = os.path.join(self.snapdir, name)
             # The time before the snapshot: whatever was written before it
             # is in the copy, which is what freshness and RPO count from.
-            created = time.time()
+            created = self.clock()
             self._write_meta(name, {'created': created, 'token': token,
                                     'host': host or socket.gethostname()})
             try:
@@ -412,12 +417,16 @@ class Volume(object):
 
     def prune(self, keep, protect=()):
         """Delete old snapshots: keep the newest ``keep``, the newest one
-        each peer has, the one the live volume descends from, and
-        ``protect``. Returns the names deleted."""
+        each peer has, the one the live volume descends from, ``protect``,
+        and what ``retention`` keeps. Returns the names deleted."""
         deleted = []
         with self._locked() as state:
             snapshots = self.snapshots()
             keepers = set(s.name for s in snapshots[-keep:]) if keep else set()
+            if self.retention:
+                keepers.update(self.retention.keepers(
+                    [s.name for s in snapshots],
+                    lambda name: self.meta(name).get('created')))
             keepers.update(state['peers'].values())
             keepers.update(protect)
             if state['live']:
@@ -441,7 +450,7 @@ class Volume(object):
         created = self.meta(newest.name).get('created')
         if created is None:
             return None, newest.name
-        return max(0.0, time.time() - created), newest.name
+        return max(0.0, self.clock() - created), newest.name
 
     def newest_token(self):
         return self.state()['token']
@@ -862,7 +871,8 @@ class Sender(object):
         if not name:
             return None, None
         created = self.volume.meta(name).get('created')
-        return (max(0.0, time.time() - created) if created else None), name
+        return (max(0.0, self.volume.clock() - created) if created
+                else None), name
 
     # -- talking to one peer --------------------------------------------------
 

@@ -189,14 +189,16 @@ class ReplicationLab(object):
 
     # -- processes in the hosts -----------------------------------------------
 
-    def receiver(self, name, idle_timeout=10):
-        """Start the receiver of host ``name`` and wait until it listens."""
+    def receiver(self, name, idle_timeout=10, retention=None):
+        """Start the receiver of host ``name`` and wait until it listens;
+        ``retention``: "hourly,daily,weekly" snapshots it keeps as backups."""
         host = self.lab[name]
+        extra = ['--retention', retention] if retention else []
         proc = host.spawn([sys.executable, '-m', 'slaposha.replication',
                            'receiver', '--host', name, '--listen',
                            host.address, '--port', str(PORT), '--ssl-dir',
-                           self.ssl_dir, '--idle-timeout', str(idle_timeout),
-                           VOL], name='receiver', env=self.env())
+                           self.ssl_dir, '--idle-timeout', str(idle_timeout)]
+                          + extra + [VOL], name='receiver', env=self.env())
         self.receivers[name] = proc
 
         def listening():

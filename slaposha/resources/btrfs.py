@@ -16,6 +16,10 @@ engine, :mod:`slaposha.replication.pacer` for the schedule)::
     interval = 1s
     min_interval = 0.2s
     keep = 3
+    minutely = 10
+    hourly = 24
+    daily = 7
+    weekly = 4
     max_lag = 10s
 
 Put it first in the service, so that it starts (promotes) before the
@@ -75,6 +79,7 @@ from slaposha.config import REQUIRED, Key
 from slaposha.replication import ReplicationError, human_bytes
 from slaposha.replication.btrfs import DEFAULT_PORT, Sender, Volume
 from slaposha.replication.pacer import Pacer
+from slaposha.replication.retention import DEFAULTS, Retention
 from slaposha.units import human_seconds
 from slaposha.resources import (
     DOWN, UP, WARN, ResourceError, Status, register)
@@ -107,6 +112,16 @@ class Btrfs(DataResource):
         Key('keep', 'integer', 3, 'snapshots kept on each host, besides the'
             ' newest one each peer has (kept so that the next send to it is'
             ' incremental)', minimum=1),
+        Key('minutely', 'integer', DEFAULTS['minutely'], 'snapshots kept as'
+            ' backups on every host that holds a copy: the first of each of'
+            ' the newest this many minutes (UTC) that have one; 0: none',
+            minimum=0),
+        Key('hourly', 'integer', DEFAULTS['hourly'], 'the same, of hours',
+            minimum=0),
+        Key('daily', 'integer', DEFAULTS['daily'], 'the same, of days',
+            minimum=0),
+        Key('weekly', 'integer', DEFAULTS['weekly'], 'the same, of weeks'
+            ' (from Monday)', minimum=0),
         Key('max_lag', 'duration', None, 'status warns when a standby\'s'
             ' copy is older than this'),
         Key('timeout', 'duration', 30.0, 'a transfer that makes no progress'
@@ -126,6 +141,8 @@ class Btrfs(DataResource):
     def __init__(self, section, context):
         super().__init__(section, context)
         self.volume = Volume(section.volume)
+        self.volume.retention = Retention(section.minutely, section.hourly,
+                                          section.daily, section.weekly)
         self.sender = None
         self.pacer = None
         self.started = None       # wall clock of start
