@@ -336,6 +336,7 @@ _action('freeze', help='the agents neither start nor stop the service')
 _action('thaw', help='undo freeze')
 from slaposha.cli import pki as _pki  # noqa: E402,F401 (cluster, cert)
 from slaposha.cli import portal as _portal  # noqa: E402,F401 (portal)
+from slaposha.cli import backup as _backup  # noqa: E402,F401 (snapshots...)
 
 
 def _node(args):

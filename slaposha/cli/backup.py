@@ -1,0 +1,121 @@
+"""``slaposha snapshots`` and ``slaposha restore``: the backups a host keeps
+of a service's btrfs data (see :mod:`slaposha.backup`). They run on the
+host whose copy they read, as root, without the agent.
+
+SERVICE is the name of one of the cluster's services, or the path of a
+service file (on a host that is not set up yet).
+"""
+
+import json
+import os
+
+from slaposha.cli import main_module
+from slaposha.units import human_bytes, human_seconds
+
+command = main_module().command
+UserError = main_module().UserError
+
+
+def _service(args):
+    from slaposha import config
+    if os.sep in args.service or args.service.endswith('.cfg'):
+        if not os.path.isfile(args.service):
+            raise UserError('%s: no such service file' % args.service)
+        return config.load_service(args.service)
+    cluster = config.load_cluster(args.cluster)
+    for service in config.load_services(cluster):
+        if service.name == args.service:
+            return service
+    raise UserError('no service %r in %s' % (args.service,
+                                              cluster.services_dir))
+
+
+def _volumes(args):
+    from slaposha.backup import BackupError, volumes_of
+    try:
+        return volumes_of(_service(args))
+    except BackupError as e:
+        raise UserError(str(e))
+
+
+@command('snapshots', 'the snapshots this host keeps of a service\'s btrfs'
+         ' data: when, by which owner (token, host), the space only each'
+         ' holds, and why it is kept', [
+             (('service',), dict(help='service name or service file')),
+             (('--json',), dict(action='store_true', help='print JSON')),
+             (('--no-size',), dict(action='store_true',
+                                   help='skip the sizes (they read every'
+                                   ' file\'s extents)')),
+         ])
+def snapshots(args):
+    from slaposha.backup import BackupError, format_time, listing
+    out = {}
+    for volume in _volumes(args):
+        try:
+            out[volume.path] = listing(volume, sizes=not args.no_size)
+        except BackupError as e:
+            raise UserError(str(e))
+    if args.json:
+        print(json.dumps(out, indent=1, sort_keys=True))
+        return 0
+    for path, rows in out.items():
+        dated = [r['created'] for r in rows if r['created'] is not None]
+        print('%s: %d snapshot(s)%s' % (
+            path, len(rows), ', oldest %s, newest %s UTC' % (
+                format_time(min(dated)), format_time(max(dated)))
+            if dated else ''))
+        if rows:
+            print('  %-19s  %-14s %6s  %-10s %9s  %s' % (
+                'TAKEN (UTC)', 'SNAPSHOT', 'TOKEN', 'HOST', 'SIZE',
+                'KEPT AS'))
+        for r in rows:
+            print('  %-19s  %-14s %6d  %-10s %9s  %s' % (
+                format_time(r['created']), r['name'], r['token'],
+                r['host'] or '?', '?' if r['size'] is None
+                else human_bytes(r['size']), ', '.join(r['kept'])))
+    return 0
+
+
+@command('restore', 'restore a folder (a partition) of a service\'s btrfs'
+         ' data from a snapshot this host keeps, into a new folder next to'
+         ' the live data, without stopping the service', [
+             (('service',), dict(help='service name or service file')),
+             (('--at',), dict(required=True, metavar='TIME|SNAPSHOT',
+                              help='a snapshot name, or the newest snapshot'
+                              ' taken at or before this time ("2026-12-04'
+                              ' 12:30" UTC, "5m ago")')),
+             (('--path',), dict(metavar='P',
+                                help='the folder or file to restore, in the'
+                                ' live volume (absolute, or relative to'
+                                ' it)')),
+             (('--to',), dict(metavar='DIR',
+                              help='where the copy goes; must not exist')),
+             (('--timeout',), dict(type=float, default=3600.0,
+                                   help='seconds the copy may take; past'
+                                   ' them it is deleted (default 3600)')),
+         ])
+def restore(args):
+    from slaposha.backup import (
+        BackupError, choose, format_time, restore_path)
+    if not args.path or not args.to:
+        raise UserError('restore: give --path P and --to DIR (the whole'
+                        ' service back to a snapshot, --at alone, is not'
+                        ' available yet)')
+    volumes = _volumes(args)
+    path = args.path
+    volume = volumes[0]
+    if os.path.isabs(path):
+        for v in volumes:
+            if path == v.path or path.startswith(v.path.rstrip('/') + '/'):
+                volume = v
+                break
+    try:
+        snap, created = choose(volume, args.at)
+        to, files, size, seconds = restore_path(volume, snap, path, args.to,
+                                                timeout=args.timeout)
+    except BackupError as e:
+        raise UserError(str(e))
+    print('restored %s as of snapshot %s (taken %s UTC) to %s: %d file(s),'
+          ' %s in %s' % (path, snap.name, format_time(created), to, files,
+                         human_bytes(size), human_seconds(seconds)))
+    return 0

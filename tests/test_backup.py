@@ -1,0 +1,158 @@
+"""Backups from the snapshots hosts keep: ``slaposha snapshots`` and
+``slaposha restore --path --to``; bad input without the lab, then a
+partition's files deleted by mistake and restored in the lab, on real btrfs
+file systems, while the service goes on writing and replicating."""
+
+import datetime
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from slaposha.backup import BackupError, parse_time
+from slaposha.lab import wait_for
+from slaposha.replication.lab import (
+    FS, LAB_PATHS, SNAPDIR, VOL, ReplicationLab, read_report, record_writer,
+    remove_mount_point)
+
+lab = pytest.mark.lab
+
+
+def test_times_for_at():
+    assert parse_time('2026-12-04 12:30') == datetime.datetime(
+        2026, 12, 4, 12, 30, tzinfo=datetime.timezone.utc).timestamp()
+    assert parse_time('2026-12-04T13:30:00+01:00') == \
+        parse_time('2026-12-04 12:30:00')
+    assert parse_time('90s ago', now=1000) == 910
+    assert parse_time('2h ago', now=10000) == 2800
+    with pytest.raises(BackupError, match='expected a snapshot name'):
+        parse_time('yesterday-ish')
+
+
+def cli(slaposha_cmd, *args):
+    p = subprocess.run(slaposha_cmd + list(args), stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, universal_newlines=True)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_bad_input_is_one_line(slaposha_cmd, tmp_path):
+    web = tmp_path / 'web.cfg'
+    web.write_text('[app#web]\nstart = true\n')
+    for args, what in [
+            (['snapshots', str(tmp_path / 'none.cfg')], 'no such service'),
+            (['snapshots', str(web)], 'has no [btrfs#...] resource'),
+            (['restore', str(web), '--at', '5m ago'], 'give --path P and'),
+            (['restore', str(web), '--at', '5m ago', '--path', 'p', '--to',
+              str(tmp_path / 'x')], 'has no [btrfs#...] resource')]:
+        code, out, err = cli(slaposha_cmd, *args)
+        assert code == 2 and out == '', args
+        assert what in err and err.count('\n') == 1, (args, err)
+
+
+# -- the lab ------------------------------------------------------------------
+
+@pytest.fixture(scope='module', autouse=True)
+def mount_point():
+    yield
+    remove_mount_point()
+
+
+def sums(host, folder):
+    return host.run('cd %s && find . -type f | sort | xargs sha256sum'
+                    % folder).stdout
+
+
+@lab
+def test_a_partition_deleted_by_mistake_is_restored_from_a_minute_before(
+        make_lab, slaposha_cmd):
+    pair = ReplicationLab(make_lab(['hA', 'hB'], paths=LAB_PATHS))
+    a, b = pair['hA'], pair['hB']
+    svc = os.path.join(pair.lab.workdir, 'comp.cfg')
+    with open(svc, 'w') as f:
+        f.write('[btrfs#data]\nvolume = %s\n' % VOL)
+    procs = []
+    try:
+        pair.receiver('hB', retention='10,24,7,4')
+        a.run('mkdir -p {v}/slappart0/srv {v}/slappart1 && dd if=/dev/urandom'
+              ' of={v}/slappart0/srv/data.db bs=1M count=8 status=none &&'
+              ' echo port=8080 > {v}/slappart0/etc.cfg'.format(v=VOL))
+        original = sums(a, VOL + '/slappart0')
+        assert 'data.db' in original and 'etc.cfg' in original
+        # The service goes on: a writer in another partition, and the
+        # owner replicating to hB every half second.
+        writer = a.spawn([sys.executable, '-c', record_writer(
+            VOL + '/slappart1')], name='writer', env=pair.env())
+        owner, report = pair.owner('hA', token=10, interval=0.5)
+        procs += [writer, owner]
+        wait_for(lambda: any(r.get('sent', {}).get('hB')
+                             for r in read_report(report)), 30,
+                 what='a first copy on hB')
+        before = time.time()
+        time.sleep(62)
+        a.run('rm -rf %s/slappart0' % VOL)
+        deleted = time.time()
+
+        def standby_has_the_mistake():
+            newest = pair.status('hB')['newest']
+            return newest and b.run(['test', '-e', '%s/%s/slappart0' % (
+                SNAPDIR, newest)], check=False).returncode == 1
+        wait_for(standby_has_the_mistake, 20, what='the deletion on hB')
+        at = datetime.datetime.fromtimestamp(
+            before, datetime.timezone.utc).isoformat()
+
+        for host in (a, b):
+            p = host.run(slaposha_cmd + ['snapshots', svc], env=pair.env())
+            lines = p.stdout.splitlines()
+            assert lines[0].startswith('%s: ' % VOL), p.stdout
+            rows = [line.split() for line in lines[2:]]
+            # time, date, name, token, host, size, unit, kept as...
+            old = [r for r in rows if r[4] == 'hA' and r[3] == '10' and
+                   'minutely' in ' '.join(r[7:]) and
+                   parse_time(r[0] + ' ' + r[1]) <= before]
+            assert old, p.stdout
+            assert any('newest' in ' '.join(r[7:]) for r in rows)
+
+        acks_before = pair.log('hA', 'writer').count('ack ')
+        p = a.run(slaposha_cmd + [
+            'restore', svc, '--at', at, '--path', VOL + '/slappart0',
+            '--to', VOL + '/slappart0.restored'], env=pair.env())
+        taken = re.search(r'taken (\S+ \S+) UTC', p.stdout).group(1)
+        assert deleted - parse_time(taken) >= 60, p.stdout
+        assert sums(a, VOL + '/slappart0.restored') == original
+        # On the standby too, from its own copies, next to its data.
+        p = b.run(slaposha_cmd + [
+            'restore', svc, '--at', at, '--path', 'slappart0', '--to',
+            FS + '/slappart0.restored'], env=pair.env())
+        assert sums(b, FS + '/slappart0.restored') == original
+        # Nothing is ever written over: a --to that exists is refused.
+        p = a.run(slaposha_cmd + [
+            'restore', svc, '--at', at, '--path', 'slappart0', '--to',
+            VOL + '/slappart1'], env=pair.env(), check=False)
+        assert p.returncode == 2 and 'exists already' in p.stderr
+        assert a.run(['test', '-e', VOL + '/slappart1/slappart0'],
+                     check=False).returncode == 1
+        # The service never stopped: the writer and the owner ran on, and
+        # the copies after the restore reached hB.
+        assert writer.poll() is None and owner.poll() is None
+        restored = time.time()
+        wait_for(lambda: pair.log('hA', 'writer').count('ack ') >
+                 acks_before + 50, 10, what='the writer going on')
+        wait_for(lambda: any(r.get('sent', {}).get('hB') and
+                             r['created'] > restored
+                             for r in read_report(report)), 20,
+                 what='a copy after the restore')
+        assert [r['errors'] for r in read_report(report)
+                if r.get('errors')] == []
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        pair.stop_receivers()
