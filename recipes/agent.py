@@ -308,12 +308,22 @@ def _write(path, text, mode=0o644):
 PROFILE_FIXED = ('state-dir', 'run-dir', 'services-dir')
 
 
+def _shown(spec, value):
+    """A key's value as a parameter gives it."""
+    if isinstance(value, list):
+        return ' '.join(value)
+    if spec.type == 'duration':
+        return '%gs' % value
+    return value
+
+
 def parameter_schema(role):
     """The JSON schema of the instance parameters of software type
     ``default`` (role ``agent``) or ``witness``: built from slaposha.config's
     keys (software/slaposha/README.rst says how to write the files again; a
     test checks that each of their parameters is one the recipe takes)."""
-    from slaposha.config import CLUSTER_SCHEMA, REQUIRED
+    from slaposha.config import CLUSTER_SCHEMA, LEASE_PROFILES, REQUIRED
+    profiled = set(k for values in LEASE_PROFILES.values() for k in values)
     pairs = ('name=address pairs separated by spaces, e.g. "hA=10.0.0.1'
              ' hB=10.0.0.2"')
     props = OrderedDict([
@@ -350,12 +360,15 @@ def parameter_schema(role):
         if spec.choices:
             prop['enum'] = list(spec.choices)
         if spec.default not in (None, REQUIRED):
-            default = spec.default
-            if isinstance(default, list):
-                default = ' '.join(default)
-            elif spec.type == 'duration':
-                default = '%gs' % default
-            prop['default'] = default
+            if section == 'lease' and key in profiled:
+                # No default of its own: a form that fills defaults in
+                # would override the profile chosen.
+                prop['description'] += "; default: the profile's (%s)" % (
+                    ', '.join('%s with %s' % (_shown(spec, values.get(
+                        key, spec.default)), name)
+                        for name, values in sorted(LEASE_PROFILES.items())))
+            else:
+                prop['default'] = _shown(spec, spec.default)
         props[option] = prop
     return OrderedDict([
         ('$schema', 'http://json-schema.org/draft-07/schema#'),

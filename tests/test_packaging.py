@@ -125,6 +125,25 @@ def test_agent_recipe_writes_what_the_agent_accepts(tmp_path):
     assert not (tmp_path / 'etc' / 'service' / 'slaposha-agent').exists()
 
 
+def test_agent_recipe_takes_the_fast_lease_profile(tmp_path):
+    """lease-profile = fast, as the software release's schema offers it:
+    the cluster file gives the agent the fast timings, and a lease key
+    given beside it still wins."""
+    from slaposha import config
+    text = AGENT.replace('lease-ttl = 4\n', '').replace(
+        'lease-renew-interval = 1200ms\n', 'lease-profile = fast\n')
+    (tmp_path / 'buildout.cfg').write_text(text)
+    buildout(tmp_path, '-o')
+    cfg = str(tmp_path / 'etc' / 'slaposha' / 'cluster.cfg')
+    lease = config.load_cluster(cfg).lease
+    assert (lease.profile, lease.ttl, lease.renew_interval,
+            lease.retry_interval, lease.request_timeout,
+            lease.fence_margin) == ('fast', 2, 0.4, 0.1, 0.3, 0.3)
+    buildout(tmp_path, '-o', 'agent:lease-fence-margin=200ms')
+    lease = config.load_cluster(cfg).lease
+    assert (lease.ttl, lease.fence_margin) == (2, 0.2)
+
+
 @pytest.mark.parametrize('setting, message', [
     ('lease-ttl=0', '[agent] lease-ttl: must be at least 1 (got 0)'),
     ('lease-fence-margin=4', '[agent] lease-fence-margin: must be below ttl'),
@@ -139,6 +158,7 @@ def test_agent_recipe_writes_what_the_agent_accepts(tmp_path):
     ('service=[app#main]', '[agent] service: [app#main]: needs exactly one'
      ' of command or start'),
     ('lease-tll=3', '[agent] lease-tll: unknown option (known: '),
+    ('lease-profile=quick', '[agent] lease-profile: expected one of default, fast'),
 ])
 def test_a_bad_option_fails_the_buildout_naming_it(tmp_path, setting,
                                                    message):
@@ -154,7 +174,9 @@ def test_a_bad_option_fails_the_buildout_naming_it(tmp_path, setting,
 
 
 def test_schemas_name_only_what_the_recipes_take():
-    from slaposha.recipes.agent import Recipe, WitnessRecipe, _settings
+    from slaposha.config import CLUSTER_SCHEMA, LEASE_PROFILES
+    from slaposha.recipes.agent import (
+        Recipe, WitnessRecipe, _settings, option_name, parameter_schema)
     with open(os.path.join(SOFTWARE_DIR, 'software.cfg.json')) as f:
         release = json.load(f)
     assert sorted(release['software-type']) == ['default', 'witness']
@@ -178,6 +200,20 @@ def test_schemas_name_only_what_the_recipes_take():
             known |= {'service-name', 'service'}
         assert set(schema['properties']) <= known, kind
         assert set(schema['required']) == {'cluster-name', 'hosts', 'host'}
+        # The files are what parameter_schema writes (software/README.rst):
+        # a key added to slaposha.config is offered once they are written
+        # again.
+        assert schema == json.loads(json.dumps(parameter_schema(
+            recipe.role))), kind
+        # Every lease timing is offered, the profile too; the keys a profile
+        # sets have no default of their own (a form that fills defaults in
+        # would override the profile chosen).
+        lease = set(option_name('lease', k) for k in CLUSTER_SCHEMA['lease'])
+        assert lease <= set(schema['properties']), kind
+        for option in lease - {'lease-profile'}:
+            assert 'default' not in schema['properties'][option], option
+        assert schema['properties']['lease-profile']['enum'] == sorted(
+            LEASE_PROFILES)
 
 
 # -- the software release ------------------------------------------------------
