@@ -402,7 +402,10 @@ class Agent(object):
             self.receivers.append(Receiver(
                 address, port, self.tls, paths,
                 hosts=self.cluster.cluster.hosts,
-                handlers=TreeReceiver(trees.get(port, ())).handlers).start())
+                handlers=TreeReceiver(trees.get(port, ())).handlers,
+                max_connections=self.cluster.replication.max_connections,
+                max_peer_connections=(
+                    self.cluster.replication.max_peer_connections)).start())
 
     def _configure_replication(self, slot):
         """Tell the data resources the owner's token and its standbys."""

@@ -395,6 +395,17 @@ CLUSTER_SCHEMA = OrderedDict([
             ' body), however it trickles; past it, 408 and the connection'
             ' is closed', minimum=0.1, maximum=3600),
     )),
+    ('replication', _keys(
+        Key('max_connections', 'integer', 128, 'connections a host\'s'
+            ' replication receivers (btrfs, rsync, copies) serve at once;'
+            ' beyond, a new one is closed at once', minimum=1,
+            maximum=10000),
+        Key('max_peer_connections', 'integer', 32, 'connections one address'
+            ' may hold on a receiver at once (an owner sends each of its'
+            ' services\' volumes and trees on a connection of its own), so'
+            ' that one peer never takes every connection from the others',
+            minimum=1, maximum=10000),
+    )),
 ])
 
 # Sections that appear once per named thing: "[host hA]".
@@ -452,8 +463,8 @@ def _parse_section(path, section, raw, keys):
 
 
 class ClusterConfig(object):
-    """A validated cluster file: ``cluster``, ``etcd``, ``lease`` and
-    ``api`` sections as attributes, ``hosts`` as a dict of name to Section."""
+    """A validated cluster file: ``cluster``, ``etcd``, ``lease``, ``api``
+    and ``replication`` sections as attributes, ``hosts`` as a dict of name to Section."""
 
     def __init__(self, path, sections, hosts):
         self.path = path
@@ -609,6 +620,11 @@ def _check_cluster(config):
         raise ConfigError(path, 'api', 'max_client_connections', 'must be at'
                           ' most max_connections (%d)'
                           % config.api.max_connections)
+    if config.replication.max_peer_connections > \
+            config.replication.max_connections:
+        raise ConfigError(path, 'replication', 'max_peer_connections', 'must'
+                          ' be at most max_connections (%d)'
+                          % config.replication.max_connections)
     _check_lease(config)
 
 

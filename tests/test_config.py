@@ -133,6 +133,10 @@ def test_example_files_are_valid():
      "... (1000001 characters)"),
     (GOOD + '[api]\nmax_client_connections = 100\n', 'api',
      'max_client_connections', 'at most max_connections (64)'),
+    (GOOD + '[replication]\nmax_peer_connections = 200\n', 'replication',
+     'max_peer_connections', 'at most max_connections (128)'),
+    (GOOD + '[replication]\nmax_connections = 0\n', 'replication',
+     'max_connections', 'at least 1'),
 ])
 def test_cluster_mistakes_name_section_and_key(tmp_path, text, section, key,
                                                words):

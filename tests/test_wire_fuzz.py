@@ -301,6 +301,92 @@ def test_a_request_that_trickles_is_cut_at_idle_timeout(site):
     assert b'no whole request within 3 s' in answer, answer
 
 
+def test_receiver_limits_connections_per_peer_and_in_all(site):
+    """A peer that opens connections and sends nothing holds at most
+    max_peer_connections of them, and all peers together max_connections:
+    one more is closed at once, its refusal logged once with the peer
+    (not once per try); once the held ones close, the peer is served
+    again (a whole TLS conversation), and a new refusal is logged again."""
+    receiver = Receiver('127.0.0.1', 0, site.files('hB'), [site.volume],
+                        idle_timeout=20, hosts=['hA', 'hB'],
+                        max_connections=3, max_peer_connections=2)
+    receiver.listen()
+    port = receiver._sock.getsockname()[1]
+    receiver.start()
+    held = []
+
+    def connect(source='127.0.0.1'):
+        sock = socket.socket()
+        sock.settimeout(5)
+        sock.bind((source, 0))
+        sock.connect(('127.0.0.1', port))
+        held.append(sock)
+        return sock
+
+    def closed_at_once(sock):
+        try:
+            return sock.recv(1) == b''
+        except ConnectionResetError:
+            return True
+        except socket.timeout:
+            return False
+
+    def refusals(peer):
+        return [r.getMessage() for r in site.records
+                if r.getMessage().startswith('receiver: %s refused' % peer)]
+    try:
+        for sock in (connect(), connect()):
+            sock.settimeout(0.3)
+            assert not closed_at_once(sock)   # waiting for our TLS hello
+        for _ in range(3):
+            assert closed_at_once(connect())
+        assert refusals('127.0.0.1') == [
+            'receiver: 127.0.0.1 refused: it has 2 connections open (the'
+            ' limit of one peer, [replication] max_peer_connections); its'
+            ' next refusals are not logged until it is served again']
+        other = connect('127.0.0.2')
+        other.settimeout(0.3)
+        assert not closed_at_once(other)
+        assert closed_at_once(connect('127.0.0.3'))
+        assert refusals('127.0.0.3') == [
+            'receiver: 127.0.0.3 refused: 3 connections open (the limit,'
+            ' [replication] max_connections); its next refusals are not'
+            ' logged until it is served again']
+        for sock in held:
+            sock.close()
+        del held[:]
+        # The receiver sees the held connections end and frees them.
+        channel = None
+        deadline = time.monotonic() + 10
+        while channel is None:
+            try:
+                channel = wire.connect('127.0.0.1', port, 'hB',
+                                       site.files('hA'), 5)
+                channel.send_json({'op': 'list', 'volume': site.volume})
+                answer = channel.recv_json()
+            except OSError:
+                if channel is not None:
+                    channel.close()
+                    channel = None
+                assert time.monotonic() < deadline, 'never served again'
+                time.sleep(0.1)
+        channel.close()
+        assert isinstance(answer, dict), answer
+        deadline = time.monotonic() + 10
+        while receiver._peers._counts:  # its thread sees our end
+            assert time.monotonic() < deadline, receiver._peers._counts
+            time.sleep(0.02)
+        for sock in (connect(), connect()):
+            sock.settimeout(0.3)
+            assert not closed_at_once(sock)
+        assert closed_at_once(connect())
+        assert len(refusals('127.0.0.1')) == 2
+    finally:
+        for sock in held:
+            sock.close()
+        receiver.stop()
+
+
 @pytest.mark.parametrize('answer, words', [
     ({'token': '9', 'snapshots': []}, 'field token must be an integer'),
     ({'token': True, 'snapshots': []}, 'field token must be an integer'),

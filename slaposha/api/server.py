@@ -35,7 +35,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from slaposha.api import ApiError
 from slaposha.inputs import DeadlineReader, cut, one_line
 
-__all__ = ['BoundedServer', 'RequestHandler', 'Limits', 'limits_of']
+__all__ = ['BoundedServer', 'Clients', 'RequestHandler', 'Limits',
+           'limits_of']
 
 MAX_LINE = 65536               # the request line, as http.server reads it
 DRAIN_LIMIT = 4 * 1024 * 1024  # read (and drop) an oversized body up to this
@@ -50,8 +51,9 @@ def limits_of(api):
                   api.request_timeout)
 
 
-class _Clients(object):
-    """How many connections each client holds, each at most ``limit``."""
+class Clients(object):
+    """How many connections each client holds, each at most ``limit`` (the
+    API's servers and the replication receivers)."""
 
     def __init__(self, limit):
         self.limit = limit
@@ -116,7 +118,7 @@ class BoundedServer(HTTPServer):
             self.address_family = socket.AF_INET6
         self.limits = limits
         self.slots = threading.BoundedSemaphore(limits.max_connections)
-        self.clients = _Clients(limits.max_client_connections)
+        self.clients = Clients(limits.max_client_connections)
         super().__init__(server_address, handler)
 
     def server_bind(self):

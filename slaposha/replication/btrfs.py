@@ -76,6 +76,7 @@ import threading
 import time
 from collections import namedtuple
 
+from slaposha.api.server import Clients
 from slaposha.replication import (
     Peer, Progress, ReplicationError, StaleToken, human_bytes, locked_state,
     trim)
@@ -1147,7 +1148,10 @@ class Receiver(object):
     (``serve_forever()``). ``idle_timeout``: a stream that stalls this long
     (the sender's host died) is dropped. Only hosts of the cluster are
     served (certificates of the host role, not revoked; with ``hosts``, one
-    of those names).
+    of those names). At most ``max_connections`` connections at once, and
+    ``max_peer_connections`` from one address: one beyond is closed at once,
+    and logged once with the peer until that peer is served again (a peer
+    that keeps trying does not fill the log).
 
     The conversation (:mod:`slaposha.replication.wire`), one connection
     per send: ``{"op": "list", "volume": V}`` answers this host's status of
@@ -1159,7 +1163,8 @@ class Receiver(object):
     """
 
     def __init__(self, address, port, tls, volumes, idle_timeout=10.0,
-                 hosts=None, handlers=None):
+                 hosts=None, handlers=None, max_connections=128,
+                 max_peer_connections=32):
         self.address = address
         self.port = port
         self.tls = tls
@@ -1183,6 +1188,11 @@ class Receiver(object):
         self._sock = None
         self._thread = None
         self._stopping = threading.Event()
+        self.max_connections = max_connections
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._peers = Clients(max_peer_connections)
+        self._refused = set()   # peers refused since they were last served
+        self._lock = threading.Lock()
 
     def __repr__(self):
         return '<Receiver %s:%d %s>' % (self.address, self.port,
@@ -1244,8 +1254,7 @@ class Receiver(object):
                 if self._stopping.is_set():
                     break
                 raise
-            threading.Thread(target=self._serve, args=(conn, addr),
-                             daemon=True).start()
+            self._accepted(conn, addr)
 
     def stop(self):
         self._stopping.set()
@@ -1256,6 +1265,43 @@ class Receiver(object):
             self._sock = None
 
     # -- one connection -------------------------------------------------------
+
+    def _accepted(self, conn, addr):
+        """Serve ``conn`` in a thread of its own, within the limits."""
+        peer = addr[0]
+        if not self._slots.acquire(blocking=False):
+            why = '%d connections open (the limit, [replication]' \
+                ' max_connections)' % self.max_connections
+        elif not self._peers.take(peer):
+            self._slots.release()
+            why = 'it has %d connections open (the limit of one peer,' \
+                ' [replication] max_peer_connections)' % self._peers.limit
+        else:
+            with self._lock:
+                self._refused.discard(peer)
+            try:
+                threading.Thread(target=self._serve_within, daemon=True,
+                                 args=(conn, addr)).start()
+            except BaseException:
+                self._peers.give(peer)
+                self._slots.release()
+                conn.close()
+                raise
+            return
+        with self._lock:
+            first = peer not in self._refused
+            self._refused.add(peer)
+        if first:
+            logger.warning('receiver: %s refused: %s; its next refusals are'
+                           ' not logged until it is served again', peer, why)
+        conn.close()
+
+    def _serve_within(self, conn, addr):
+        try:
+            self._serve(conn, addr)
+        finally:
+            self._peers.give(addr[0])
+            self._slots.release()
 
     def _serve(self, conn, addr):
         conn.settimeout(self.idle_timeout)
