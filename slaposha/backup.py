@@ -15,15 +15,26 @@ a copy keeps its own):
   next to the live data, without stopping the service: the copy goes to a
   new folder, nothing existing is written; a copy that fails or passes its
   deadline is deleted, so it ends done or undone.
+- :func:`export`: a snapshot written to a file as a compressed ``btrfs
+  send`` stream (zstd, or gzip where zstd is missing), incremental against
+  the previous export in the same folder when asked, with its SHA-256
+  (``FILE.sha256``, as ``sha256sum -c`` reads it) and what it is
+  (``FILE.json``); :func:`import_export` checks the checksum and receives
+  it among the snapshots of the volume on any host, where it is a snapshot
+  like the others (``promote`` or the agent's start makes it live).
 
 Every mistake a user can make is a :class:`BackupError`: one line.
 """
 
 import datetime
+import hashlib
+import json
 import os
 import re
 import shutil
 import subprocess
+import tempfile
+import threading
 import time
 
 from slaposha.replication import ReplicationError
@@ -31,7 +42,7 @@ from slaposha.replication.btrfs import NAME_RE, Volume
 from slaposha.replication.retention import Retention
 
 __all__ = ['BackupError', 'volumes_of', 'listing', 'choose', 'parse_time',
-           'restore_path', 'format_time']
+           'restore_path', 'format_time', 'export', 'import_export']
 
 
 class BackupError(Exception):
@@ -224,3 +235,253 @@ def _undo(path):
             os.unlink(path)
         except OSError:
             pass
+
+
+# -- export and import ---------------------------------------------------------
+
+CHUNK = 1 << 20
+_COMPRESS = {'zst': (['zstd', '-q', '-T0', '-c'], ['zstd', '-q', '-d', '-c']),
+             'gz': (['gzip', '-1', '-c'], ['gzip', '-d', '-c'])}
+
+
+def _compression():
+    return 'zst' if shutil.which('zstd') else 'gz'
+
+
+def _pipeline(commands, stdin=None, stdout=subprocess.PIPE):
+    """Start commands piped into each other; (processes, their stderr
+    files)."""
+    procs, errs = [], []
+    for i, args in enumerate(commands):
+        err = tempfile.TemporaryFile()
+        last = i == len(commands) - 1
+        proc = subprocess.Popen(
+            args, stdin=procs[-1].stdout if procs else stdin,
+            stdout=stdout if last else subprocess.PIPE, stderr=err)
+        if procs:
+            procs[-1].stdout.close()  # the next one owns it now
+        procs.append(proc)
+        errs.append(err)
+    return procs, errs
+
+
+def _failure(procs, errs, commands):
+    """The first step that failed, in one line, or None."""
+    for proc, err, args in zip(procs, errs, commands):
+        if proc.returncode:
+            err.seek(0)
+            text = err.read().decode(errors='replace').strip()
+            return '%s: %s' % (args[0], text.splitlines()[-1] if text
+                               else 'exit %d' % proc.returncode)
+    return None
+
+
+def _deadline(procs, timeout):
+    """A timer that kills ``procs`` after ``timeout``; .fired tells."""
+    timer = threading.Timer(timeout, lambda: [p.kill() for p in procs
+                                              if p.poll() is None])
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def _exports(folder, volume):
+    """The exports of ``volume`` in ``folder`` (their .json), oldest
+    first."""
+    found = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    for name in names:
+        if not name.endswith('.json'):
+            continue
+        try:
+            with open(os.path.join(folder, name)) as f:
+                meta = json.load(f)
+            if meta.get('volume') == volume.path and \
+                    os.path.exists(os.path.join(folder, name[:-5])):
+                found.append(meta)
+        except (OSError, ValueError, AttributeError):
+            continue
+    return sorted(found, key=lambda m: (m.get('created') or 0,
+                                        m.get('snapshot') or ''))
+
+
+def export(volume, snap, to, label, incremental=False, timeout=3600):
+    """Write ``snap`` to ``to`` (a file, or a folder where it gets its own
+    name), incremental from the newest previous export in that folder whose
+    snapshot this host still has when ``incremental``. Returns the export's
+    description (a dict, also in FILE.json)."""
+    to = os.path.abspath(to)
+    folder, path = (to, None) if os.path.isdir(to) else \
+        (os.path.dirname(to), to)
+    if not os.path.isdir(folder):
+        raise BackupError('--to %s: no such folder' % folder)
+    parent, note = None, 'full'
+    if incremental:
+        previous = [m for m in _exports(folder, volume)
+                    if m.get('snapshot') != snap.name]
+        for meta in reversed(previous):
+            candidate = volume.get(meta.get('snapshot'))
+            if candidate is not None and candidate.key < snap.key:
+                parent = candidate
+                break
+        note = 'incremental after %s' % parent.name if parent else \
+            'full: no earlier export in %s whose snapshot this host' \
+            ' still has' % folder
+    comp = _compression()
+    if path is None:
+        path = os.path.join(folder, '%s-%s-%s%s.btrfs.%s' % (
+            label, volume.name, snap.name,
+            '-after-%s' % parent.name if parent else '', comp))
+    elif not path.endswith('.' + comp):
+        raise BackupError('--to %s: the file name must end with .%s (%s'
+                          ' compression)' % (path, comp, comp))
+    for p in (path, path + '.sha256', path + '.json'):
+        if os.path.lexists(p):
+            raise BackupError('--to %s: exists already; an export never'
+                              ' writes over anything' % p)
+    commands = [['btrfs', 'send', '-q'] + (['-p', parent.path] if parent
+                                          else []) + [snap.path],
+                _COMPRESS[comp][0]]
+    part = path + '.part'
+    started = time.monotonic()
+    digest, size = hashlib.sha256(), 0
+    procs, errs = _pipeline(commands)
+    timer = _deadline(procs, timeout)
+    failed = None
+    try:
+        with open(part, 'wb') as out:
+            while True:
+                data = procs[-1].stdout.read(CHUNK)
+                if not data:
+                    break
+                out.write(data)
+                digest.update(data)
+                size += len(data)
+            out.flush()
+            os.fsync(out.fileno())
+        for proc in procs:
+            proc.wait()
+        failed = _failure(procs, errs, commands)
+    except OSError as e:
+        failed = 'cannot write %s: %s' % (part, e.strerror or e)
+    finally:
+        timer.cancel()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    if failed is None and time.monotonic() - started >= timeout:
+        failed = 'not done within %ds' % timeout
+    if failed:
+        _undo(part)
+        raise BackupError('export of %s failed, nothing kept: %s' % (
+            snap.name, failed))
+    os.rename(part, path)
+    meta = volume.meta(snap.name)
+    description = {
+        'format': 'btrfs-send', 'compression': comp, 'volume': volume.path,
+        'service': label, 'snapshot': snap.name,
+        'parent': parent.name if parent else None,
+        'created': meta.get('created'), 'token': snap.token,
+        'host': meta.get('host'), 'exported': time.time(),
+        'sha256': digest.hexdigest(), 'bytes': size, 'file': path,
+        'seconds': time.monotonic() - started, 'note': note}
+    with open(path + '.sha256', 'w') as f:
+        f.write('%s  %s\n' % (digest.hexdigest(), os.path.basename(path)))
+    with open(path + '.json', 'w') as f:
+        json.dump(description, f, indent=1, sort_keys=True)
+    return description
+
+
+def _checksum(path, timeout):
+    digest = hashlib.sha256()
+    deadline = time.monotonic() + timeout
+    with open(path, 'rb') as f:
+        while True:
+            data = f.read(CHUNK)
+            if not data:
+                return digest.hexdigest()
+            digest.update(data)
+            if time.monotonic() > deadline:
+                raise BackupError('%s: checksum not done within %ds'
+                                  % (path, timeout))
+
+
+def import_export(volume, path, timeout=3600):
+    """Check ``path`` against its .sha256 and receive it among the
+    snapshots of ``volume`` on this host. Returns (its description, one
+    line)."""
+    path = os.path.abspath(path)
+    try:
+        with open(path + '.json') as f:
+            meta = json.load(f)
+        with open(path + '.sha256') as f:
+            expected = f.read().split()[0]
+    except (OSError, ValueError, IndexError) as e:
+        raise BackupError('%s: not an export of slaposha (its .json and'
+                          ' .sha256 beside it are needed): %s' % (
+                              path, getattr(e, 'strerror', None) or e))
+    if not isinstance(meta, dict):
+        meta = {}
+    name, comp = meta.get('snapshot'), meta.get('compression')
+    if meta.get('format') != 'btrfs-send' or \
+            comp not in _COMPRESS or not isinstance(name, str) or \
+            not NAME_RE.match(name):
+        raise BackupError('%s.json: not the description of a btrfs export'
+                          % path)
+    if not os.path.exists(path):
+        raise BackupError('%s: no such file' % path)
+    started = time.monotonic()
+    actual = _checksum(path, timeout)
+    if actual != expected or actual != meta.get('sha256'):
+        raise BackupError('%s: checksum mismatch (sha256 %s, expected %s):'
+                          ' the file is damaged; nothing imported' % (
+                              path, actual[:16], expected[:16]))
+    if volume.get(name) is not None:
+        return meta, 'snapshot %s is already here' % name
+    parent = meta.get('parent')
+    if parent and volume.get(parent) is None:
+        raise BackupError('%s is incremental after %s, which this host does'
+                          ' not have: import that export first' % (
+                              path, parent))
+    try:
+        lock = volume._receiving()
+    except (ReplicationError, OSError) as e:
+        raise BackupError(str(e))
+    if lock is None:
+        raise BackupError('%s: a stream is being received into %s; try'
+                          ' again' % (path, volume.snapdir))
+    try:
+        commands = [_COMPRESS[comp][1] + [path],
+                    ['btrfs', 'receive', '-q', volume.snapdir]]
+        procs, errs = _pipeline(commands, stdout=subprocess.DEVNULL)
+        timer = _deadline(procs, max(1.0, timeout - (time.monotonic() -
+                                                     started)))
+        for proc in procs:
+            proc.wait()
+        timer.cancel()
+        failed = _failure(procs, errs, commands)
+        if failed is None and volume.get(name) is None:
+            failed = 'btrfs receive did not finish %s' % name
+        if failed:
+            partial = os.path.join(volume.snapdir, name)
+            if os.path.lexists(partial) and volume.get(name) is None:
+                try:
+                    volume._drop_partial(partial)
+                except ReplicationError:
+                    pass
+            raise BackupError('import of %s failed, nothing kept: %s' % (
+                path, failed))
+        volume._write_meta(name, {
+            'created': meta.get('created'), 'token': meta.get('token'),
+            'host': meta.get('host'), 'parent': parent,
+            'imported': time.time(), 'from': path})
+    finally:
+        os.close(lock)
+    return meta, 'imported %s (%s, taken %s UTC by %s) into %s in %.1f s' % (
+        name, 'incremental after %s' % parent if parent else 'full',
+        format_time(meta.get('created')), meta.get('host'), volume.snapdir,
+        time.monotonic() - started)

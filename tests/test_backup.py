@@ -60,6 +60,23 @@ def mount_point():
     remove_mount_point()
 
 
+@pytest.fixture
+def pair(make_lab):
+    p = ReplicationLab(make_lab(['hA', 'hB'], paths=LAB_PATHS))
+    try:
+        yield p
+    finally:
+        p.stop_receivers()
+
+
+def service_file(pair):
+    """The pair's service file (hA's volume VOL), which both hosts read."""
+    path = os.path.join(pair.lab.workdir, 'comp.cfg')
+    with open(path, 'w') as f:
+        f.write('[btrfs#data]\nvolume = %s\n' % VOL)
+    return path
+
+
 def sums(host, folder):
     return host.run('cd %s && find . -type f | sort | xargs sha256sum'
                     % folder).stdout
@@ -67,12 +84,9 @@ def sums(host, folder):
 
 @lab
 def test_a_partition_deleted_by_mistake_is_restored_from_a_minute_before(
-        make_lab, slaposha_cmd):
-    pair = ReplicationLab(make_lab(['hA', 'hB'], paths=LAB_PATHS))
+        pair, slaposha_cmd):
     a, b = pair['hA'], pair['hB']
-    svc = os.path.join(pair.lab.workdir, 'comp.cfg')
-    with open(svc, 'w') as f:
-        f.write('[btrfs#data]\nvolume = %s\n' % VOL)
+    svc = service_file(pair)
     procs = []
     try:
         pair.receiver('hB', retention='10,24,7,4')
@@ -155,4 +169,75 @@ def test_a_partition_deleted_by_mistake_is_restored_from_a_minute_before(
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-        pair.stop_receivers()
+
+
+@lab
+def test_an_export_made_on_one_host_is_imported_on_a_fresh_one(
+        pair, slaposha_cmd):
+    a, b = pair['hA'], pair['hB']
+    svc = service_file(pair)
+    exports = os.path.join(pair.lab.workdir, 'exports')
+    os.makedirs(exports)
+
+    def run(host, *args, check=True):
+        return host.run(slaposha_cmd + list(args), env=pair.env(),
+                        check=check)
+
+    def snapshot():
+        return pair.py('hA', '''
+            from slaposha.replication.btrfs import Volume
+            result = Volume(%r).snapshot(10, 'hA').name
+        ''' % VOL)
+    a.run('mkdir -p {v}/slappart0 && dd if=/dev/urandom of={v}/slappart0/db'
+          ' bs=1M count=16 status=none && echo one > {v}/slappart0/cfg'
+          .format(v=VOL))
+    first = snapshot()
+    out = run(a, 'export', svc, '--to', exports).stdout
+    assert 'exported %s' % first in out and 'full' in out
+    # More writes, then an incremental export: only what changed.
+    a.run('dd if=/dev/urandom of={v}/slappart0/db bs=1M count=1 seek=3'
+          ' conv=notrunc status=none && echo two > {v}/slappart0/cfg &&'
+          ' echo new > {v}/slappart0/added'.format(v=VOL))
+    second = snapshot()
+    out = run(a, 'export', svc, '--to', exports, '--incremental').stdout
+    assert 'incremental after %s' % first in out, out
+    files = sorted(n for n in os.listdir(exports) if n.endswith('.zst')
+                   or n.endswith('.gz'))
+    assert len(files) == 2
+    full, incremental = [os.path.join(exports, n) for n in sorted(
+        files, key=lambda n: 'after' in n)]
+    assert os.path.getsize(incremental) < os.path.getsize(full) / 4
+    # The checksum is the one sha256sum reads.
+    assert subprocess.run(['sha256sum', '-c', os.path.basename(full) +
+                           '.sha256'], cwd=exports).returncode == 0
+
+    # A damaged copy is refused, nothing received.
+    damaged = os.path.join(exports, 'damaged-' + os.path.basename(full))
+    data = bytearray(open(full, 'rb').read())
+    data[len(data) // 2] ^= 0xff
+    open(damaged, 'wb').write(bytes(data))
+    for suffix in ('.sha256', '.json'):
+        with open(full + suffix) as f, open(damaged + suffix, 'w') as g:
+            g.write(f.read())
+    p = run(b, 'import', svc, damaged, check=False)
+    assert p.returncode == 2 and 'checksum mismatch' in p.stderr
+    assert p.stderr.count('\n') == 1
+    # The incremental one alone cannot be imported first.
+    p = run(b, 'import', svc, incremental, check=False)
+    assert p.returncode == 2 and 'import that export first' in p.stderr
+    assert pair.status('hB')['snapshots'] == []
+
+    # On hB, a fresh host that never received anything: both, in order.
+    assert 'imported %s' % first in run(b, 'import', svc, full).stdout
+    assert 'imported %s' % second in run(b, 'import', svc,
+                                         incremental).stdout
+    assert pair.status('hB')['snapshots'] == [first, second]
+    for name in (first, second):
+        assert sums(b, '%s/%s' % (SNAPDIR, name)) == \
+            sums(a, '%s/%s' % (SNAPDIR, name))
+    listing = run(b, 'snapshots', svc, '--no-size').stdout
+    assert ' hA ' in listing and second in listing
+    # It is a copy like any other: promoted, it is the live data.
+    pair.promote('hB')
+    assert sums(b, VOL) == sums(a, VOL)
+    assert b.run(['cat', VOL + '/slappart0/cfg']).stdout == 'two\n'

@@ -1,4 +1,4 @@
-"""``slaposha snapshots`` and ``slaposha restore``: the backups a host keeps
+"""``slaposha snapshots``, ``restore``, ``export`` and ``import``: the backups a host keeps
 of a service's btrfs data (see :mod:`slaposha.backup`). They run on the
 host whose copy they read, as root, without the agent.
 
@@ -28,6 +28,12 @@ def _service(args):
             return service
     raise UserError('no service %r in %s' % (args.service,
                                               cluster.services_dir))
+
+
+def _timeout(what):
+    return (('--timeout',), dict(
+        type=float, default=3600.0, help='seconds the %s may take; past'
+        ' them it is undone (default 3600)' % what))
 
 
 def _volumes(args):
@@ -90,9 +96,7 @@ def snapshots(args):
                                 ' it)')),
              (('--to',), dict(metavar='DIR',
                               help='where the copy goes; must not exist')),
-             (('--timeout',), dict(type=float, default=3600.0,
-                                   help='seconds the copy may take; past'
-                                   ' them it is deleted (default 3600)')),
+             _timeout('copy'),
          ])
 def restore(args):
     from slaposha.backup import (
@@ -118,4 +122,72 @@ def restore(args):
     print('restored %s as of snapshot %s (taken %s UTC) to %s: %d file(s),'
           ' %s in %s' % (path, snap.name, format_time(created), to, files,
                          human_bytes(size), human_seconds(seconds)))
+    return 0
+
+
+@command('export', 'write a snapshot of a service\'s btrfs data to a file:'
+         ' a compressed btrfs send stream with its SHA-256, incremental'
+         ' against the previous export in the same folder when asked', [
+             (('service',), dict(help='service name or service file')),
+             (('--to',), dict(required=True, metavar='FILE|DIR',
+                              help='the file, or a folder where it gets its'
+                              ' own name')),
+             (('--at',), dict(metavar='TIME|SNAPSHOT',
+                              help='which snapshot (default: the newest)')),
+             (('--incremental',), dict(action='store_true',
+                                       help='only what changed since the'
+                                       ' previous export in that folder')),
+             _timeout('export'),
+         ])
+def export(args):
+    from slaposha import backup
+    volumes = _volumes(args)
+    if len(volumes) > 1 and not os.path.isdir(args.to):
+        raise UserError('--to %s: service %s has %d btrfs volumes: give a'
+                        ' folder' % (args.to, args.service, len(volumes)))
+    label = os.path.splitext(os.path.basename(args.service))[0]
+    for volume in volumes:
+        try:
+            if args.at:
+                snap, _ = backup.choose(volume, args.at)
+            else:
+                snap = volume.newest()
+                if snap is None:
+                    raise backup.BackupError('%s: no snapshot on this host'
+                                             % volume.path)
+            done = backup.export(volume, snap, args.to, label,
+                                 incremental=args.incremental,
+                                 timeout=args.timeout)
+        except backup.BackupError as e:
+            raise UserError(str(e))
+        print('exported %s (taken %s UTC) to %s: %s, %s in %s, sha256 %s' % (
+            snap.name, backup.format_time(done['created']), done['file'],
+            done['note'], human_bytes(done['bytes']),
+            human_seconds(done['seconds']), done['sha256']))
+    return 0
+
+
+@command('import', 'check an export\'s checksum and receive it among the'
+         ' snapshots of a service\'s btrfs data on this host (any host)', [
+             (('service',), dict(help='service name or service file')),
+             (('file',), dict(help='the export (FILE.sha256 and FILE.json'
+                              ' beside it)')),
+             _timeout('import'),
+         ])
+def import_(args):
+    import json as json_module
+    from slaposha import backup
+    volumes = _volumes(args)
+    try:
+        with open(args.file + '.json') as f:
+            wanted = json_module.load(f).get('volume')
+    except (OSError, ValueError, AttributeError):
+        wanted = None
+    volume = dict((v.path, v) for v in volumes).get(wanted, volumes[0])
+    try:
+        _, line = backup.import_export(volume, args.file,
+                                       timeout=args.timeout)
+    except backup.BackupError as e:
+        raise UserError(str(e))
+    print(line)
     return 0
