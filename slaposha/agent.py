@@ -51,6 +51,7 @@ from slaposha.cluster.view import EtcdView
 from slaposha.cluster.watch import ClusterWatch
 from slaposha.config import ConfigError, load_services
 from slaposha.metrics import Metrics
+from slaposha.replication import ReplicationError
 from slaposha.resources import DOWN, NA
 from slaposha.service import Service, ServiceError
 from slaposha.watchdog import Watchdog
@@ -121,6 +122,8 @@ class ServiceSlot(object):
         self.owner_token = None    # the owner's token, wherever it runs
         self.last_owner = None     # (host, wall time) the owner key was
         #                            last seen held: a takeover's "from"
+        self.diverged = []         # the diverged copies kept on this host
+        self.next_diverged = 0.0
 
 
 class Agent(object):
@@ -580,12 +583,37 @@ class Agent(object):
                 for n, why in self.broken.items()}),
             'reports': {n: s.report for n, s in self.slots.items()
                         if s.report and not s.token},
-            'services': {n: {'state': s.state, 'decision': s.decision}
+            'services': {n: dict({'state': s.state, 'decision': s.decision},
+                                 **self._diverged(s))
                          for n, s in self.slots.items()},
         }
         if self.cannot_run:
             health['cannot_run'] = self.cannot_run
         return health
+
+    def _diverged(self, slot):
+        """{'diverged': [...]} when this host keeps diverged copies of the
+        service's data (each data resource's retention applied), looked at
+        every monitor_interval; a resource that cannot tell is skipped."""
+        now = time.monotonic()
+        if now >= slot.next_diverged:
+            slot.next_diverged = now + self.cluster.agent.monitor_interval
+            found = []
+            for res in self._replicated(slot):
+                if getattr(res, 'diverged_copies', None) is None:
+                    continue  # e.g. drbd: one copy, nothing kept aside
+                try:
+                    copies = res.diverged_copies()
+                except (ReplicationError, OSError) as e:
+                    logger.warning('%s: %s: cannot list the diverged'
+                                   ' copies: %s', slot.service.name, res.rid,
+                                   e)
+                    continue
+                found += [{'rid': res.rid, 'id': d['id'], 'at': d['at'],
+                           'token': d.get('token'), 'size': d.get('size'),
+                           'reason': d.get('reason')} for d in copies]
+            slot.diverged = found
+        return {'diverged': slot.diverged} if slot.diverged else {}
 
     def _announce(self):
         health = self._health()

@@ -2,6 +2,7 @@
 every interval over TLS; when the owner crashes, the standby promotes its
 newest snapshot and the service goes on there with the data it had."""
 
+import json
 import time
 
 import pytest
@@ -133,6 +134,91 @@ def test_max_lag_lets_a_fresh_service_start_where_its_data_is(make_lab):
         lab.crash('hA')
         wait_for(lambda: lc.owner('web', 'hW')[0] == 'hB', 30, interval=0.2,
                  what='hB taking web over')
+    finally:
+        for host in ('hA', 'hB'):
+            lc.stop_agent(host)
+
+
+def diverged_on(lc, via, host):
+    """The diverged copies of web that ``host`` keeps, as the cluster's
+    status (JSON) says, asked on ``via``."""
+    p = lc.cli(via, 'status', '--json', check=False)
+    try:
+        on = json.loads(p.stdout)['services']['web']['on'][host] or {}
+    except (ValueError, KeyError, TypeError):
+        return None
+    return on.get('diverged', [])
+
+
+def test_crashes_leave_diverged_copies_listed_bounded_and_dropped(make_lab):
+    """Each crash of the owner while it writes leaves on it, once it is
+    back, a copy of what it wrote after its last snapshot: the status lists
+    it (host, when, token, size), diverged_keep bounds them and keeps the
+    newest, an operator drops one by id. The planned switches back produce
+    none."""
+    lab = make_lab(['hA', 'hB', 'hW'], paths=LAB_PATHS)
+    rl = ReplicationLab(lab, disk_size='256M')
+    writer = lab.workdir + '/writer.py'
+    with open(writer, 'w') as f:
+        f.write(WRITER)
+    lc = LabCluster(lab, ['hA', 'hB'], ['hW'], tls=True, services={
+        'web': (SERVICE % (VOL, writer)).replace(
+            'interval = 0.5', 'interval = 0.5\n    diverged_keep = 2')},
+        settings='''
+                    [agent]
+                    monitor_interval = 0.5
+                    ''').start()
+    try:
+        seen = []
+        for round in range(3):
+            lc.wait_owner('web', 'hW')
+            if lc.owner('web', 'hW')[0] != 'hA':
+                lc.cli('hB', 'switch', 'web', '--to', 'hA')
+                wait_for(lambda: lc.owner('web', 'hW')[0] == 'hA', 60,
+                         interval=0.5, what='hA owning web again')
+            lc.wait_standby('hB', 'btrfs#data')
+            time.sleep(1.5)
+            # the planned switch kept nothing aside on hB
+            assert diverged_on(lc, 'hA', 'hB') == []
+            lab.crash('hA')
+            wait_for(lambda: lc.owner('web', 'hW')[0] == 'hB', 30,
+                     interval=0.2, what='hB owning web')
+            lab.restart('hA')
+            rl.mount('hA')
+            lc.start_agent('hA')
+            lc.wait_agent('hA')
+            new = wait_for(
+                lambda: [c for c in diverged_on(lc, 'hB', 'hA') or []
+                         if c['id'] not in seen], 60, interval=0.5,
+                what='hA listing a new diverged copy')
+            seen += [c['id'] for c in new]
+            copies = diverged_on(lc, 'hB', 'hA')
+            assert 1 <= len(copies) <= 2, copies
+            newest = max(copies, key=lambda c: c['at'])
+            assert newest['id'] in [c['id'] for c in new]
+            for copy in copies:
+                assert copy['rid'] == 'btrfs#data' and copy['size'] > 0 and \
+                    copy['token'], copy
+            tree = lc.cli('hB', 'status').stdout
+            assert 'diverged btrfs#data     %s' % newest['id'] in tree, tree
+        assert len(seen) >= 3, seen
+        # The operator's view on hA: the same copies; one dropped by id.
+        listed = json.loads(lc.cli('hA', 'data', 'diverged', 'list',
+                                   '--json').stdout)
+        assert sorted(c['id'] for c in listed) == sorted(
+            c['id'] for c in copies)
+        bad = lc.cli('hA', 'data', 'diverged', 'drop', 'web', 'nonesuch',
+                     '--yes', check=False)
+        assert bad.returncode == 2 and bad.stderr.count('\n') == 1 and \
+            "no diverged copy 'nonesuch' of service web" in bad.stderr, bad
+        gone = copies[0]['id']
+        out = lc.cli('hA', 'data', 'diverged', 'drop', 'web', gone,
+                     '--yes').stdout
+        assert out.startswith('deleted the diverged copy %s' % gone), out
+        wait_for(lambda: gone not in [c['id'] for c in
+                                      diverged_on(lc, 'hB', 'hA') or []],
+                 10, interval=0.5, what='the status without %s' % gone)
+        assert gone not in lc.cli('hA', 'data', 'diverged', 'list').stdout
     finally:
         for host in ('hA', 'hB'):
             lc.stop_agent(host)

@@ -640,6 +640,108 @@ def test_planned_switches_under_writes_set_nothing_aside(pair):
         assert stopped.get('stopped'), stopped
         for host in ('hA', 'hB'):
             diverged = pair.status(host)['diverged']
-            assert diverged == [], (round, host, [d["reason"] for d in diverged],
+            assert diverged == [], (round, host,
+                                    [d['reason'] for d in diverged],
                                     pair.log(host)[-2000:])
         source, token = target, token + 10
+
+
+def test_retention_keeps_the_newest_and_what_it_says():
+    from slaposha.replication.diverged import to_drop
+    now = 1000.0
+    copies = [{'path': '/x/%d' % n, 'at': now - 100 * n} for n in range(5)]
+    ids = lambda dropped: sorted(d['path'] for d in dropped)  # noqa: E731
+    assert ids(to_drop(copies, keep=2, now=now)) == ['/x/2', '/x/3', '/x/4']
+    assert ids(to_drop(copies, max_age=250, now=now)) == ['/x/3', '/x/4']
+    assert ids(to_drop(copies, keep=4, max_age=150, now=now)) == [
+        '/x/2', '/x/3', '/x/4']
+    assert to_drop(copies, keep=5, now=now) == []
+    # The newest stays, however old.
+    assert ids(to_drop(copies, max_age=1, now=now + 10000)) == [
+        '/x/1', '/x/2', '/x/3', '/x/4']
+    assert to_drop(copies[:1], keep=1, max_age=0, now=now + 10) == []
+
+
+DIVERGED_RESOURCE = '''
+    import json, os, tempfile
+    from slaposha import config
+    from slaposha.cgroup import Cgroup
+    from slaposha.resources import driver
+    from slaposha.service import Context
+    folder = tempfile.mkdtemp()
+    with open(folder + '/svc.cfg', 'w') as f:
+        f.write('[btrfs#data]\\nvolume = %s\\n%s\\n')
+    section, = config.load_service(folder + '/svc.cfg').resources
+    res = driver('btrfs')(section, Context('svc', Cgroup(folder), folder))
+'''
+
+
+def with_resource(pair, settings, code):
+    """Run ``code`` in hA with ``res``, a btrfs resource of VOL with
+    ``settings``."""
+    return pair.py('hA', textwrap.dedent(DIVERGED_RESOURCE % (VOL, settings))
+                   + textwrap.dedent(code))
+
+
+@lab
+def test_diverged_copies_are_listed_bounded_and_dropped(pair):
+    """Each time hA writes after its last copy and then receives hB's, its
+    volume is kept aside; the copies are listed with id, token and size,
+    the retention keeps what it says and always the newest, and a drop by
+    id removes one."""
+    a = pair['hA']
+    pair.receiver('hA')
+    pair.receiver('hB')
+    token = 10
+    for n in range(3):
+        # hA owns and writes 1 MB more after its last copy reached hB.
+        pair.promote('hA')
+        a.run('head -c 1M /dev/urandom > %s/mine-%d' % (VOL, n))
+        pair.cycle('hA', token)
+        a.run('head -c 2M /dev/urandom > %s/late-%d' % (VOL, n))
+        # hB takes over and its copy comes back to hA.
+        pair.promote('hB')
+        pair.cycle('hB', token + 1)
+        token += 10
+        time.sleep(1.1)  # distinct times, as crashes have
+    copies = with_resource(pair, 'diverged_keep = 10',
+                           'result = res.diverged_copies()')
+    assert len(copies) == 3, copies
+    assert [c['token'] for c in copies] == [10, 20, 30]
+    for copy in copies:
+        assert copy['id'] == os.path.basename(copy['path'])
+        # the 2 MB written after the last copy, and what came before
+        assert copy['size'] >= 2 << 20, copy
+        assert 'written after' in copy['reason']
+    status = with_resource(pair, '', 'result = list(res.standby_status())')
+    assert status[0] == 'warn' and 'diverged: 3 copies kept aside' in \
+        status[1] and copies[-1]['id'] in status[1], status
+    # The count: the two newest stay.
+    kept = with_resource(pair, 'diverged_keep = 2',
+                         'result = res.diverged_copies()')
+    assert [c['id'] for c in kept] == [c['id'] for c in copies[1:]]
+    assert a.run(['test', '-e', copies[0]['path']],
+                 check=False).returncode == 1
+    # The age: all are older than 1 s, but the newest stays.
+    kept = with_resource(pair, 'diverged_max_age = 1s',
+                         'result = res.diverged_copies()')
+    assert [c['id'] for c in kept] == [copies[-1]['id']]
+    assert a.run(['test', '-e', copies[1]['path']],
+                 check=False).returncode == 1
+    # A drop by id; an unknown id is one line naming the ones there are.
+    said = with_resource(pair, '', '''
+        from slaposha.replication import ReplicationError
+        try:
+            res.drop_diverged('nonesuch')
+        except ReplicationError as e:
+            result = [str(e)]
+        result.append(res.drop_diverged(%r)['id'])
+        result.append(res.diverged_copies())
+    ''' % copies[-1]['id'])
+    assert said[0].endswith('no diverged copy nonesuch here (there are: %s)'
+                            % copies[-1]['id']), said
+    assert said[1:] == [copies[-1]['id'], []]
+    assert a.run(['test', '-e', copies[-1]['path']],
+                 check=False).returncode == 1
+    # What hB sent is untouched.
+    assert pair.status('hA')['newest'] == pair.status('hB')['newest']

@@ -399,3 +399,37 @@ def test_from_a_btrfs_snapshot_and_the_copy_stays_a_subvolume(make_lab):
         receiver.wait(5)
     finally:
         remove_mount_point()
+
+
+@lab
+def test_a_crashed_owners_tree_is_kept_aside_listed_and_dropped(pair):
+    """hB ran the service and wrote, then lost it (its agent gone without a
+    clean stop): the newer owner's copy replaces its tree, which is kept
+    aside, listed with the token that wrote it and its size, and can be
+    dropped by id; the retention keeps the newest."""
+    b = pair.lab['hB']
+    tree = 'from slaposha.replication.rsync import Tree\n' \
+        'tree = Tree(%r)\n' % TREE
+    for n, (mine, theirs) in enumerate(((5, 20), (30, 40), (50, 60))):
+        pair.py('hB', tree + 'result = tree.activate(%d)' % mine)
+        b.run('head -c 1M /dev/urandom > %s/mine-%d' % (TREE, n))
+        pair.lab['hA'].run('echo %d > %s/file' % (n, TREE))
+        done = pair.push(theirs)
+        assert 'error' not in done, done
+        said = pair.py('hB', tree + 'result = tree.promote()')
+        assert 'aside' in said, said
+        time.sleep(1.1)
+    copies = pair.py('hB', tree + 'result = tree.diverged()')
+    assert [c['token'] for c in copies] == [5, 30, 50], copies
+    for copy in copies:
+        assert copy['size'] >= 1 << 20, copy
+        assert 'diverged-' + copy['id'] == os.path.basename(copy['path'])
+    said = pair.py('hB', tree + textwrap.dedent('''
+        result = [tree.drop_diverged(%r)['id'], tree.retain_diverged(keep=1),
+                  [c['id'] for c in tree.diverged()]]
+    ''' % copies[1]['id']))
+    assert said == [copies[1]['id'], [copies[0]['id']], [copies[2]['id']]]
+    for copy in copies[:2]:
+        assert b.run(['test', '-e', copy['path']], check=False).returncode \
+            == 1
+    assert b.run(['cat', TREE + '/file']).stdout == '2\n'

@@ -539,6 +539,7 @@ def slapos_partitions(args):
 
 
 from slaposha.cli import adopt as _adopt  # noqa: E402,F401 (slapos adopt...)
+from slaposha.cli import diverged as _diverged  # noqa: E402,F401 (data)
 
 
 @command('version', 'print the version of slaposha')

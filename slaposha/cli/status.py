@@ -129,6 +129,19 @@ def _intent_text(label, intent):
     return text
 
 
+def _diverged_lines(copies):
+    """A host's diverged copies of a service, one line each: which data,
+    its id (for `slaposha data diverged drop`), when, the owner's token
+    that wrote it, its size."""
+    from slaposha.replication import human_bytes
+    return ['    diverged %-14s %s  %s  token %s  %s' % (
+        c.get('rid'), c.get('id'),
+        time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(c.get('at') or 0)),
+        c.get('token') if c.get('token') is not None else '?',
+        human_bytes(c['size']) if c.get('size') is not None else 'size ?')
+        for c in copies]
+
+
 def render(status, only=None):
     """Lines of the tree for a /status answer."""
     lines = []
@@ -223,6 +236,7 @@ def render(status, only=None):
             lines.append('  %-8s %-12s %s' % (
                 host, on.get('state'),
                 '%s: %s (%s)' % (d[1], d[2], _when(d)) if d else ''))
+            lines.extend(_diverged_lines(on.get('diverged') or ()))
             if host == svc.get('owner'):
                 details = svc.get('details') or {}
                 for rid, state, message in svc.get('resources') or []:

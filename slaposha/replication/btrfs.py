@@ -82,6 +82,7 @@ from slaposha.replication import (
     trim)
 from slaposha.inputs import cut, one_line
 from slaposha.replication import wire
+from slaposha.replication.diverged import DivergedCopies
 
 __all__ = ['Volume', 'Snapshot', 'Sender', 'Receiver', 'Transfer', 'Cycle',
            'DEFAULT_PORT', 'snapshot_name']
@@ -210,7 +211,7 @@ def _volume_defaults():
             'active': None}
 
 
-class Volume(object):
+class Volume(DivergedCopies):
     """A btrfs subvolume that slaposha protects, and its snapshots on the
     same file system. Every step runs in the caller's mount namespace (the
     host's)."""
@@ -585,7 +586,7 @@ class Volume(object):
                     base.name, _stderr(err) or _exit(code)))
         return changes.changed
 
-    def _set_aside(self, state, path, what, reason):
+    def _set_aside(self, state, path, what, reason, token=None):
         # A read-only snapshot cannot leave its folder (see above).
         if os.path.dirname(path) == self.snapdir:
             folder, prefix = self.snapdir, 'diverged-'
@@ -605,7 +606,7 @@ class Volume(object):
             raise self.error('cannot set %s aside to %s: %s' % (
                 path, target, e.strerror or e))
         state['diverged'].append({'path': target, 'at': time.time(),
-                                  'reason': reason})
+                                  'reason': reason, 'token': token})
         logger.warning('%s: diverged: %s kept aside as %s (%s)',
                        self.path, what, target, reason)
         return 'kept %s aside as %s (%s)' % (what, target, reason)
@@ -619,6 +620,8 @@ class Volume(object):
         base = self.get(state['live']) if state['live'] else None
         if state['active'] is not None and not self._alive(state['active']):
             state['active'] = None
+        # The epoch that wrote it: the owner's whose snapshot it follows.
+        token = base.token if base is not None else None
         if base is None:
             if not os.listdir(self.path):
                 self._delete_subvolume(self.path, 'cannot delete the empty'
@@ -627,11 +630,11 @@ class Volume(object):
             else:
                 notes = [self._set_aside(state, self.path, 'volume', 'it has'
                                          ' data of no known snapshot; %s'
-                                         % why)]
+                                         % why, token)]
         elif follows is None or base.key > follows.key:
             notes = [self._set_aside(state, self.path, 'volume', 'it follows'
                                      ' %s, which the new owner does not have;'
-                                     ' %s' % (base.name, why))]
+                                     ' %s' % (base.name, why), token)]
         else:
             try:
                 changed = self.changed_since(base)
@@ -642,7 +645,7 @@ class Volume(object):
                     base.name, e.message)
             if changed:
                 notes = [self._set_aside(state, self.path, 'volume', '%s; %s'
-                                         % (reason, why))]
+                                         % (reason, why), token)]
             else:
                 try:
                     self._delete_subvolume(self.path, 'cannot delete the'
@@ -653,7 +656,7 @@ class Volume(object):
                     # E.g. a nested subvolume in it: keeping is always safe.
                     notes = [self._set_aside(state, self.path, 'volume', 'it'
                                              ' could not be deleted; %s'
-                                             % why)]
+                                             % why, token)]
         state['live'] = None
         return notes
 
@@ -671,14 +674,15 @@ class Volume(object):
                 if snap.key > parent.key:
                     notes.append(self._set_aside(state, snap.path, snap.name,
                                                  'not on %s; %s' % (sender,
-                                                                    why)))
+                                                                    why),
+                                                 snap.token))
                     self._drop_meta(snap.name)
         return notes
 
-    def diverged(self):
-        """What was set aside and is still there: [{path, at, reason}]."""
-        return [d for d in self.state()['diverged']
-                if os.path.lexists(d['path'])]
+    def _remove_copy(self, path, wait=False):
+        """Delete a diverged copy (a subvolume, writable or not)."""
+        self._delete_subvolume(path, 'cannot delete the diverged copy %s'
+                               % path)
 
     # -- status ---------------------------------------------------------------
 

@@ -78,6 +78,7 @@ from slaposha.inputs import cut, one_line
 from slaposha.replication import (
     Peer, ReplicationError, StaleToken, human_bytes, locked_state, trim)
 from slaposha.replication import wire
+from slaposha.replication.diverged import DivergedCopies
 from slaposha.units import human_seconds
 
 __all__ = ['Tree', 'TreeReceiver', 'push', 'copy_tree', 'Transfer',
@@ -217,7 +218,7 @@ def _tree_defaults():
     }
 
 
-class Tree(object):
+class Tree(DivergedCopies):
     """A folder that follows its service, and its store on this host (the
     copies received, their records, the newest token seen)."""
 
@@ -464,15 +465,27 @@ class Tree(object):
         reason = 'it may hold writes the copy of token %s does not have' % (
             state['records'][promoted]['token'])
         state['diverged'].append({'path': target, 'at': time.time(),
-                                  'reason': reason})
+                                  'reason': reason, 'token': (
+                                      state['live'] or {}).get('token')})
         logger.warning('%s: diverged: kept aside as %s (%s)', self.path,
                        target, reason)
         return 'kept the former %s aside as %s (%s)' % (self.path, target,
                                                         reason)
 
-    def diverged(self):
-        return [d for d in self.state()['diverged']
-                if os.path.lexists(d['path'])]
+    def _remove_copy(self, path, wait=False):
+        """Delete a diverged copy: renamed at once, removed in the
+        background unless ``wait``."""
+        trash = os.path.join(self.store, 'trash-%d-%s' % (
+            time.time(), os.urandom(3).hex()))
+        try:
+            os.rename(path, trash)
+        except OSError as e:
+            raise self.error('cannot delete the diverged copy %s: %s' % (
+                path, e.strerror or e))
+        if wait:
+            shutil.rmtree(trash, True)
+        else:
+            _remove_later(trash)
 
     def status(self):
         """What this host holds of the tree, as a dict (JSON-able)."""

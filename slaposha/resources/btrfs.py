@@ -83,7 +83,7 @@ from slaposha.replication.retention import DEFAULTS, Retention
 from slaposha.units import human_seconds
 from slaposha.resources import (
     DOWN, UP, WARN, ResourceError, Status, register)
-from slaposha.resources.data import DataResource
+from slaposha.resources.data import DIVERGED_KEYS, DataResource
 
 __all__ = ['Btrfs']
 
@@ -129,7 +129,7 @@ class Btrfs(DataResource):
             minimum=1.0),
         Key('stop_timeout', 'duration', 30.0, 'time stop gives the last'
             ' snapshot to reach the standbys', minimum=0.0),
-    )
+    ) + DIVERGED_KEYS
 
     @classmethod
     def validate(cls, section):

@@ -6,11 +6,22 @@ and the problems they log once."""
 import logging
 import time
 
+from slaposha.config import Key
 from slaposha.replication import Peer
 from slaposha.resources import UP, WARN, Resource, ResourceError, Status
 from slaposha.units import human_seconds
 
-__all__ = ['DataResource']
+__all__ = ['DataResource', 'DIVERGED_KEYS']
+
+# The retention of diverged copies, the same for every data driver.
+DIVERGED_KEYS = (
+    Key('diverged_keep', 'integer', 3, 'diverged copies (data an old owner'
+        ' wrote that the new owner\'s copy lacks, kept aside) kept on each'
+        ' host, newest first; older ones are deleted', minimum=1),
+    Key('diverged_max_age', 'duration', None, 'diverged copies older than'
+        ' this are deleted, except the newest one (none: kept whatever'
+        ' their age)'),
+)
 
 
 class DataResource(Resource):
@@ -78,6 +89,28 @@ class DataResource(Resource):
                          ' (%s)' % about if about else '')
             self._said[about] = problem
 
+    # -- diverged copies ------------------------------------------------------
+
+    def diverged_copies(self):
+        """The diverged copies kept on this host (see
+        :mod:`slaposha.replication.diverged`), the retention applied first:
+        [{id, path, at, reason, token, size}], oldest first."""
+        dropped = self.volume.retain_diverged(self.conf.diverged_keep,
+                                              self.conf.diverged_max_age)
+        for copy_id in dropped:
+            logging.getLogger(type(self).__module__).info(
+                '%s: diverged copy %s deleted (diverged_keep %d, '
+                'diverged_max_age %s)', self.rid, copy_id,
+                self.conf.diverged_keep, human_seconds(
+                    self.conf.diverged_max_age)
+                if self.conf.diverged_max_age is not None else 'none')
+        return self.volume.diverged()
+
+    def drop_diverged(self, copy_id):
+        """Delete this host's diverged copy ``copy_id``; its entry.
+        ReplicationError (one line) when there is none such."""
+        return self.volume.drop_diverged(copy_id)
+
     def _copy_status(self, label, lag, diverged, missing=None, notes=()):
         """A standby's copy ``label`` as a Status: ``missing`` (the text)
         when it has none, else its age ``lag`` against ``max_lag``; then
@@ -97,5 +130,5 @@ class DataResource(Resource):
             state = WARN
             text += '; diverged: %d cop%s kept aside (%s)' % (
                 len(diverged), 'y' if len(diverged) == 1 else 'ies',
-                ', '.join(d['path'] for d in diverged))
+                ', '.join(d.get('id') or d['path'] for d in diverged))
         return Status(state, text)

@@ -44,7 +44,7 @@ from slaposha.replication.btrfs import DEFAULT_PORT
 from slaposha.replication.rsync import Transfer, Tree, is_subvolume, push
 from slaposha.resources import (
     DOWN, UP, WARN, ResourceError, Status, register)
-from slaposha.resources.data import DataResource
+from slaposha.resources.data import DIVERGED_KEYS, DataResource
 from slaposha.units import human_seconds
 
 __all__ = ['Rsync']
@@ -85,7 +85,7 @@ class Rsync(DataResource):
             minimum=1.0),
         Key('stop_timeout', 'duration', 60.0, 'time stop gives the last copy'
             ' to reach the standbys', minimum=0.0),
-    )
+    ) + DIVERGED_KEYS
 
     @classmethod
     def validate(cls, section):
