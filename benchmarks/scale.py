@@ -11,17 +11,20 @@ cgroups) first sees it on another host. Then the crashed host comes back
 (its agent restarted; nothing moves back) and the cluster settles.
 
     .venv/bin/python benchmarks/scale.py [--runs 5] [--settle 5]
-        [--profile default|fast]
+        [--profile default|fast] [--logs DIR]
 
 Prints every run (times, placement after), then median, p99 and max of
 every moved service. Goals: p99 under 5 s, no service left unplaced, no
-service ever seen on two hosts at once.
+service ever seen on two hosts at once. ``--logs DIR``: every host's agent
+and etcd logs copied there at the end, to follow a slow takeover stage by
+stage (each run line gives its crash's wall-clock time).
 """
 
 import argparse
 import collections
 import os
 import platform
+import shutil
 import statistics
 import sys
 import threading
@@ -100,6 +103,17 @@ class Placement(object):
             self._stop.wait(self.interval)
 
 
+def save_logs(lab, folder):
+    """Every host's agent and etcd logs, to ``folder``/<host>."""
+    for host in HOSTS:
+        target = os.path.join(folder, host)
+        os.makedirs(target, exist_ok=True)
+        for path in (os.path.join(lab[host].root, 'log', 'agent.log'),
+                     lab[host].path('/var/lib/slaposha/etcd.log')):
+            if os.path.exists(path):
+                shutil.copy(path, target)
+
+
 def percentile(values, share):
     """Nearest-rank percentile (p99 of 30 values is the largest)."""
     ordered = sorted(values)
@@ -114,6 +128,8 @@ def main():
                         help='seconds of steady state before each crash')
     parser.add_argument('--profile', choices=['default', 'fast'],
                         default='default', help='[lease] profile')
+    parser.add_argument('--logs', help='copy the hosts\' logs there at the'
+                        ' end')
     args = parser.parse_args()
     times, unplaced, spreads = [], 0, []
     began = time.monotonic()
@@ -139,7 +155,7 @@ def main():
                 moving = sorted(s for s, h in placed.items() if h == [victim])
                 leader = lc.etcd_leader([h for h in HOSTS if h != victim][0])
                 where.first.clear()  # a service may go back where it was
-                crashed = time.monotonic()
+                crashed, crashed_at = time.monotonic(), time.time()
                 lab.crash(victim)
 
                 def moved(service):
@@ -158,9 +174,12 @@ def main():
                 after = collections.Counter(
                     h[0] for h in where.now.values() if h)
                 spreads.append(after)
-                print('run %d: crash %s (%d services; etcd leader %s):'
+                print('run %d: crash %s at %s (%d services; etcd leader %s):'
                       ' elsewhere after %s s; now %s' % (
-                          run + 1, victim, len(moving), leader,
+                          run + 1, victim, time.strftime(
+                              '%H:%M:%S', time.localtime(crashed_at)) +
+                          '.%03d' % (crashed_at % 1 * 1000), len(moving),
+                          leader,
                           ' '.join('%.2f' % t for t in sorted(took.values())),
                           ' '.join('%s:%d' % (h, after[h]) for h in HOSTS)))
                 sys.stdout.flush()
@@ -171,6 +190,8 @@ def main():
             where.stop()
             for host in HOSTS:
                 lc.stop_agent(host)
+            if args.logs:
+                save_logs(lab, args.logs)
     print('\n%d services moved in %d crashes: median %.2f s, p99 %.2f s,'
           ' max %.2f s (goal: p99 < 5 s); unplaced %d; seen on two hosts at'
           ' once: %d service(s), %d sample(s)' % (
