@@ -36,6 +36,7 @@ line, in its log and status (``cannot_run``).
 import collections
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -44,7 +45,8 @@ import time
 
 from slaposha import __version__, history, intents, placement
 from slaposha.cgroup import Cgroup, CgroupError, own_cgroup
-from slaposha.cluster.etcd import Client, Compare, EtcdError, Op
+from slaposha.cluster.etcd import (
+    Client, Compare, EtcdError, LeaseNotFound, Op)
 from slaposha.cluster.lease import HostLease, Membership, Ownership, keys
 from slaposha.cluster.member import EtcdMember
 from slaposha.cluster.view import EtcdView
@@ -667,6 +669,11 @@ class Agent(object):
                     self.cluster.cluster.hosts:
                 if name == self.host or name in owning or name not in ids:
                     continue
+                late = self._owner_not_renewing(views)
+                if late:
+                    logger.info('etcd: raft leadership stays on %s for now:'
+                                ' %s', self.host, late)
+                    return
                 self.client.move_leader(ids[name], mine)
                 logger.info('etcd: moved raft leadership from %s to %s: %s'
                             ' owns services (leader_placement = away)',
@@ -674,6 +681,31 @@ class Agent(object):
                 return
         except EtcdError as e:
             logger.info('etcd: could not move raft leadership: %s', e)
+
+    def _owner_not_renewing(self, views):
+        """Why another owner's lease may be running out, or None. A new
+        raft leader gives every lease its whole TTL again: moving the
+        leadership within a TTL of an owner's crash delays its takeover by
+        up to that TTL (benchmarks/RESULTS.md, scale). etcd tells a lease's
+        time left in whole seconds, rounded down: one renewed on schedule
+        shows ttl - ceil(renew_interval) or more (less only at the instant
+        before a renewal, which postpones the move to the next check); one
+        whose holder died shows less from ceil(renew_interval) after its
+        last renewal on."""
+        lease = self.cluster.lease
+        floor = lease.ttl - math.ceil(lease.renew_interval)
+        others = sorted(set((v.owner.value, v.owner.lease)
+                            for v in views.values() if v.owner and
+                            v.owner.lease and v.owner.value != self.host))
+        for host, lease_id in others:
+            try:
+                left = self.client.lease_ttl(lease_id)
+            except LeaseNotFound:
+                return '%s\'s lease just ended' % host
+            if left < floor:
+                return ('%s\'s lease has %d s left (renewed on schedule: %d'
+                        ' or more)' % (host, left, floor))
+        return None
 
     def _chosen_host(self, slot, view, alive):
         """Where a free service should start, with the reason, or
