@@ -50,6 +50,8 @@ OWNER = textwrap.dedent('''\
                 % (req['volume'], req['interval']))
         if req.get('min_interval') is not None:
             f.write('min_interval = %s\\n' % req['min_interval'])
+        for key, value in sorted((req.get('options') or {}).items()):
+            f.write('%s = %s\\n' % (key, value))
     section, = config.load_service(path).resources
     res = driver('btrfs')(section, Context('svc', Cgroup(folder), folder))
     res.configure(req['token'], req['peers'], req['tls'], req['host'])
@@ -224,15 +226,16 @@ class ReplicationLab(object):
         return self.lab[name].path('/var/lib/slaposha/owner-%d.jsonl' % token)
 
     def owner(self, name, token, interval=0.5, peers=None,
-              min_interval=None):
+              min_interval=None, options=None):
         """The btrfs driver as the owner on ``name``, sending to ``peers``
-        (default: every other host); returns (process, report path in the
-        root namespace)."""
+        (default: every other host), with more keys of its section in
+        ``options``; returns (process, report path in the root
+        namespace)."""
         host = self.lab[name]
         peers = peers or [h.name for h in self.lab if h.name != name]
         inside = '/var/lib/slaposha/owner-%d.jsonl' % token
         request = {'volume': VOL, 'interval': interval, 'token': token,
-                   'min_interval': min_interval,
+                   'min_interval': min_interval, 'options': options,
                    'peers': {p: [self.lab[p].address, PORT] for p in peers},
                    'tls': self.tls(name), 'host': name, 'report': inside}
         proc = host.spawn([sys.executable, '-c', OWNER, json.dumps(request)],
