@@ -15,6 +15,7 @@ agent starts, as Prometheus expects of a restarted process.
 """
 
 import threading
+import time
 
 __all__ = ['Metrics', 'exposition', 'CONTENT_TYPE', 'RENEW_BUCKETS']
 
@@ -181,6 +182,7 @@ def exposition(agent):
                     ' lease renewal (keepalive) took to be answered.',
                     samples)
     _replication(agent, page)
+    _backups(agent, page)
     return page.text()
 
 
@@ -230,3 +232,32 @@ def _replication(agent, page):
                 rates)
     page.family('slaposha_replication_copy_age_seconds', 'gauge', 'On a'
                 ' standby: age of the newest complete copy held here.', ages)
+
+
+def _backups(agent, page):
+    """Per btrfs resource, on every host that holds a copy: the snapshots
+    kept here and how old the oldest is (how far back a restore can go)."""
+    counts, oldest = [], []
+    now = time.time()
+    for name, slot in sorted((getattr(agent, 'slots', None) or {}).items()):
+        for res in slot.service.resources:
+            volume = getattr(res, 'volume', None)
+            if not hasattr(volume, 'retention'):
+                continue  # not a btrfs volume
+            labels = {'service': name, 'resource': res.rid}
+            try:
+                snapshots = volume.snapshots()
+                counts.append((labels, len(snapshots)))
+                dated = [volume.meta(s.name).get('created')
+                         for s in snapshots]
+                dated = [d for d in dated if isinstance(d, (int, float))]
+                if dated:
+                    oldest.append((labels, max(0.0, now - min(dated))))
+            except Exception:  # a scrape never breaks on a volume's mood
+                continue
+    page.family('slaposha_backup_snapshots', 'gauge', 'Snapshots of the'
+                ' volume kept on this host (backups and replication\'s'
+                ' own).', counts)
+    page.family('slaposha_backup_oldest_age_seconds', 'gauge', 'Age of the'
+                ' oldest snapshot kept on this host: how far back a restore'
+                ' can go here.', oldest)

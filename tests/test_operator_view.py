@@ -131,6 +131,37 @@ def test_metrics_are_the_prometheus_text_format():
     assert value(standby, 'slaposha_service_eligible', service='web') == 1
 
 
+class _Volume(object):
+    retention = None
+
+    def __init__(self, created):
+        self.created = created
+
+    def snapshots(self):
+        return [type('Snapshot', (), {'name': n}) for n in self.created]
+
+    def meta(self, name):
+        return {'created': self.created[name]}
+
+
+def test_backup_metrics_on_every_host_that_holds_a_copy():
+    agent = StandIn(host='hB')
+    now = time.time()
+    res = type('Res', (), {'rid': 'btrfs#data', 'volume': _Volume({
+        '000007-12': now - 7200, '000009-12': now - 60,
+        '000010-12': None})})
+    app = type('Res', (), {'rid': 'app#main', 'volume': None})
+    service = type('Service', (), {'resources': [app, res]})
+    agent.slots = {'web': type('Slot', (), {'service': service})}
+    samples = parse(exposition(agent))
+    assert value(samples, 'slaposha_backup_snapshots', service='web',
+                 resource='btrfs#data') == 3
+    assert 7199 <= value(samples, 'slaposha_backup_oldest_age_seconds',
+                         service='web', resource='btrfs#data') <= 7300
+    assert value(samples, 'slaposha_backup_snapshots', service='web',
+                 resource='app#main') is None
+
+
 def test_every_metric_is_documented():
     with open(os.path.join(TOP, 'docs', 'metrics.rst')) as f:
         doc = f.read()
