@@ -340,8 +340,10 @@ CLUSTER_SCHEMA = OrderedDict([
             ' renewing its lease (etcd counts whole seconds)', minimum=1),
         Key('renew_interval', 'duration', 1.0, 'time between two renewals of'
             ' a held lease', minimum=0.05),
-        Key('retry_interval', 'duration', 0.2, 'wait before retrying a failed'
-            ' renewal on the next etcd endpoint', minimum=0.01),
+        Key('retry_interval', 'duration', 0.2, 'after a failed renewal, time'
+            ' between two renewals sent to every etcd endpoint at once, each'
+            ' on a new connection (other requests: the pause after every'
+            ' endpoint failed)', minimum=0.01),
         Key('request_timeout', 'duration', 0.5, 'time allowed to one etcd'
             ' request', minimum=0.01),
         Key('fence_margin', 'duration', 0.5, 'the owner stops its services'

@@ -14,7 +14,8 @@ from slaposha.cluster.etcd import Client
 from slaposha.cluster.lease import HostLease, Membership, Ownership, keys
 from slaposha.watchdog import Watchdog
 
-from test_etcd_client import FAST_ELECTIONS, etcd_cluster, needs_etcd
+from test_etcd_client import (  # noqa: F401 (silent_url: a fixture)
+    FAST_ELECTIONS, etcd_cluster, needs_etcd, silent_url)
 
 TTL, RENEW, RETRY, REQUEST, MARGIN = 3, 1.0, 0.2, 0.5, 0.5
 
@@ -83,6 +84,45 @@ def test_unreachable_etcd_loses_the_lease_at_the_deadline(client, member):
     finally:
         os.kill(member.process.pid, signal.SIGCONT)
         lease.stop()
+
+
+@needs_etcd
+def test_a_failed_renewal_is_sent_again_to_every_endpoint_at_once(
+        member, silent_url, tmp_path):
+    # Two endpoints that never answer (a member behind a cut link, a
+    # connection whose packets were lost) before the one that does: the
+    # renewal after the failed one does not wait for them in turn.
+    import socket
+    other = socket.socket()
+    other.bind(('127.0.0.1', 0))
+    other.listen(64)
+    client = Client([silent_url, 'http://127.0.0.1:%d' %
+                     other.getsockname()[1], member.url],
+                    request_timeout=REQUEST, retry_interval=RETRY, timeout=2)
+    renewed, lost = [], []
+    lease = host_lease(client, on_renewed=lambda d: renewed.append(
+        (time.monotonic(), d)), on_lost=lost.append)
+    client._remember(member.url)   # granted at once
+    lease.grant()
+    client.prefer_first()           # then renewed through a silent one
+    try:
+        time.sleep(3 * RENEW + 0.5)
+        assert not lost and lease.valid
+        assert lease.failures >= 1 and lease.renewals >= 2
+        times = [t for t, _ in renewed]
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        # One failed request, then the member answers at once (in turn,
+        # the second silent endpoint and a retry_interval came first).
+        assert max(gaps) < RENEW + REQUEST + 0.3, gaps
+        # Every deadline counts from a send time: never later than a TTL
+        # from when it was known.
+        assert all(d <= t + TTL - MARGIN for t, d in renewed)
+        # The member that answered is asked first next time.
+        assert client.endpoint == member.url
+    finally:
+        lease.revoke()
+        client.close()
+        other.close()
 
 
 @needs_etcd

@@ -450,14 +450,33 @@ class Client:
         the caller sent it: deadlines computed from the send time are safe.
         Raises LeaseNotFound when the lease is gone.
         """
-        # A keepalive is a streaming RPC; one POST with one message gets one
-        # {"result": {...}} back. A lease that is gone is no error: etcd
-        # answers without "TTL" (TTL 0 left out by proto3 JSON).
         endpoint, body = self._request('lease/keepalive', {'ID': str(int(lease_id))},
                                        timeout)
-        ttl = _int(body.get('result', body), 'TTL')
-        if ttl <= 0:
-            raise LeaseNotFound(int(lease_id), endpoint, 'lease/keepalive')
+        return _renewed_ttl(body, lease_id, endpoint)
+
+    def keepalive_at(self, lease_id, endpoint, timeout):
+        """Renew the lease through ``endpoint`` alone, on a connection of
+        its own that is closed after, within ``timeout``; returns the TTL.
+
+        For an owner whose renewals fail: a pooled connection, or one whose
+        first packets were lost while the link was down, may wait for TCP's
+        next retransmission (up to seconds) after the link is back; a new
+        one goes through as soon as the network does. The endpoint that
+        answers is tried first next time. Raises LeaseNotFound when the
+        lease is gone, EtcdUnavailable when no answer came.
+        """
+        session = requests.Session()
+        session.trust_env = False
+        try:
+            body = self._post(endpoint, 'lease/keepalive',
+                              {'ID': str(int(lease_id))}, timeout, session)
+        except _Transient as exc:
+            raise EtcdUnavailable('lease/keepalive', [endpoint],
+                                  '%s: %s' % (endpoint, exc), timeout) from None
+        finally:
+            session.close()
+        ttl = _renewed_ttl(body, lease_id, endpoint)
+        self._remember(endpoint)  # the next renewals go there first
         return ttl
 
     def revoke(self, lease_id, timeout=None):
@@ -660,11 +679,12 @@ class Client:
                 raise EtcdUnavailable(operation, tried, last_error, budget)
             time.sleep(self.retry_interval)
 
-    def _post(self, endpoint, operation, payload, request_timeout):
+    def _post(self, endpoint, operation, payload, request_timeout,
+              session=None):
         try:
             # A total timeout (urllib3.Timeout), not requests' separate
             # connect and read timeouts that could add up to twice as much.
-            response = self._session.post(
+            response = (session or self._session).post(
                 '%s/v3/%s' % (endpoint, operation), data=json.dumps(payload),
                 headers=_JSON_HEADERS, timeout=urllib3.Timeout(total=request_timeout),
                 **self._tls)
@@ -882,6 +902,16 @@ def _raise_error(error, endpoint, operation, http_status):
         raise LeaseNotFound(None, endpoint, operation)
     raise EtcdRequestError(message, code, error.get('http_code', http_status),
                            endpoint, operation)
+
+
+def _renewed_ttl(body, lease_id, endpoint):
+    # A keepalive is a streaming RPC; one POST with one message gets one
+    # {"result": {...}} back. A lease that is gone is no error: etcd
+    # answers without "TTL" (TTL 0 left out by proto3 JSON).
+    ttl = _int(body.get('result', body), 'TTL')
+    if ttl <= 0:
+        raise LeaseNotFound(int(lease_id), endpoint, 'lease/keepalive')
+    return ttl
 
 
 def _describe(exc, timeout):

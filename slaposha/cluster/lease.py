@@ -25,6 +25,7 @@ Keys, under ``<etcd prefix>/<cluster name>``::
 
 import json
 import logging
+import queue
 import threading
 import time
 
@@ -130,8 +131,11 @@ class HostLease(object):
     def _renew_loop(self):
         lease_id = self.id
         next_send = time.monotonic() + self.renew_interval
+        failing = False     # the last renewal failed
         while not self._stop.is_set():
             now = time.monotonic()
+            if not failing:
+                failing_since = now
             if now >= self.deadline:
                 self._lose('no renewal answered for %.1f s (self-fence'
                            ' deadline passed)' % (self.ttl - self.fence_margin))
@@ -143,19 +147,31 @@ class HostLease(object):
                 continue
             sent = time.monotonic()
             try:
-                ttl = self.client.keepalive(
-                    lease_id, timeout=max(0.01, min(
-                        self.request_timeout, self.deadline - sent)))
+                if failing:
+                    sent, ttl = self._renew_everywhere(lease_id)
+                else:
+                    ttl = self.client.keepalive(
+                        lease_id, timeout=max(0.01, min(
+                            self.request_timeout, self.deadline - sent)))
             except LeaseNotFound:
                 self._lose('etcd says the lease is gone (it expired or was'
                            ' revoked)')
                 return
             except EtcdError as e:
                 self.failures += 1
-                logger.info('lease %x renewal failed (%s); retrying in'
+                logger.info('lease %x renewal failed (%s); renewing through'
+                            ' every endpoint, on new connections, every'
                             ' %.1f s', lease_id, e, self.retry_interval)
-                next_send = time.monotonic() + self.retry_interval
+                failing = True
+                next_send = time.monotonic()
                 continue
+            if ttl is None:
+                continue    # no answer before the deadline, or stopped
+            if failing:
+                logger.info('lease %x renewed again after %.1f s of failed'
+                            ' renewals', lease_id, time.monotonic() -
+                            failing_since)
+            failing = False
             if self._stop.is_set():
                 return
             if time.monotonic() >= self.deadline:
@@ -175,6 +191,56 @@ class HostLease(object):
             next_send = sent + self.renew_interval
             if self.on_renewed:
                 self.on_renewed(self.deadline)
+
+    def _renew_everywhere(self, lease_id):
+        """Renewals after a failed one: one to every endpoint at once, each
+        on a new connection, and again every retry_interval without waiting
+        for those in flight, until one is answered. The link coming back is
+        used at once: no renewal waits on a connection whose packets were
+        lost (TCP retransmits them seconds later), nor on a member that
+        cannot reach its leader yet.
+
+        Returns (send time, TTL) of the first renewal answered, the send
+        time of that very request (the deadline counts from it); (None,
+        None) when none was answered before the deadline or the lease is
+        stopped. Raises LeaseNotFound when etcd says the lease is gone.
+        """
+        answers = queue.Queue()
+
+        def renew(endpoint, sent, timeout):
+            try:
+                answers.put((sent, self.client.keepalive_at(
+                    lease_id, endpoint, timeout), None))
+            except EtcdError as e:
+                answers.put((sent, None, e))
+            except Exception as e:  # a bug must not hang the lease
+                answers.put((sent, None, EtcdError(repr(e))))
+
+        next_round = time.monotonic()
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= self.deadline:
+                return None, None
+            if now >= next_round:
+                timeout = max(0.01, min(self.request_timeout,
+                                        self.deadline - now))
+                for endpoint in self.client.endpoints:
+                    threading.Thread(target=renew, daemon=True,
+                                     name='renew-%x' % lease_id,
+                                     args=(endpoint, now, timeout)).start()
+                next_round = now + self.retry_interval
+            try:
+                sent, ttl, error = answers.get(timeout=max(0.0, min(
+                    next_round, self.deadline) - time.monotonic()))
+            except queue.Empty:
+                continue
+            if ttl:
+                return sent, ttl
+            if isinstance(error, LeaseNotFound):
+                raise error
+            self.failures += 1
+            logger.debug('lease %x renewal failed: %s', lease_id, error)
+        return None, None
 
     def stop(self):
         self._stop.set()
