@@ -160,6 +160,11 @@ def test_a_partition_deleted_by_mistake_is_restored_from_a_minute_before(
                  what='a copy after the restore')
         assert [r['errors'] for r in read_report(report)
                 if r.get('errors')] == []
+        # The owner's status says how far back a restore can go.
+        said = [r['status'] for r in read_report(report) if r.get('status')]
+        oldest = re.search(r'backups: \d+ snapshot\(s\) kept here since'
+                           r' (\S+ \S+) UTC', said[-1][1])
+        assert oldest and parse_time(oldest.group(1)) <= before, said[-1]
     finally:
         for proc in procs:
             if proc.poll() is None:

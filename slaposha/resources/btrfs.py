@@ -333,6 +333,9 @@ class Btrfs(DataResource):
             sent = sum(t.bytes for t in self.last.results.values())
             parts.append('last cycle %s, %s' % (human_seconds(self.last.seconds),
                                                  human_bytes(sent)))
+        backups = self.backups()
+        if backups:
+            parts.append(backups)
         return Status(WARN if warn else UP, '; '.join(parts))
 
     def nested(self):
@@ -356,7 +359,24 @@ class Btrfs(DataResource):
             return Status(WARN, str(e))
         return self._copy_status(
             'copy %s' % name, lag, diverged, missing=name is None and
-            'no copy of %s here' % self.volume.path)
+            'no copy of %s here' % self.volume.path,
+            notes=[n for n in [self.backups()] if n])
+
+    def backups(self):
+        """'backups: N snapshots kept here since <oldest> UTC' (how far back
+        a restore can go on this host), or '' when none is dated."""
+        try:
+            snapshots = self.volume.snapshots()
+            dated = [self.volume.meta(s.name).get('created')
+                     for s in snapshots]
+        except (ReplicationError, OSError):
+            return ''
+        dated = [d for d in dated if isinstance(d, (int, float))]
+        if not dated:
+            return ''
+        return 'backups: %d snapshot(s) kept here since %s UTC' % (
+            len(snapshots), time.strftime('%Y-%m-%d %H:%M:%S',
+                                          time.gmtime(min(dated))))
 
 
 # Seconds between two looks for subvolumes inside a volume (a `btrfs
