@@ -2,6 +2,8 @@
 reverse, and fenced at once when the lease is lost."""
 
 import logging
+import threading
+import time
 from collections import namedtuple
 
 from slaposha.cgroup import CgroupError
@@ -30,6 +32,33 @@ class ServiceError(Exception):
         super().__init__(message)
 
 
+class _Overran(Exception):
+    """A resource's start or stop still going on at the deadline."""
+
+
+def _bounded(call, deadline, what):
+    """``call()`` within ``deadline`` (monotonic; None: unbounded): its
+    exception is raised here; still going on at the deadline, _Overran (it
+    goes on in its thread: the caller fences the resource, which ends it)."""
+    if deadline is None:
+        return call()
+    outcome = []
+
+    def run():
+        try:
+            call()
+            outcome.append(None)
+        except BaseException as e:
+            outcome.append(e)
+    thread = threading.Thread(target=run, name=what, daemon=True)
+    thread.start()
+    thread.join(max(0.0, deadline - time.monotonic()))
+    if thread.is_alive():
+        raise _Overran(what)
+    if outcome and outcome[0] is not None:
+        raise outcome[0]
+
+
 class Service(object):
     """The resources of one service on this host."""
 
@@ -45,10 +74,14 @@ class Service(object):
             self.resources.append(driver(section.kind)(section,
                                                        self.context))
 
-    def start(self, may_go_on=None):
+    def start(self, may_go_on=None, timeout=None):
         """Start every resource in order. ``may_go_on()`` is asked before
         each one (the lease may be lost meanwhile). On a failure, what was
-        started is stopped again and ServiceError names the resource."""
+        started is stopped again and ServiceError names the resource. With
+        ``timeout`` (``[service] start_timeout``), a resource still starting
+        then is fenced and what started is stopped again: the start is
+        undone, and ServiceError says it overran."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
             self.cgroup.create()
         except CgroupError as e:
@@ -62,7 +95,17 @@ class Service(object):
                 raise ServiceError(res.rid, 'start aborted before %s: the'
                                    ' lease is no longer held' % res.rid)
             try:
-                res.start()
+                _bounded(res.start, deadline, '%s %s start' % (self.name,
+                                                               res.rid))
+            except _Overran:
+                logger.warning('service %s: %s still starting after'
+                               ' start_timeout (%gs): undone', self.name,
+                               res.rid, timeout)
+                self._fence_one(res)
+                self._undo(started)
+                raise ServiceError(res.rid, 'did not start within'
+                                   ' start_timeout (%gs): stopped again'
+                                   % timeout)
             except Exception as e:  # a driver's bug too: never half-run
                 if res.conf.optional:
                     continue
@@ -77,13 +120,36 @@ class Service(object):
             except Exception:
                 res.fence()
 
-    def stop(self):
+    def _fence_one(self, res):
+        try:
+            res.fence()
+        except Exception as e:
+            logger.warning('service %s: %s: fence failed: %s', self.name,
+                           res.rid, _why(e))
+
+    def stop(self, timeout=None):
         """Stop every resource in reverse order; ServiceError names the
-        first that failed (the others are still stopped)."""
+        first that failed (the others are still stopped). With ``timeout``
+        (``[service] stop_timeout``), a resource still stopping then, and
+        those after it, are fenced instead, and ServiceError says so: the
+        agent checks that they are down before it lets the service go."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         failed = None
         for res in reversed(self.resources):
+            if deadline is not None and time.monotonic() >= deadline:
+                self._fence_one(res)
+                failed = failed or ServiceError(
+                    res.rid, 'not stopped within stop_timeout (%gs):'
+                    ' fenced' % timeout)
+                continue
             try:
-                res.stop()
+                _bounded(res.stop, deadline, '%s %s stop' % (self.name,
+                                                             res.rid))
+            except _Overran:
+                self._fence_one(res)
+                failed = failed or ServiceError(
+                    res.rid, 'did not stop within stop_timeout (%gs):'
+                    ' fenced' % timeout)
             except Exception as e:
                 failed = failed or ServiceError(res.rid, _why(e))
         if failed:

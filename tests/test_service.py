@@ -4,6 +4,7 @@ resources started before it are stopped again and the error names it."""
 import os
 import tempfile
 import textwrap
+import time
 import uuid
 
 import pytest
@@ -97,3 +98,74 @@ def test_a_standby_without_any_copy_never_takes_over_by_itself():
     # max_lag: a copy too old.
     assert 'data too stale' in _problems(_Data((12.0, '000004-3')), True,
                                          max_lag=10.0)[0][0]
+
+
+def _service(body):
+    folder = tempfile.mkdtemp(prefix='slaposha-test-')
+    path = os.path.join(folder, 'svc.cfg')
+    with open(path, 'w') as f:
+        f.write(textwrap.dedent(body))
+    conf = config.load_service(path)
+    root = Cgroup(os.path.join(own_cgroup(), 'slaposha-test-%s'
+                               % uuid.uuid4().hex[:8]))
+    root.create()
+    return Service(conf, root, folder), root
+
+
+def _check_overrun(service, root, call, message):
+    """``call()`` fails on app#hangs with ``message`` well before the app's
+    own 60 s timeout, and leaves nothing running."""
+    try:
+        began = time.monotonic()
+        with pytest.raises(ServiceError) as failed:
+            call()
+        took = time.monotonic() - began
+        assert failed.value.rid == 'app#hangs'
+        assert str(failed.value) == message
+        assert took < 10, took
+        assert [st.state for rid, st in service.status()] == ['down'] * 2
+        assert not service.cgroup.exists() or not service.cgroup.pids()
+    finally:
+        service.fence()
+        service.cgroup.remove()
+        root.remove()
+
+
+def test_a_start_that_overruns_start_timeout_is_undone():
+    """start_timeout bounds the whole start: a resource still starting
+    then is fenced and what started before it is stopped again (before,
+    nothing bounded it: here the app's own 60 s timeout)."""
+    service, root = _service('''
+        [service]
+        hosts = hA
+        start_timeout = 1
+        [app#first]
+        command = exec sleep 600
+        [app#hangs]
+        start = exec sleep 600
+        timeout = 60
+    ''')
+    _check_overrun(service, root, lambda: service.start(
+        timeout=service.conf.service.start_timeout),
+        'did not start within start_timeout (1s): stopped again')
+
+
+def test_a_stop_that_overruns_stop_timeout_is_fenced_and_said():
+    """stop_timeout bounds the whole stop: a resource still stopping then
+    is fenced, the ones after it too, and ServiceError says so (the agent
+    then checks that they are down before it lets the service go)."""
+    service, root = _service('''
+        [service]
+        hosts = hA
+        stop_timeout = 1
+        [app#first]
+        command = exec sleep 600
+        [app#hangs]
+        command = exec sleep 600
+        stop = exec sleep 600
+        timeout = 60
+    ''')
+    service.start()
+    _check_overrun(service, root, lambda: service.stop(
+        timeout=service.conf.service.stop_timeout),
+        'did not stop within stop_timeout (1s): fenced')
