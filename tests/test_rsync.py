@@ -87,6 +87,20 @@ def test_live_copy_status_says_not_crash_consistent(tmp_path):
     assert res.status() == ('down', 'not replicating on this host')
 
 
+def test_what_a_crash_left_half_deleted_is_deleted_when_the_receiver_starts(
+        tmp_path):
+    from slaposha.replication.rsync import Tree, TreeReceiver
+    tree = Tree(str(tmp_path / 'data'), str(tmp_path / 'store'))
+    trash = tmp_path / 'store' / 'trash-1764000000-a1b2c3'
+    (trash / 'deep').mkdir(parents=True)
+    (trash / 'deep' / 'file').write_text('x' * 1000)
+    (tmp_path / 'store' / 'a').mkdir()  # a copy: kept
+    TreeReceiver([tree], copy_roots=())
+    wait_for(lambda: not trash.exists(), 10, interval=0.05,
+             what='the trash deleted')
+    assert sorted(os.listdir(tmp_path / 'store')) == ['a']
+
+
 def test_receiver_runs_only_a_checked_push():
     from slaposha.replication.rsync import server_command
     cmd = server_command(['rsync', '--server', '-logDtpre.iLsfxCIvu',

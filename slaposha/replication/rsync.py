@@ -246,6 +246,19 @@ class Tree(DivergedCopies):
     def exists(self):
         return os.path.isdir(self.path)
 
+    def sweep(self):
+        """Delete again, in the background, what a crash left half-deleted
+        in the store (its ``trash-*`` folders: a copy is renamed there, then
+        removed by a thread that died with the process); returns how many."""
+        try:
+            found = [n for n in os.listdir(self.store)
+                     if n.startswith('trash-')]
+        except OSError:
+            return 0
+        for name in found:
+            _remove_later(os.path.join(self.store, name))
+        return len(found)
+
     def check_layout(self):
         """Why the store cannot hold this tree's copies, or None: takeover
         renames a copy to the path, so both must be on one file system, and
@@ -742,6 +755,12 @@ class TreeReceiver(object):
         for tree in trees:
             tree = tree if isinstance(tree, Tree) else Tree(tree)
             self.trees[tree.path] = tree
+            # This host's receiver starts once per agent: what is in the
+            # trash now, a crash left there.
+            left = tree.sweep()
+            if left:
+                logger.info('%s: deleting %d folder(s) a crash left half'
+                            ' deleted in %s', tree.path, left, tree.store)
         self.copy_roots = [os.path.normpath(r) for r in copy_roots]
         self.idle_timeout = idle_timeout
 
