@@ -250,7 +250,8 @@ def test_sqlite_copies_are_consistent_after_crash_and_promote(pair):
         owner, rep = pair.owner(o.name, token, interval=0.3)
         wait_cycles(pair, o.name, token, s.name, 2, after=started)
         time.sleep(random.uniform(0, 0.4))
-        assert writer.poll() is None, 'the SQLite writer died'
+        assert writer.poll() is None, 'the SQLite writer died: %s' % (
+            pair.log(o.name, 'sqlite-%d' % token)[-1000:])
         pair.lab.crash(o.name)
         pair.promote(s.name)
         ok, total_n, total = pair.py(s.name, SQLITE_CHECK % (
