@@ -76,7 +76,7 @@ def problems(status, etcd=True):
                             if frozen.get('by') else ''))
         if state == 'down' and not owner:
             if (svc.get('target') or {}).get('state') == 'stopped' or \
-                    svc.get('frozen'):
+                    frozen:
                 continue  # stopped or frozen on purpose
             why = [on['decision'][2] for on in (svc.get('on') or {}).values()
                    if on and on.get('decision')]

@@ -334,23 +334,16 @@ class Slapos(Resource):
             if not part.started:
                 continue
             try:
-                results = server.supervisor.startProcessGroup(part.id, True)
-            except xmlrpc.client.Fault as e:
-                why = e.faultString
+                why = _start_group(server, part.id)
             except OSError as e:
                 raise ResourceError('%s: %s: supervisord: %s'
                                     % (self.rid, part.id, e))
-            else:
-                bad = [r for r in results if r.get('status') != STARTED]
-                if not bad:
-                    started += 1
-                    continue
-                why = ', '.join('%s %s' % (r.get('name'),
-                                           r.get('description'))
-                                for r in bad[:3])
-            self.failed[part.id] = 'its programs did not start: %s' % why
+            if why is None:
+                started += 1
+                continue
+            self.failed[part.id] = why
             logger.warning('%s: partition %s set aside: %s', self.rid,
-                           part.id, self.failed[part.id])
+                           part.id, why)
         if self.failed and not started:
             raise ResourceError('%s: no partition started: %s' % (
                 self.rid, '; '.join('%s %s' % item for item in
@@ -487,14 +480,11 @@ class Slapos(Resource):
                 server.supervisor.addProcessGroup(group)
             except xmlrpc.client.Fault:
                 pass  # added meanwhile (ALREADY_ADDED)
-        results = server.supervisor.startProcessGroup(pid, True)
-        bad = [r for r in results if r.get('status') != STARTED]
-        if bad:
-            self.failed[pid] = 'its programs did not start: %s' % ', '.join(
-                '%s %s' % (r.get('name'), r.get('description'))
-                for r in bad[:3])
+        why = _start_group(server, pid)
+        if why is not None:
+            self.failed[pid] = why
             logger.warning('%s: partition %s repaired but %s', self.rid,
-                           pid, self.failed[pid])
+                           pid, why)
             return
         self.failed.pop(pid, None)
         logger.info('%s: partition %s repaired (its folder is back): its'
@@ -549,6 +539,22 @@ class Slapos(Resource):
                 '; '.join(wrong[:3]), ' (and %d more)' % (len(wrong) - 3)
                 if len(wrong) > 3 else '', text), details)
         return Status(UP, text, details)
+
+
+def _start_group(server, pid):
+    """Start the programs of partition ``pid`` in the instance supervisord
+    (``server``); None when they all started, else why not, in one line."""
+    try:
+        results = server.supervisor.startProcessGroup(pid, True)
+    except xmlrpc.client.Fault as e:
+        why = e.faultString
+    else:
+        bad = [r for r in results if r.get('status') != STARTED]
+        if not bad:
+            return None
+        why = ', '.join('%s %s' % (r.get('name'), r.get('description'))
+                        for r in bad[:3])
+    return 'its programs did not start: %s' % why
 
 
 def _ip_batch(argv, commands, timeout=30):
