@@ -71,6 +71,16 @@ setup(
             'ha adopt = slaposha.cli.ha:AdoptCommand',
             'ha prepare-standby = slaposha.cli.ha:PrepareStandbyCommand',
             'ha release = slaposha.cli.ha:ReleaseCommand',
+            'ha mon = slaposha.cli.ha:MonCommand',
+            'ha log = slaposha.cli.ha:LogCommand',
+            'ha start = slaposha.cli.ha:StartCommand',
+            'ha stop = slaposha.cli.ha:StopCommand',
+            'ha snapshots = slaposha.cli.ha:SnapshotsCommand',
+            'ha restore = slaposha.cli.ha:RestoreCommand',
+            'ha export = slaposha.cli.ha:ExportCommand',
+            'ha import = slaposha.cli.ha:ImportCommand',
+            'ha data diverged list = slaposha.cli.ha:DivergedListCommand',
+            'ha data diverged drop = slaposha.cli.ha:DivergedDropCommand',
         ],
         # Recipes of software/slaposha (recipes/, as slaposha.recipes).
         'zc.buildout': [

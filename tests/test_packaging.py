@@ -361,9 +361,14 @@ def test_slapos_help_lists_the_ha_commands():
     p = slapos('--help')
     assert p.returncode == 0, p.stderr
     section = p.stdout.split('ha commands:\n')[1].split('\n\n')[0]
-    assert [line.split()[1] for line in section.splitlines()] == [
-        'adopt', 'check', 'freeze', 'prepare-standby', 'release', 'status',
-        'switch', 'takeover', 'thaw']
+    listed = [line.split('  ')[1].strip() for line in section.splitlines()]
+    # Every operator's command of slaposha, under the same words (those
+    # under `slaposha slapos` without that word), each registered in
+    # setup.py: a class missing there would not be listed.
+    from slaposha.cli.ha import COMMANDS, ha_name
+    assert sorted(listed) == sorted(
+        'ha ' + ha_name(command) for _, command, _ in COMMANDS)
+    assert 'ha data diverged list' in listed and 'ha restore' in listed
     assert 'the cluster as a tree' in section
 
 
@@ -395,6 +400,12 @@ def test_slapos_ha_errors_are_one_line(tmp_path):
     assert p.stderr.startswith('slapos ha prepare-standby: %s: cannot read'
                                ' the fingerprint' % (tmp_path / 'none.json'))
     assert p.stderr.count('\n') == 1
+    # A command of several words is named by all of them.
+    p = slapos('ha', 'data', 'diverged', 'list', '--cfg',
+               str(tmp_path / 'none.cfg'))
+    assert p.returncode == 2
+    assert p.stderr == 'slapos ha data diverged list: %s: cannot read: No' \
+        ' such file or directory\n' % (tmp_path / 'none.cfg')
 
 
 @pytest.mark.lab

@@ -1,9 +1,11 @@
 """``slapos ha ...``: the slaposha commands inside the slapos CLI.
 
 Registered in setup.py's ``slapos.cli`` entry point group, so that an
-operator who knows ``slapos node ...`` finds ``slapos ha status | switch |
-takeover | freeze | thaw | check | adopt | prepare-standby | release`` in
-``slapos --help``. Each one is the
+operator who knows ``slapos node ...`` finds every operator's command of
+slaposha as ``slapos ha ...`` in ``slapos --help`` (COMMANDS below: status,
+mon, log, start, stop, switch, takeover, freeze, thaw, check, adopt,
+prepare-standby, release, snapshots, restore, export, import, data diverged
+list | drop). Each one is the
 ``slaposha`` command of the same name (its arguments, its code, its output),
 with ``--cfg`` for the cluster file as every slapos command has.
 
@@ -17,10 +19,6 @@ import os
 import sys
 
 from slapos.cli.command import Command
-
-__all__ = ['HaCommand', 'StatusCommand', 'SwitchCommand', 'TakeoverCommand',
-           'FreezeCommand', 'ThawCommand', 'CheckCommand', 'AdoptCommand',
-           'PrepareStandbyCommand', 'ReleaseCommand']
 
 # As slaposha.config.DEFAULT_CLUSTER_FILE, which this module does not import.
 DEFAULT_CFG = '/etc/opt/slaposha/cluster.cfg'
@@ -67,7 +65,7 @@ class HaCommand(Command):
         return parser
 
     def take_action(self, parsed_args):
-        prog = 'slapos ha %s' % self.slaposha_command.split()[-1]
+        prog = 'slapos ha %s' % ha_name(self.slaposha_command)
         main = self._slaposha()
         if isinstance(main, ImportError):
             print('%s: slaposha cannot be loaded in this Python (%s): install'
@@ -78,50 +76,62 @@ class HaCommand(Command):
         return main.run_command(func, parsed_args, prog=prog)
 
 
-class StatusCommand(HaCommand):
-    """the cluster as a tree (slaposha status)"""
-    slaposha_command = 'status'
+# (class name, slaposha command, the help line slapos prints): each class
+# is a slapos.cli entry point of setup.py, named ``ha <last words>``.
+COMMANDS = [
+    ('StatusCommand', 'status', 'the cluster as a tree (slaposha status)'),
+    ('MonCommand', 'mon', 'the cluster on one screen, redrawn as it changes'
+     ' (slaposha mon)'),
+    ('LogCommand', 'log', 'the decisions of an agent, oldest first (slaposha'
+     ' log)'),
+    ('StartCommand', 'start', 'start a service (slaposha start)'),
+    ('StopCommand', 'stop', 'stop a service everywhere (slaposha stop)'),
+    ('SwitchCommand', 'switch', 'planned move of a service to a host'
+     ' (slaposha switch)'),
+    ('TakeoverCommand', 'takeover', 'move a service to this host (slaposha'
+     ' takeover)'),
+    ('FreezeCommand', 'freeze', 'the agents neither start nor stop the'
+     ' service (slaposha freeze)'),
+    ('ThawCommand', 'thaw', 'undo freeze (slaposha thaw)'),
+    ('CheckCommand', 'slapos check', 'check that this host may be a standby'
+     ' of the node (slaposha slapos check)'),
+    ('AdoptCommand', 'slapos adopt', 'put this host\'s SlapOS node under the'
+     ' cluster\'s care (slaposha slapos adopt)'),
+    ('PrepareStandbyCommand', 'slapos prepare-standby', 'make this host ready'
+     ' to take over a node (slaposha slapos prepare-standby)'),
+    ('ReleaseCommand', 'slapos release', 'give the adopted node back to'
+     ' SlapOS on this host (slaposha slapos release)'),
+    ('SnapshotsCommand', 'snapshots', 'the snapshots this host keeps of a'
+     ' service (slaposha snapshots)'),
+    ('RestoreCommand', 'restore', 'restore a service\'s data or one folder'
+     ' from a snapshot (slaposha restore)'),
+    ('ExportCommand', 'export', 'write a snapshot of a service to a file'
+     ' (slaposha export)'),
+    ('ImportCommand', 'import', 'read an export back among the snapshots'
+     ' (slaposha import)'),
+    ('DivergedListCommand', 'data diverged list', 'the diverged copies kept'
+     ' on this host (slaposha data diverged list)'),
+    ('DivergedDropCommand', 'data diverged drop', 'delete one diverged copy'
+     ' of this host (slaposha data diverged drop)'),
+]
 
 
-class SwitchCommand(HaCommand):
-    """planned move of a service to a host (slaposha switch)"""
-    slaposha_command = 'switch'
+def ha_name(slaposha_command):
+    """What follows `slapos ha` for a slaposha command: `slapos check` is
+    `slapos ha check`, `data diverged list` keeps its words."""
+    if slaposha_command.startswith('slapos '):
+        return slaposha_command[len('slapos '):]
+    return slaposha_command
 
 
-class TakeoverCommand(HaCommand):
-    """move a service to this host (slaposha takeover)"""
-    slaposha_command = 'takeover'
+def _define(class_name, slaposha_command, doc):
+    return type(class_name, (HaCommand,), {
+        '__doc__': doc, 'slaposha_command': slaposha_command,
+        '__module__': __name__})
 
 
-class FreezeCommand(HaCommand):
-    """the agents neither start nor stop the service (slaposha freeze)"""
-    slaposha_command = 'freeze'
+for _name, _command, _doc in COMMANDS:
+    globals()[_name] = _define(_name, _command, _doc)
+del _name, _command, _doc
 
-
-class ThawCommand(HaCommand):
-    """undo freeze (slaposha thaw)"""
-    slaposha_command = 'thaw'
-
-
-class CheckCommand(HaCommand):
-    """check that this host may be a standby of the node (slaposha slapos
-    check)"""
-    slaposha_command = 'slapos check'
-
-
-class AdoptCommand(HaCommand):
-    """put this host's SlapOS node under the cluster's care (slaposha
-    slapos adopt)"""
-    slaposha_command = 'slapos adopt'
-
-
-class PrepareStandbyCommand(HaCommand):
-    """make this host ready to take over a node (slaposha slapos
-    prepare-standby)"""
-    slaposha_command = 'slapos prepare-standby'
-
-
-class ReleaseCommand(HaCommand):
-    """give the adopted node back to SlapOS on this host (slaposha slapos
-    release)"""
-    slaposha_command = 'slapos release'
+__all__ = ['HaCommand', 'COMMANDS'] + [name for name, _, _ in COMMANDS]
