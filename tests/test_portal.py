@@ -36,6 +36,10 @@ SCREENSHOT = os.path.join(TOP, 'docs', 'portal.png')
 
 # -- stand-in clusters --------------------------------------------------------
 
+DIVERGED = {'rid': 'btrfs#data', 'id': '000012-9', 'at': 1764850000.0,
+            'token': 9, 'size': 4096}
+
+
 class StandIn(object):
     """One cluster's state, shared by the stand-in agents of its hosts:
     services whose owner the actions move, their history and decisions."""
@@ -50,6 +54,8 @@ class StandIn(object):
         self.down = set()
         self.history = []
         self.calls = []
+        # (service, host): the diverged copies that host's agent lists.
+        self.diverged = {('web', 'hB'): [DIVERGED]}
 
     def agent(self, host):
         return StandInAgent(self, host)
@@ -80,7 +86,8 @@ class StandIn(object):
                     if o else [],
                     'on': {h: None if h in self.down else {
                         'state': 'running' if h == o else 'stopped',
-                        'decision': [time.time(), 'standby', 'x']}
+                        'decision': [time.time(), 'standby', 'x'],
+                        'diverged': self.diverged.get((s, h), [])}
                         for h in self.hosts}}
                     for s, o in sorted(self.owner.items())}}
 
@@ -304,6 +311,10 @@ def test_portal_shows_both_clusters_relays_actions_and_marks_the_silent_one(
     # Standby freshness comes from hB's own view.
     assert standby['name'] == 'hB' and standby['eligible'] is True
     assert standby['lags'] == {'btrfs#data': 0.8} and standby['lags_at']
+    # The diverged copies each host keeps, as its agent lists them.
+    assert standby['diverged'] == [DIVERGED]
+    assert [h['diverged'] for h in web['hosts'] if h['role'] == 'owner'] \
+        == [[]]
     assert east['certificate']['role'] == 'operator'
     assert east['streaming'] in (clusters.apis['hA'].url,
                                  clusters.apis['hB'].url)

@@ -57,6 +57,10 @@ def service_view(name, svc, status, locals_by_host):
             'why': why,
             'lags': None if owner else mine.get('lags'),
             'lags_at': None if owner or not mine else at,
+            # Data an old owner wrote that the live copy lacks, kept on
+            # this host (`slaposha data diverged list` there).
+            'diverged': [c for c in (on or {}).get('diverged') or ()
+                         if isinstance(c, dict)],
         })
     return entry
 
