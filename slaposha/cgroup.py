@@ -15,6 +15,8 @@ import os
 import signal
 import time
 
+from slaposha.proc import mounts
+
 __all__ = ['Cgroup', 'CgroupError', 'cgroup2_mount', 'own_cgroup']
 
 
@@ -25,15 +27,10 @@ class CgroupError(Exception):
 def cgroup2_mount():
     """Where the unified hierarchy is mounted, or None."""
     try:
-        with open('/proc/self/mountinfo') as f:
-            for line in f:
-                fields = line.split()
-                sep = fields.index('-')
-                if fields[sep + 1] == 'cgroup2':
-                    return fields[4]
+        found = [m.mount_point for m in mounts() if m.fstype == 'cgroup2']
     except (OSError, ValueError, IndexError):
-        pass
-    return None
+        return None
+    return found[0] if found else None
 
 
 def own_cgroup(pid='self'):

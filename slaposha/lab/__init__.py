@@ -33,6 +33,7 @@ import threading
 import time
 
 from slaposha.cgroup import Cgroup, cgroup2_mount
+from slaposha.proc import mounts, start_time
 
 __all__ = ['Lab', 'Host', 'LabError', 'cleanup_stale', 'SLAPOS_PATHS',
            'HOST_PATHS', 'wait_for']
@@ -76,18 +77,9 @@ def _sh(args, check=True, timeout=30, input=None):
     return p.stdout
 
 
-def _start_time(pid):
-    """The kernel start time of a process, to tell a PID from its reuse."""
-    try:
-        with open('/proc/%d/stat' % pid) as f:
-            return int(f.read().rsplit(')', 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _alive(pid, start_time=None):
-    st = _start_time(pid)
-    return st is not None and (start_time is None or st == start_time)
+def _alive(pid, started=None):
+    st = start_time(pid)
+    return st is not None and (started is None or st == started)
 
 
 def _ns_inode(path):
@@ -375,7 +367,7 @@ class Lab(object):
                 self._save()
 
     def _record_pid(self, pid):
-        self._record('pids', [pid, _start_time(pid)])
+        self._record('pids', [pid, start_time(pid)])
 
     # -- life cycle -------------------------------------------------------------
 
@@ -396,7 +388,7 @@ class Lab(object):
                 continue
         self.workdir = os.path.join(self.work_root, self.id)
         self._state = {
-            'id': self.id, 'owner': [os.getpid(), _start_time(os.getpid())],
+            'id': self.id, 'owner': [os.getpid(), start_time(os.getpid())],
             'workdir': self.workdir, 'rundir': self.rundir,
             'bridges': [], 'netns': [], 'ns_files': [], 'loops': [],
             'pids': [], 'mountpoints': [], 'rundir_mounted': False,
@@ -692,9 +684,7 @@ def _host_ns(state):
 
 
 def _umount_device(device):
-    with open('/proc/self/mountinfo') as f:
-        targets = [line.split()[4] for line in f
-                   if ' %s ' % device in line]
+    targets = [m.mount_point for m in mounts() if m.source == device]
     for target in reversed(targets):
         _sh(['umount', '--lazy', target], False)
 

@@ -82,6 +82,7 @@ from slaposha.replication import (
     trim)
 from slaposha.inputs import cut, one_line
 from slaposha.replication import wire
+from slaposha.proc import boot_id, mount_holding, start_time
 from slaposha.replication.diverged import DivergedCopies
 
 __all__ = ['Volume', 'Snapshot', 'Sender', 'Receiver', 'Transfer', 'Cycle',
@@ -132,28 +133,6 @@ def _widen(pipe):
         pass  # above /proc/sys/fs/pipe-max-size: the default works too
 
 
-def _start_time(pid):
-    """When process ``pid`` started (to tell it from a reuse of its
-    number); None when it is gone or a zombie (dead, not yet reaped)."""
-    try:
-        with open('/proc/%d/stat' % pid) as f:
-            fields = f.read().rsplit(')', 1)[1].split()
-    except OSError:
-        return None
-    try:
-        return None if fields[0] in ('Z', 'X') else int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def _boot_id():
-    try:
-        with open('/proc/sys/kernel/random/boot_id') as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
 def _read_only(path):
     """Whether subvolume ``path`` is read-only; None when it is gone (being
     deleted by another thread) or not a subvolume."""
@@ -191,12 +170,6 @@ def _syncfs(path):
             raise OSError(ctypes.get_errno(), 'syncfs failed')
     finally:
         os.close(fd)
-
-
-def _mounts():
-    from slaposha.resources.fs import Mount
-    with open('/proc/self/mountinfo') as f:
-        return [Mount(line) for line in f]
 
 
 def _stderr(f):
@@ -247,12 +220,7 @@ class Volume(DivergedCopies):
         if self._root is None:
             where = os.path.join(os.path.realpath(os.path.dirname(self.path)),
                                  self.name)
-            best = None
-            for mount in _mounts():
-                point = mount.mount_point
-                if where == point or where.startswith(point.rstrip('/') + '/'):
-                    if best is None or len(point) >= len(best.mount_point):
-                        best = mount
+            best = mount_holding(where)
             if best is None or best.fstype != 'btrfs':
                 raise self.error('not on a btrfs file system (%s is %s)' % (
                     best.mount_point if best else '/',
@@ -469,8 +437,8 @@ class Volume(DivergedCopies):
 
     @staticmethod
     def _alive(active):
-        return bool(active) and active.get('boot') == _boot_id() and \
-            _start_time(active.get('pid', -1)) == active.get('start')
+        return bool(active) and active.get('boot') == boot_id() and \
+            start_time(active.get('pid', -1)) == active.get('start')
 
     def active(self):
         """The token of the owner running the service here, or None. A
@@ -493,8 +461,8 @@ class Volume(DivergedCopies):
                                      token, state['token']))
             state['token'] = token
             pid = os.getpid()
-            state['active'] = {'pid': pid, 'start': _start_time(pid),
-                               'boot': _boot_id(), 'token': token}
+            state['active'] = {'pid': pid, 'start': start_time(pid),
+                               'boot': boot_id(), 'token': token}
             return self._promote(state, create=True)
 
     def deactivate(self):

@@ -78,6 +78,7 @@ from slaposha.inputs import cut, one_line
 from slaposha.replication import (
     Peer, ReplicationError, StaleToken, human_bytes, locked_state, trim)
 from slaposha.replication import wire
+from slaposha.proc import boot_id, mount_holding, start_time
 from slaposha.replication.diverged import DivergedCopies
 from slaposha.units import human_seconds
 
@@ -99,26 +100,6 @@ HIGH_WATER = 1 << 20
 # One push or copy: ``acked`` is when the peer confirmed it (wall clock).
 Transfer = namedtuple('Transfer', 'peer tree created bytes files seconds'
                       ' acked mode')
-
-
-def _boot_id():
-    try:
-        with open('/proc/sys/kernel/random/boot_id') as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
-def _start_time(pid):
-    try:
-        with open('/proc/%d/stat' % pid) as f:
-            fields = f.read().rsplit(')', 1)[1].split()
-    except OSError:
-        return None
-    try:
-        return None if fields[0] in ('Z', 'X') else int(fields[19])
-    except (IndexError, ValueError):
-        return None
 
 
 _libc = None
@@ -159,28 +140,14 @@ def _remove_later(path):
                      name='rm %s' % path, daemon=True).start()
 
 
-def _mount(path):
-    """The mount (of /proc/self/mountinfo) holding ``path``."""
-    from slaposha.resources.fs import Mount
-    where = os.path.realpath(path)
-    best = None
-    with open('/proc/self/mountinfo') as f:
-        for mount in map(Mount, f):
-            point = mount.mount_point
-            if where == point or where.startswith(point.rstrip('/') + '/'):
-                if best is None or len(point) >= len(best.mount_point):
-                    best = mount
-    return best
-
-
 def _mount_of(path):
-    mount = _mount(path)
+    mount = mount_holding(path)
     return mount.mount_point if mount else None
 
 
 def fstype(path):
     """The type of the file system holding ``path`` (from mountinfo)."""
-    mount = _mount(path)
+    mount = mount_holding(path)
     return mount.fstype if mount else None
 
 
@@ -395,8 +362,8 @@ class Tree(DivergedCopies):
             # Whatever the path held, it is this epoch's data from now on.
             state['live'] = dict(state['live'] or {}, token=token)
             pid = os.getpid()
-            state['active'] = {'pid': pid, 'start': _start_time(pid),
-                               'boot': _boot_id(), 'token': token}
+            state['active'] = {'pid': pid, 'start': start_time(pid),
+                               'boot': boot_id(), 'token': token}
             state['clean'] = False
             return done
 
@@ -516,8 +483,8 @@ class Tree(DivergedCopies):
 
 
 def _alive(active):
-    return bool(active) and active.get('boot') == _boot_id() and \
-        _start_time(active.get('pid', -1)) == active.get('start')
+    return bool(active) and active.get('boot') == boot_id() and \
+        start_time(active.get('pid', -1)) == active.get('start')
 
 
 # -- the relay: rsync's pipes <-> frames on the TLS socket -----------------------

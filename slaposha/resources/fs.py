@@ -32,47 +32,11 @@ import subprocess
 
 from slaposha.config import REQUIRED, Key
 from slaposha.inputs import one_line
+from slaposha.proc import mounts_at
 from slaposha.resources import (
     DOWN, UP, WARN, Resource, ResourceError, Status, register)
 
 __all__ = ['Fs', 'mounts_at']
-
-
-def _unescape(field):
-    # mountinfo writes space, tab, newline and backslash as \ooo.
-    if '\\' not in field:
-        return field
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == '\\' and field[i + 1:i + 4].isdigit():
-            out.append(chr(int(field[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return ''.join(out)
-
-
-class Mount(object):
-    """One line of /proc/self/mountinfo."""
-
-    def __init__(self, line):
-        fields = line.split()
-        sep = fields.index('-')
-        self.root = _unescape(fields[3])
-        self.mount_point = _unescape(fields[4])
-        self.fstype = fields[sep + 1]
-        self.source = _unescape(fields[sep + 2])
-
-    def __str__(self):
-        return '%s (%s)' % (self.source, self.fstype)
-
-
-def mounts_at(path):
-    """The mounts on ``path``, bottom first: the last one is what is seen
-    there."""
-    with open('/proc/self/mountinfo') as f:
-        return [m for m in map(Mount, f) if m.mount_point == path]
 
 
 def _loop_backing_file(device):
