@@ -14,7 +14,7 @@ peers, clients across it) is not counted as downtime: what is counted is
 the service being stopped, fenced or moved.
 
     .venv/bin/python benchmarks/flap.py [--profile default|fast]
-        [--seconds 60] [--down 2] [--up 2]
+        [--renew-interval S] [--seconds 60] [--down 2] [--up 2]
 
 Prints owner changes (new fencing tokens), unavailability (share of probe
 intervals in which no host answered), restarts of the service's process,
@@ -196,6 +196,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--profile', choices=['default', 'fast'],
                         default='default', help='[lease] profile')
+    parser.add_argument('--renew-interval', type=float,
+                        help='[lease] renew_interval instead of the'
+                        ' profile\'s')
     parser.add_argument('--seconds', type=float, default=60.0)
     parser.add_argument('--down', type=float, default=2.0)
     parser.add_argument('--up', type=float, default=2.0)
@@ -212,7 +215,9 @@ def main():
             f.write(SERVER)
         lc = LabCluster(lab, ['hA', 'hB'], ['hW'], tls=True, services={
             'web': SERVICE % (VOL, server, marker)},
-            settings='[lease]\nprofile = %s\n' % args.profile)
+            settings='[lease]\nprofile = %s\n%s' % (
+                args.profile, 'renew_interval = %g\n' % args.renew_interval
+                if args.renew_interval else ''))
         lc.marker = marker
         lc.start()
         observer = Observer(lab, marker, interval=0.05,
@@ -223,9 +228,10 @@ def main():
             observer.stop()
             for host in ('hA', 'hB'):
                 lc.stop_agent(host)
-    print('machine: %s, %d cores, Python %s, lease profile %s, %s' % (
+    print('machine: %s, %d cores, Python %s, lease profile %s%s, %s' % (
         platform.platform(), os.cpu_count(), platform.python_version(),
-        args.profile, lc.etcd_binary))
+        args.profile, ', renew_interval %gs' % args.renew_interval
+        if args.renew_interval else '', lc.etcd_binary))
 
 
 if __name__ == '__main__':
