@@ -329,7 +329,7 @@ CLUSTER_SCHEMA = OrderedDict([
     )),
     ('lease', _keys(
         Key('profile', 'choice', 'default', 'a set of the timings below:'
-            ' default (ttl 3, renew_interval 1s, retry_interval 200ms,'
+            ' default (ttl 3, renew_interval 500ms, retry_interval 200ms,'
             ' request_timeout 500ms, fence_margin 500ms) or fast (ttl 2,'
             ' renew_interval 400ms, retry_interval 100ms, request_timeout'
             ' 300ms, fence_margin 300ms: a takeover about 0.7 s sooner, with'
@@ -338,7 +338,7 @@ CLUSTER_SCHEMA = OrderedDict([
             choices=sorted(LEASE_PROFILES)),
         Key('ttl', 'integer', 3, 'seconds an owner keeps a service without'
             ' renewing its lease (etcd counts whole seconds)', minimum=1),
-        Key('renew_interval', 'duration', 1.0, 'time between two renewals of'
+        Key('renew_interval', 'duration', 0.5, 'time between two renewals of'
             ' a held lease', minimum=0.05),
         Key('retry_interval', 'duration', 0.2, 'after a failed renewal, time'
             ' between two renewals sent to every etcd endpoint at once, each'

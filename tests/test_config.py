@@ -47,7 +47,7 @@ def test_good_cluster_defaults_and_endpoints(tmp_path):
     assert c.name == 'c1'
     assert c.members == ['hA', 'hB', 'hW']
     assert c.lease.ttl == 3
-    assert c.lease.renew_interval == 1.0
+    assert c.lease.renew_interval == 0.5
     assert c.lease.retry_interval == 0.2
     assert c.lease.request_timeout == 0.5
     assert c.lease.fence_margin == 0.5
@@ -107,8 +107,8 @@ def test_example_files_are_valid():
      'add a witness'),
     (GOOD + '[lease]\nrenew_interval = 1.5\n', 'lease', 'renew_interval',
      'too close to ttl'),
-    (GOOD + '[lease]\nttl = 2\n', 'lease', 'renew_interval',
-     'too close to ttl'),
+    (GOOD + '[lease]\nttl = 2\n', 'lease', 'ttl',
+     'too short for an etcd election'),
     (GOOD + '[lease]\nfence_margin = 3\n', 'lease', 'fence_margin',
      'below ttl'),
     (GOOD + '[lease]\nrequest_timeout = 2\n', 'lease', 'request_timeout',
@@ -238,7 +238,7 @@ def test_cli_help_lists_commands(slaposha_cmd):
     p = run(slaposha_cmd, 'config', '--help')
     assert 'check' in p.stdout and 'keys' in p.stdout
     p = run(slaposha_cmd, 'config', 'keys')
-    assert 'renew_interval (duration, default 1.0)' in p.stdout
+    assert 'renew_interval (duration, default 0.5)' in p.stdout
 
 
 def test_cli_config_keys_lists_every_key_of_every_resource_kind(

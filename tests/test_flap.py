@@ -3,7 +3,7 @@ lease TTL minus what a renewal needs costs nothing (the renewals go through
 as soon as the link is back), and a cut longer than the TTL still moves the
 service, the old owner fencing itself before the new one starts. Two hosts
 and a witness in the lab, real etcd members and agents, the default lease
-profile (TTL 3 s, renewals every 1 s, fence margin 0.5 s)."""
+profile (TTL 3 s, renewals every 0.5 s, fence margin 0.5 s)."""
 
 import re
 import time
@@ -15,7 +15,7 @@ from slaposha.lab.cluster import (
 
 pytestmark = pytest.mark.lab
 
-TTL, RENEW, MARGIN = 3, 1.0, 0.5
+TTL, RENEW, MARGIN = 3, 0.5, 0.5
 # The longest cut the owner rides out whatever the moment it falls at: its
 # last renewal may have been sent RENEW before the cut, and the renewal
 # after it needs a few tenths of a second.
