@@ -22,6 +22,9 @@ a copy keeps its own):
   (``FILE.json``); :func:`import_export` checks the checksum and receives
   it among the snapshots of the volume on any host, where it is a snapshot
   like the others (``promote`` or the agent's start makes it live).
+- :func:`prune_exports`: the retention of an export folder: the newest
+  ``keep`` exports of a service, and every export one of them needs (its
+  parent, its parent's parent...), the others deleted.
 
 Every mistake a user can make is a :class:`BackupError`: one line.
 """
@@ -42,7 +45,8 @@ from slaposha.replication.btrfs import NAME_RE, Volume
 from slaposha.replication.retention import Retention
 
 __all__ = ['BackupError', 'volumes_of', 'listing', 'choose', 'parse_time',
-           'restore_path', 'format_time', 'export', 'import_export']
+           'restore_path', 'format_time', 'export', 'import_export',
+           'exports_in', 'prune_exports', 'pin']
 
 
 class BackupError(Exception):
@@ -285,9 +289,10 @@ def _deadline(procs, timeout):
     return timer
 
 
-def _exports(folder, volume):
-    """The exports of ``volume`` in ``folder`` (their .json), oldest
-    first."""
+def exports_in(folder, volume, label=None):
+    """The exports of ``volume`` (None: any) in ``folder`` (their .json),
+    oldest first; with ``label``, only those of that service (SlapOS nodes
+    share their paths, so services may share a volume's path)."""
     found = []
     try:
         names = os.listdir(folder)
@@ -299,8 +304,12 @@ def _exports(folder, volume):
         try:
             with open(os.path.join(folder, name)) as f:
                 meta = json.load(f)
-            if meta.get('volume') == volume.path and \
-                    os.path.exists(os.path.join(folder, name[:-5])):
+            if not isinstance(meta, dict) or (
+                    volume is not None and meta.get('volume') != volume.path) \
+                    or (label is not None and meta.get('service') != label):
+                continue
+            if os.path.exists(os.path.join(folder, name[:-5])):
+                meta['file'] = os.path.join(folder, name[:-5])
                 found.append(meta)
         except (OSError, ValueError, AttributeError):
             continue
@@ -308,10 +317,26 @@ def _exports(folder, volume):
                                         m.get('snapshot') or ''))
 
 
-def export(volume, snap, to, label, incremental=False, timeout=3600):
+def _chain(exports, meta):
+    """How many exports importing ``meta`` takes (itself and its parents,
+    transitively, as found in ``exports``)."""
+    n, seen = 1, set()
+    while meta.get('parent') and meta['parent'] not in seen:
+        seen.add(meta['parent'])
+        parents = [m for m in exports if m.get('snapshot') == meta['parent']]
+        if not parents:
+            break
+        meta, n = parents[-1], n + 1
+    return n
+
+
+def export(volume, snap, to, label, incremental=False, timeout=3600,
+           full_every=None):
     """Write ``snap`` to ``to`` (a file, or a folder where it gets its own
     name), incremental from the newest previous export in that folder whose
-    snapshot this host still has when ``incremental``. Returns the export's
+    snapshot this host still has when ``incremental``; full all the same
+    when that one ends a chain of ``full_every`` exports (so that the
+    retention of the folder can delete old chains). Returns the export's
     description (a dict, also in FILE.json)."""
     to = os.path.abspath(to)
     folder, path = (to, None) if os.path.isdir(to) else \
@@ -320,16 +345,21 @@ def export(volume, snap, to, label, incremental=False, timeout=3600):
         raise BackupError('--to %s: no such folder' % folder)
     parent, note = None, 'full'
     if incremental:
-        previous = [m for m in _exports(folder, volume)
+        previous = [m for m in exports_in(folder, volume, label)
                     if m.get('snapshot') != snap.name]
+        long_chain = False
         for meta in reversed(previous):
             candidate = volume.get(meta.get('snapshot'))
             if candidate is not None and candidate.key < snap.key:
-                parent = candidate
+                if full_every and _chain(previous, meta) >= full_every:
+                    long_chain = True
+                else:
+                    parent = candidate
                 break
         note = 'incremental after %s' % parent.name if parent else \
-            'full: no earlier export in %s whose snapshot this host' \
-            ' still has' % folder
+            'full: the previous export ends a chain of %d' % full_every \
+            if long_chain else 'full: no earlier export in %s whose' \
+            ' snapshot this host still has' % folder
     comp = _compression()
     if path is None:
         path = os.path.join(folder, '%s-%s-%s%s.btrfs.%s' % (
@@ -348,6 +378,11 @@ def export(volume, snap, to, label, incremental=False, timeout=3600):
     part = path + '.part'
     started = time.monotonic()
     digest, size = hashlib.sha256(), 0
+    # Marked, replication's pruning spares it while it is sent and then as
+    # the parent of the next incremental export from this host.
+    meta = volume.meta(snap.name)
+    if not meta.get('exported'):
+        _mark(volume, snap.name, time.time())
     procs, errs = _pipeline(commands)
     timer = _deadline(procs, timeout)
     failed = None
@@ -377,10 +412,11 @@ def export(volume, snap, to, label, incremental=False, timeout=3600):
         failed = 'not done within %ds' % timeout
     if failed:
         _undo(part)
+        if not meta.get('exported'):
+            _mark(volume, snap.name, None)
         raise BackupError('export of %s failed, nothing kept: %s' % (
             snap.name, failed))
     os.rename(part, path)
-    meta = volume.meta(snap.name)
     description = {
         'format': 'btrfs-send', 'compression': comp, 'volume': volume.path,
         'service': label, 'snapshot': snap.name,
@@ -394,6 +430,82 @@ def export(volume, snap, to, label, incremental=False, timeout=3600):
     with open(path + '.json', 'w') as f:
         json.dump(description, f, indent=1, sort_keys=True)
     return description
+
+
+def _mark(volume, name, when):
+    meta = volume.meta(name)
+    if not meta and when is None:
+        return
+    if when is None:
+        meta.pop('exported', None)
+    else:
+        meta['exported'] = when
+    try:
+        volume._write_meta(name, meta)
+    except (ReplicationError, OSError):
+        pass  # the snapshot was deleted meanwhile: the send says so
+
+
+def pin(volume, name):
+    """Mark snapshot ``name`` of ``volume`` on this host as exported (so
+    that replication keeps it, the parent of the next incremental export),
+    if it is here and not marked yet. Returns whether it is marked."""
+    if not isinstance(name, str) or volume.get(name) is None:
+        return False
+    if not volume.meta(name).get('exported'):
+        _mark(volume, name, time.time())
+    return True
+
+
+def prune_exports(folder, volume, label, keep):
+    """Delete the exports of service ``label`` in ``folder`` but the newest
+    ``keep`` and those they need to be imported: an incremental export's
+    parent, transitively. A file that cannot be deleted is left (the next
+    prune tries again). Returns the paths deleted."""
+    found = exports_in(folder, volume, label)
+    kept = set(id(m) for m in found[-keep:]) if keep > 0 else set()
+    # Exports by snapshot, newest last: the parent of an incremental one is
+    # the newest export of its parent snapshot older than itself.
+    wanted = [m for m in found if id(m) in kept]
+    while wanted:
+        meta = wanted.pop()
+        parent = meta.get('parent')
+        if not parent:
+            continue
+        for candidate in reversed(found[:found.index(meta)]):
+            if candidate.get('snapshot') == parent:
+                if id(candidate) not in kept:
+                    kept.add(id(candidate))
+                    wanted.append(candidate)
+                break
+    deleted = []
+    # What an export killed with its host or service left (the next prune
+    # runs after this host's own export ended, and only the owner exports).
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        names = []
+    for name in names:
+        if name.startswith('%s-%s-' % (label, volume.name)) and \
+                name.endswith('.part'):
+            try:
+                os.unlink(os.path.join(folder, name))
+                deleted.append(os.path.join(folder, name))
+            except OSError:
+                pass
+    for meta in found:
+        if id(meta) in kept:
+            continue
+        for suffix in ('', '.sha256', '.json'):
+            try:
+                os.unlink(meta['file'] + suffix)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                break
+        else:
+            deleted.append(meta['file'])
+    return deleted
 
 
 def _checksum(path, timeout):

@@ -86,12 +86,14 @@ def _integer(raw):
                          % cut(raw.strip()))
 
 
-_DURATION_RE = re.compile(r'^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*$')
-_DURATION_UNITS = {None: 1.0, 's': 1.0, 'ms': 0.001, 'm': 60.0, 'h': 3600.0}
+_DURATION_RE = re.compile(r'^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h|d)?\s*$')
+_DURATION_UNITS = {None: 1.0, 's': 1.0, 'ms': 0.001, 'm': 60.0, 'h': 3600.0,
+                   'd': 86400.0}
 
 
 def _duration(raw):
-    """Seconds, as ``3``, ``0.5``, ``500ms``, ``2s``, ``5m`` or ``1h``."""
+    """Seconds, as ``3``, ``0.5``, ``500ms``, ``2s``, ``5m``, ``1h`` or
+    ``1d``."""
     m = _DURATION_RE.match(raw)
     if not m:
         raise ValueError('expected a duration such as 3, 0.5, 500ms, 2s or 5m'
@@ -772,6 +774,7 @@ def load_service(path, cluster=None):
         res = _parse_section(path, section, raw, kinds[kind])
         res.kind = kind
         res.rid = section
+        res._service_file = path  # an export task runs `slaposha export` on it
         problem = resources_module.check_section(res)
         if problem:
             raise ConfigError(path, section, message=problem)

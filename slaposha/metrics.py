@@ -183,6 +183,7 @@ def exposition(agent):
                     samples)
     _replication(agent, page)
     _backups(agent, page)
+    _exports(agent, page)
     return page.text()
 
 
@@ -261,3 +262,27 @@ def _backups(agent, page):
     page.family('slaposha_backup_oldest_age_seconds', 'gauge', 'Age of the'
                 ' oldest snapshot kept on this host: how far back a restore'
                 ' can go here.', oldest)
+
+
+def _exports(agent, page):
+    """Per export task, on the host that runs it (the owner): when the
+    newest export in its folder was made, its size, and whether the last
+    run failed."""
+    when, size, failed = [], [], []
+    for name, slot in sorted((getattr(agent, 'slots', None) or {}).items()):
+        for res in slot.service.resources:
+            if getattr(res, 'kind', None) != 'export' or not res.enabled:
+                continue
+            labels = {'service': name, 'resource': res.rid}
+            newest, bad = res.exported()
+            failed.append((labels, 1 if bad else 0))
+            if newest and isinstance(newest.get('exported'), (int, float)):
+                when.append((labels, newest['exported']))
+                size.append((labels, newest.get('bytes') or 0))
+    page.family('slaposha_export_last_timestamp_seconds', 'gauge', 'When'
+                ' the newest export in the folder was made (Unix time).',
+                when)
+    page.family('slaposha_export_last_bytes', 'gauge', 'Size of the newest'
+                ' export in the folder.', size)
+    page.family('slaposha_export_failed', 'gauge', '1 when the last export'
+                ' run failed.', failed)

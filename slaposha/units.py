@@ -1,6 +1,6 @@
 """Quantities as people read them in status lines and logs."""
 
-__all__ = ['human_seconds', 'human_bytes']
+__all__ = ['human_seconds', 'human_bytes', 'human_age']
 
 
 def human_seconds(value):
@@ -14,3 +14,13 @@ def human_bytes(n):
         if abs(n) < 1000 or unit == 'GB':
             return ('%d %s' if unit == 'B' else '%.1f %s') % (n, unit)
         n /= 1000.0
+
+
+def human_age(value):
+    """How long ago, coarse: 42 -> '42s', 600 -> '10m', 10800 -> '3h',
+    93600 -> '26h', 259200 -> '3d'."""
+    for unit, size, below in (('s', 1, 120), ('m', 60, 7200),
+                              ('h', 3600, 172800)):
+        if value < below:
+            return '%d%s' % (value // size, unit)
+    return '%dd' % (value // 86400)

@@ -137,10 +137,29 @@ def restore(args):
              (('--incremental',), dict(action='store_true',
                                        help='only what changed since the'
                                        ' previous export in that folder')),
+             (('--full-every',), dict(type=int, metavar='N',
+                                      help='with --incremental: a full'
+                                      ' export after N-1 incremental ones'
+                                      ' in a row')),
+             (('--keep',), dict(type=int, metavar='N',
+                                help='then delete the service\'s older'
+                                ' exports in that folder but the newest N'
+                                ' and those they need (the parents of'
+                                ' incremental ones)')),
+             (('--json',), dict(action='store_true',
+                                help='print each export\'s description (its'
+                                ' .json) as one line')),
              _timeout('export'),
          ])
 def export(args):
     from slaposha import backup
+    if args.keep is not None and (args.keep < 1 or
+                                  not os.path.isdir(args.to)):
+        raise UserError('--keep %d: expected at least 1, with --to a folder'
+                        % args.keep)
+    if args.full_every is not None and args.full_every < 1:
+        raise UserError('--full-every %d: expected at least 1'
+                        % args.full_every)
     volumes = _volumes(args)
     if len(volumes) > 1 and not os.path.isdir(args.to):
         raise UserError('--to %s: service %s has %d btrfs volumes: give a'
@@ -157,13 +176,24 @@ def export(args):
                                              % volume.path)
             done = backup.export(volume, snap, args.to, label,
                                  incremental=args.incremental,
-                                 timeout=args.timeout)
+                                 timeout=args.timeout,
+                                 full_every=args.full_every)
         except backup.BackupError as e:
             raise UserError(str(e))
+        gone = []
+        if args.keep is not None:
+            gone = backup.prune_exports(args.to, volume, label, args.keep)
+        if args.json:
+            print(json.dumps(dict(done, deleted=gone), sort_keys=True))
+            continue
         print('exported %s (taken %s UTC) to %s: %s, %s in %s, sha256 %s' % (
             snap.name, backup.format_time(done['created']), done['file'],
             done['note'], human_bytes(done['bytes']),
             human_seconds(done['seconds']), done['sha256']))
+        if gone:
+            print('deleted %d older export(s) of %s in %s (--keep %d): %s' % (
+                len(gone), volume.path, args.to, args.keep,
+                ' '.join(os.path.basename(g) for g in gone)))
     return 0
 
 

@@ -84,8 +84,16 @@ def problems(status, etcd=True):
         elif state in ('down', 'warn'):
             bad = [(rid, st, msg) for rid, st, msg in svc.get('resources')
                    or [] if st in ('down', 'warn')]
-            found.append('%s %s on %s%s' % (name, state, owner, ': %s %s' % (
-                bad[0][0], bad[0][2]) if bad else ''))
+            # A failed or late export is the service's own line: the data
+            # and the service are fine where they run.
+            exports = [msg for rid, st, msg in bad
+                       if rid.startswith('export#')]
+            bad = [b for b in bad if not b[0].startswith('export#')]
+            if bad or not exports:
+                found.append('%s %s on %s%s' % (
+                    name, state, owner, ': %s %s' % (bad[0][0], bad[0][2])
+                    if bad else ''))
+            found.extend('%s: %s' % (name, msg) for msg in exports)
         if svc.get('switch'):
             stage = (svc.get('operation') or {}).get('stage')
             found.append('%s: switch to %s in progress%s' % (

@@ -388,11 +388,16 @@ class Volume(DivergedCopies):
     def prune(self, keep, protect=()):
         """Delete old snapshots: keep the newest ``keep``, the newest one
         each peer has, the one the live volume descends from, ``protect``,
-        and what ``retention`` keeps. Returns the names deleted."""
+        what ``retention`` keeps, and the two newest that an export of this
+        host marked (:func:`slaposha.backup.export`: the one being written
+        and the parent of the next incremental one). Returns the names
+        deleted."""
         deleted = []
         with self._locked() as state:
             snapshots = self.snapshots()
             keepers = set(s.name for s in snapshots[-keep:]) if keep else set()
+            keepers.update([s.name for s in snapshots
+                            if self.meta(s.name).get('exported')][-2:])
             if self.retention:
                 keepers.update(self.retention.keepers(
                     [s.name for s in snapshots],

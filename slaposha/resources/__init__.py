@@ -68,6 +68,7 @@ DRIVERS = {
     'fs': 'slaposha.resources.fs',
     'app': 'slaposha.resources.app',
     'task': 'slaposha.resources.task',
+    'export': 'slaposha.resources.export',
     'btrfs': 'slaposha.resources.btrfs',
     'rsync': 'slaposha.resources.rsync',
     'drbd': 'slaposha.resources.drbd',

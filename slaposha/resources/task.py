@@ -106,23 +106,38 @@ class Task(Resource):
         return self.anchor + period * (
             math.floor((now - self.anchor) / period) + 1)
 
+    def _first_due(self, now):
+        """When the first run is due after start (monotonic)."""
+        return now if self.conf.run_at_start else now + self.conf.schedule
+
+    def _argv(self):
+        """The run's command line, and how its log names it."""
+        return ['sh', '-c', self.conf.command], self.conf.command
+
+    def _ended(self, run):
+        """A run was recorded in ``self.last`` (for kinds that learn from
+        it)."""
+
     def _launch(self, now):
         self.next_due = self._next_slot(now)
         self.run_wall, self.run_mono = time.time(), now
+        argv, shown = self._argv()
         try:
-            log = self._log('run: %s' % self.conf.command)
+            log = self._log('run: %s' % shown)
         except OSError as e:
             self.last = Run(self.run_wall, 0.0, None, 'cannot open its log'
                             ' %s: %s' % (self._log_path(), e.strerror or e))
+            self._ended(self.last)
             return
         try:
             self.proc = subprocess.Popen(
-                self.cgroup.wrap(['sh', '-c', self.conf.command]),
+                self.cgroup.wrap(argv),
                 stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True)
         except OSError as e:
             self.last = Run(self.run_wall, 0.0, None, 'cannot run it: %s'
                             % (e.strerror or e))
+            self._ended(self.last)
         finally:
             log.close()
 
@@ -137,6 +152,7 @@ class Task(Resource):
         except CgroupError as e:
             reason = reason or 'left processes that survive SIGKILL: %s' % e
         self.last = Run(self.run_wall, duration, code, reason)
+        self._ended(self.last)
         try:
             with self._log('%s after %s' % (self._outcome(self.last),
                                             human_seconds(duration))):
@@ -176,9 +192,8 @@ class Task(Resource):
         self.enabled = True
         now = time.monotonic()
         self.anchor = now
-        self.next_due = now if self.conf.run_at_start else \
-            now + self.conf.schedule
-        if self.conf.run_at_start:
+        self.next_due = self._first_due(now)
+        if self.next_due <= now:
             self._launch(now)
 
     def stop(self):
