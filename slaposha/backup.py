@@ -21,7 +21,12 @@ a copy keeps its own):
   (``FILE.sha256``, as ``sha256sum -c`` reads it) and what it is
   (``FILE.json``); :func:`import_export` checks the checksum and receives
   it among the snapshots of the volume on any host, where it is a snapshot
-  like the others (``promote`` or the agent's start makes it live).
+  like the others (``promote`` or the agent's start makes it live), but
+  for its epoch: it is renamed ``<seq>-0`` (token 0, which no owner has),
+  older than anything an owner writes. Under its own token (of another
+  cluster, or of an owner since replaced) it could outrank the snapshots
+  taken after it, and a later takeover would promote the old import
+  instead of the newest data.
 - :func:`prune_exports`: the retention of an export folder: the newest
   ``keep`` exports of a service, and every export one of them needs (its
   parent, its parent's parent...), the others deleted.
@@ -41,7 +46,7 @@ import threading
 import time
 
 from slaposha.replication import ReplicationError
-from slaposha.replication.btrfs import NAME_RE, Volume
+from slaposha.replication.btrfs import NAME_RE, Volume, snapshot_name
 from slaposha.replication.retention import Retention
 
 __all__ = ['BackupError', 'volumes_of', 'listing', 'choose', 'parse_time',
@@ -522,6 +527,24 @@ def _checksum(path, timeout):
                                   % (path, timeout))
 
 
+# The epoch of an imported snapshot: below every owner's (tokens are etcd
+# revisions, 2 and up), so that what an owner writes after it is newer.
+IMPORTED = 0
+
+
+def _imported(volume, name):
+    """The snapshot here that is snapshot ``name`` of an export: itself
+    (received by replication), or what an import renamed it to."""
+    snap = volume.get(name)
+    if snap is not None:
+        return snap
+    for snap in volume.snapshots():
+        if snap.token == IMPORTED and \
+                volume.meta(snap.name).get('original') == name:
+            return snap
+    return None
+
+
 def import_export(volume, path, timeout=3600):
     """Check ``path`` against its .sha256 and receive it among the
     snapshots of ``volume`` on this host. Returns (its description, one
@@ -552,10 +575,13 @@ def import_export(volume, path, timeout=3600):
         raise BackupError('%s: checksum mismatch (sha256 %s, expected %s):'
                           ' the file is damaged; nothing imported' % (
                               path, actual[:16], expected[:16]))
-    if volume.get(name) is not None:
-        return meta, 'snapshot %s is already here' % name
+    here = _imported(volume, name)
+    if here is not None:
+        return meta, 'snapshot %s is already here%s' % (
+            name, ' as %s' % here.name if here.name != name else '')
     parent = meta.get('parent')
-    if parent and volume.get(parent) is None:
+    local_parent = _imported(volume, parent) if parent else None
+    if parent and local_parent is None:
         raise BackupError('%s is incremental after %s, which this host does'
                           ' not have: import that export first' % (
                               path, parent))
@@ -587,13 +613,38 @@ def import_export(volume, path, timeout=3600):
                     pass
             raise BackupError('import of %s failed, nothing kept: %s' % (
                 path, failed))
-        volume._write_meta(name, {
-            'created': meta.get('created'), 'token': meta.get('token'),
-            'host': meta.get('host'), 'parent': parent,
-            'imported': time.time(), 'from': path})
+        seq = int(NAME_RE.match(name).group(1))
+        try:
+            with volume._locked():
+                while os.path.lexists(os.path.join(
+                        volume.snapdir, snapshot_name(seq, IMPORTED))):
+                    seq += 1
+                final = snapshot_name(seq, IMPORTED)
+                volume._write_meta(final, {
+                    'created': meta.get('created'),
+                    'token': meta.get('token'), 'host': meta.get('host'),
+                    'original': name, 'parent': local_parent.name
+                    if local_parent else None, 'imported': time.time(),
+                    'from': path})
+                os.rename(os.path.join(volume.snapdir, name),
+                          os.path.join(volume.snapdir, final))
+        except (ReplicationError, OSError) as e:
+            # Under its own token it would outrank what owners write next.
+            volume._drop_meta(snapshot_name(seq, IMPORTED))
+            try:
+                volume._delete_subvolume(os.path.join(volume.snapdir, name),
+                                         'cannot delete %s' % name)
+                kept = 'nothing kept'
+            except ReplicationError as gone:
+                kept = 'delete %s by hand: %s' % (name, gone)
+            raise BackupError('import of %s failed, %s: cannot rename %s to'
+                              ' %s: %s' % (path, kept, name,
+                                           snapshot_name(seq, IMPORTED),
+                                           getattr(e, 'strerror', None) or e))
     finally:
         os.close(lock)
-    return meta, 'imported %s (%s, taken %s UTC by %s) into %s in %.1f s' % (
-        name, 'incremental after %s' % parent if parent else 'full',
-        format_time(meta.get('created')), meta.get('host'), volume.snapdir,
-        time.monotonic() - started)
+    return meta, 'imported %s as %s (%s, taken %s UTC by %s, token %s)' \
+        ' into %s in %.1f s' % (
+            name, final, 'incremental after %s' % parent if parent
+            else 'full', format_time(meta.get('created')), meta.get('host'),
+            meta.get('token'), volume.snapdir, time.monotonic() - started)

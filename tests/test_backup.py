@@ -232,17 +232,40 @@ def test_an_export_made_on_one_host_is_imported_on_a_fresh_one(
     assert p.returncode == 2 and 'import that export first' in p.stderr
     assert pair.status('hB')['snapshots'] == []
 
-    # On hB, a fresh host that never received anything: both, in order.
-    assert 'imported %s' % first in run(b, 'import', svc, full).stdout
-    assert 'imported %s' % second in run(b, 'import', svc,
-                                         incremental).stdout
-    assert pair.status('hB')['snapshots'] == [first, second]
-    for name in (first, second):
-        assert sums(b, '%s/%s' % (SNAPDIR, name)) == \
+    # On hB, a fresh host that never received anything: both, in order,
+    # each renamed to token 0 (older than what any owner writes).
+    here = [name.split('-')[0] + '-0' for name in (first, second)]
+    assert 'imported %s as %s' % (first, here[0]) in run(
+        b, 'import', svc, full).stdout
+    assert 'imported %s as %s' % (second, here[1]) in run(
+        b, 'import', svc, incremental).stdout
+    assert 'already here as %s' % here[1] in run(b, 'import', svc,
+                                                 incremental).stdout
+    assert pair.status('hB')['snapshots'] == here
+    for name, imported in zip((first, second), here):
+        assert sums(b, '%s/%s' % (SNAPDIR, imported)) == \
             sums(a, '%s/%s' % (SNAPDIR, name))
     listing = run(b, 'snapshots', svc, '--no-size').stdout
-    assert ' hA ' in listing and second in listing
+    assert ' hA ' in listing and here[1] in listing
     # It is a copy like any other: promoted, it is the live data.
     pair.promote('hB')
     assert sums(b, VOL) == sums(a, VOL)
     assert b.run(['cat', VOL + '/slappart0/cfg']).stdout == 'two\n'
+    # An owner of a new cluster (token 5, below the exporter's 10) writes
+    # on it; the next takeover there keeps what it wrote. Under its own
+    # token 10 the import outranked the owner's snapshot, and the takeover
+    # promoted the import again: 'two', the owner's writes gone.
+    taken, newest, said = pair.py('hB', """
+        from slaposha.replication.btrfs import Volume
+        v = Volume(%r)
+        v.activate(5, 'hB')
+        with open(%r, 'w') as f:
+            f.write('three\\n')
+        taken = v.snapshot(5, 'hB').name
+        v.deactivate()
+        said = v.activate(6, 'hB')
+        v.deactivate()
+        result = [taken, v.newest().name, said]
+    """ % (VOL, VOL + '/slappart0/cfg'))
+    assert newest == taken and 'kept' in said, said
+    assert b.run(['cat', VOL + '/slappart0/cfg']).stdout == 'three\n'
