@@ -7,7 +7,7 @@ import time
 from collections import namedtuple
 
 from slaposha.cgroup import CgroupError
-from slaposha.resources import ResourceError, driver
+from slaposha.resources import Cancel, ResourceError, driver
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +21,14 @@ def _why(error):
 
 __all__ = ['Service', 'ServiceError', 'Context']
 
-Context = namedtuple('Context', 'name cgroup log_dir')
+# cancel: the service's Cancel, that its drivers check between the steps
+# of their start (None: a resource alone, as in tests).
+Context = namedtuple('Context', 'name cgroup log_dir cancel',
+                     defaults=(None,))
+
+# Seconds a fenced resource's start or stop (killed with its cgroup) is
+# given to end; one still going on then keeps the service busy.
+LINGER = 5.0
 
 
 class ServiceError(Exception):
@@ -33,13 +40,19 @@ class ServiceError(Exception):
 
 
 class _Overran(Exception):
-    """A resource's start or stop still going on at the deadline."""
+    """A resource's start or stop still going on at the deadline, in
+    ``thread``."""
+
+    def __init__(self, what, thread):
+        self.thread = thread
+        super().__init__(what)
 
 
 def _bounded(call, deadline, what):
     """``call()`` within ``deadline`` (monotonic; None: unbounded): its
     exception is raised here; still going on at the deadline, _Overran (it
-    goes on in its thread: the caller fences the resource, which ends it)."""
+    goes on in its thread: the caller fences the resource, which ends it,
+    and waits for the thread)."""
     if deadline is None:
         return call()
     outcome = []
@@ -54,7 +67,7 @@ def _bounded(call, deadline, what):
     thread.start()
     thread.join(max(0.0, deadline - time.monotonic()))
     if thread.is_alive():
-        raise _Overran(what)
+        raise _Overran(what, thread)
     if outcome and outcome[0] is not None:
         raise outcome[0]
 
@@ -66,7 +79,9 @@ class Service(object):
         self.conf = conf
         self.name = conf.name
         self.cgroup = cgroup_root.child(conf.name)
-        self.context = Context(conf.name, self.cgroup, log_dir)
+        self.cancel = Cancel()
+        self.context = Context(conf.name, self.cgroup, log_dir, self.cancel)
+        self._lingering = []       # [(rid, thread)] fenced, still going on
         self.resources = []
         for section in conf.resources:
             if section.disable:
@@ -80,7 +95,14 @@ class Service(object):
         started is stopped again and ServiceError names the resource. With
         ``timeout`` (``[service] start_timeout``), a resource still starting
         then is fenced and what started is stopped again: the start is
-        undone, and ServiceError says it overran."""
+        undone, and ServiceError says it overran. A fence meanwhile
+        (:meth:`fence`) cancels the start: no resource starts after it, and
+        what a step did after the fence is fenced again at the end."""
+        busy = self.busy()
+        if busy:
+            raise ServiceError(busy, 'not started: the last start or stop'
+                               ' of %s, fenced, still goes on' % busy)
+        self.cancel.clear()
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             self.cgroup.create()
@@ -89,29 +111,67 @@ class Service(object):
             # releases the owner key it cannot honour.
             raise ServiceError('cgroup', str(e))
         started = []
-        for res in self.resources:
-            if may_go_on is not None and not may_go_on():
-                self._undo(started)
-                raise ServiceError(res.rid, 'start aborted before %s: the'
-                                   ' lease is no longer held' % res.rid)
-            try:
-                _bounded(res.start, deadline, '%s %s start' % (self.name,
-                                                               res.rid))
-            except _Overran:
-                logger.warning('service %s: %s still starting after'
-                               ' start_timeout (%gs): undone', self.name,
-                               res.rid, timeout)
-                self._fence_one(res)
-                self._undo(started)
-                raise ServiceError(res.rid, 'did not start within'
-                                   ' start_timeout (%gs): stopped again'
-                                   % timeout)
-            except Exception as e:  # a driver's bug too: never half-run
-                if res.conf.optional:
-                    continue
-                self._undo(started + [res])
-                raise ServiceError(res.rid, _why(e))
-            started.append(res)
+        try:
+            for res in self.resources:
+                if self.cancel.is_set():
+                    raise ServiceError(res.rid, 'start cancelled before %s:'
+                                       ' the service was fenced' % res.rid)
+                if may_go_on is not None and not may_go_on():
+                    raise ServiceError(res.rid, 'start aborted before %s:'
+                                       ' the lease is no longer held'
+                                       % res.rid)
+                try:
+                    _bounded(res.start, deadline, '%s %s start' % (
+                        self.name, res.rid))
+                except _Overran as e:
+                    logger.warning('service %s: %s still starting after'
+                                   ' start_timeout (%gs): undone', self.name,
+                                   res.rid, timeout)
+                    self.cancel.set()  # for good: it never goes on
+                    self._fence_one(res)
+                    self._linger(res, e.thread)
+                    raise ServiceError(res.rid, 'did not start within'
+                                       ' start_timeout (%gs): stopped again'
+                                       % timeout)
+                except Exception as e:  # a driver's bug too: never half-run
+                    if self.cancel.is_set():
+                        started.append(res)
+                        raise ServiceError(res.rid, 'start cancelled at %s:'
+                                           ' the service was fenced (%s)' % (
+                                               res.rid, _why(e)))
+                    if res.conf.optional:
+                        continue
+                    started.append(res)
+                    raise ServiceError(res.rid, _why(e))
+                started.append(res)
+            if self.cancel.is_set():  # fenced during the last one
+                raise ServiceError(started[-1].rid if started else 'cgroup',
+                                   'start cancelled: the service was fenced')
+        except ServiceError:
+            self._undo(started)
+            if self.cancel.is_set():
+                # What a step did after the fence (a process, an address)
+                # goes too, now that no step runs any more.
+                self.fence()
+            raise
+
+    def busy(self):
+        """The resource whose start or stop, fenced, still goes on in its
+        thread, or None."""
+        self._lingering = [(rid, t) for rid, t in self._lingering
+                           if t.is_alive()]
+        return self._lingering[0][0] if self._lingering else None
+
+    def _linger(self, res, thread):
+        """Wait for a fenced resource's start or stop to end, bounded; one
+        still going on is kept: the service is busy (:meth:`busy`)."""
+        thread.join(LINGER)
+        if thread.is_alive():
+            logger.warning('service %s: %s still runs %gs after its fence',
+                           self.name, res.rid, LINGER)
+            self._lingering.append((res.rid, thread))
+        else:
+            self._fence_one(res)  # what it did after the first fence
 
     def _undo(self, started):
         for res in reversed(started):
@@ -145,8 +205,9 @@ class Service(object):
             try:
                 _bounded(res.stop, deadline, '%s %s stop' % (self.name,
                                                              res.rid))
-            except _Overran:
+            except _Overran as e:
                 self._fence_one(res)
+                self._linger(res, e.thread)
                 failed = failed or ServiceError(
                     res.rid, 'did not stop within stop_timeout (%gs):'
                     ' fenced' % timeout)
@@ -157,7 +218,9 @@ class Service(object):
         self.cgroup.remove()
 
     def fence(self):
-        """Kill everything now: resources' own fence, then the cgroup."""
+        """Kill everything now: resources' own fence, then the cgroup. A
+        start under way is cancelled for good."""
+        self.cancel.set()
         for res in reversed(self.resources):
             try:
                 res.fence()

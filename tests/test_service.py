@@ -2,6 +2,7 @@
 resources started before it are stopped again and the error names it."""
 
 import os
+import threading
 import tempfile
 import textwrap
 import time
@@ -169,3 +170,122 @@ def test_a_stop_that_overruns_stop_timeout_is_fenced_and_said():
     _check_overrun(service, root, lambda: service.stop(
         timeout=service.conf.service.stop_timeout),
         'did not stop within stop_timeout (1s): fenced')
+
+
+def _marker():
+    """A sleep's duration that no other process of the machine has."""
+    return str(86400 + int(uuid.uuid4().hex[:6], 16))
+
+
+def _alive(service, marker):
+    """Processes of the service's cgroup whose command line has
+    ``marker``."""
+    found = []
+    for pid in (service.cgroup.pids() if service.cgroup.exists() else []):
+        try:
+            with open('/proc/%d/cmdline' % pid, 'rb') as f:
+                if marker.encode() in f.read():
+                    found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
+def test_a_fence_during_a_start_cancels_it_for_good():
+    """The lease lost while a service starts (the agent's lease thread
+    fences it, here from another thread): the resource starting is killed,
+    the ones after it never start, and nothing is left running once
+    start() returned."""
+    marker = _marker()
+    ready = os.path.join(tempfile.mkdtemp(prefix='slaposha-test-'), 'ready')
+    service, root = _service('''
+        [service]
+        hosts = hA
+        [app#first]
+        command = exec sleep %s
+        [app#slow]
+        start = [ -e %s ] || sleep %s
+        [app#after]
+        command = exec sleep %s
+    ''' % (marker, ready, marker, marker))
+    try:
+        threading.Timer(1.0, service.fence).start()
+        began = time.monotonic()
+        with pytest.raises(ServiceError) as failed:
+            service.start()
+        assert time.monotonic() - began < 5
+        assert failed.value.rid == 'app#slow', str(failed.value)
+        assert str(failed.value).startswith(
+            'start cancelled at app#slow: the service was fenced')
+        assert _alive(service, marker) == []
+        assert not os.path.exists(service.resources[2].log_path())
+        # Started again, all of it runs: the fence was for that start.
+        open(ready, 'w').close()
+        service.start()
+        assert [st.state for rid, st in service.status()] == [
+            'up', 'down', 'up']   # app#slow's start leaves no process
+    finally:
+        service.fence()
+        service.cgroup.remove()
+        root.remove()
+
+
+def test_a_start_that_overruns_never_launches_after_its_fence(monkeypatch):
+    """A driver's start that goes on in its thread after the fence (as
+    the slapos driver's loop that launches supervisord again after a
+    refusal) launches nothing more: before, its process ran on after the
+    start was undone and the owner key released."""
+    marker = _marker()
+    service, root = _service('''
+        [service]
+        hosts = hA
+        start_timeout = 1
+        [app#stubborn]
+        start = true
+    ''')
+    app = driver('app')
+    launched = []
+
+    def stubborn(self):
+        self.cgroup.create()
+        end = time.monotonic() + 3
+        while time.monotonic() < end:
+            try:
+                launched.append(self.launch(self._argv(
+                    'exec sleep %s' % marker)))
+            except Exception as e:  # the driver's own retry, as slapos'
+                launched.append(e)
+            time.sleep(0.2)
+    monkeypatch.setattr(app, 'start', stubborn)
+    fenced, seen, done = [], [], threading.Event()
+    cancel = service.cancel.set
+    service.cancel.set = lambda: (fenced.append(time.monotonic()),
+                                  cancel())
+
+    def watch():  # what runs after the fence, while start() goes on
+        while not done.is_set():
+            if fenced and time.monotonic() > fenced[0] + 0.3:
+                seen.extend(_alive(service, marker))
+            time.sleep(0.05)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with pytest.raises(ServiceError) as failed:
+            service.start(timeout=service.conf.service.start_timeout)
+        done.set()
+        watcher.join()
+        assert str(failed.value) == \
+            'did not start within start_timeout (1s): stopped again'
+        assert seen == []
+        ended = time.monotonic()
+        while time.monotonic() < ended + 3:
+            assert _alive(service, marker) == []
+            time.sleep(0.1)
+        refused = [e for e in launched if isinstance(e, Exception)]
+        assert refused and 'start cancelled' in str(refused[0])
+        assert service.busy() is None
+    finally:
+        done.set()
+        service.fence()
+        service.cgroup.remove()
+        root.remove()

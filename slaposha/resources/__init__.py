@@ -7,14 +7,18 @@ configuration keys with :func:`slaposha.config.register_resource_kind`, so
 that service files are validated in one place.
 """
 
+import contextlib
 import importlib
+import os
 import subprocess
+import threading
+import time
 from collections import namedtuple
 
 from slaposha import config
 
 __all__ = ['Resource', 'ResourceError', 'Status', 'UP', 'DOWN', 'WARN', 'NA',
-           'driver', 'DRIVERS', 'copy_folder']
+           'Cancel', 'driver', 'DRIVERS', 'copy_folder']
 
 UP, DOWN, WARN, NA = 'up', 'down', 'warn', 'n/a'
 
@@ -33,6 +37,47 @@ class Status(namedtuple('Status', 'state message')):
 
 class ResourceError(Exception):
     """A resource failed to start or stop, as one line saying why."""
+
+
+# Seconds a launch may take to put its process in the cgroup (a fork and
+# the wrapper's write to cgroup.procs: milliseconds).
+LAUNCH_WAIT = 2.0
+
+
+class Cancel(object):
+    """The cancellation of a service's start: set by the fence (lease lost,
+    owner key lost, start_timeout overrun), checked by the drivers between
+    the steps of their start (:meth:`Resource.go_on`), and by each launch
+    of a process (:meth:`Resource.launch`): a process is either in its
+    cgroup before the fence kills the cgroup, or never launched. Without it
+    a start that goes on in its thread after the fence could launch a
+    process again, on a host that no longer owns the service."""
+
+    def __init__(self):
+        self._event = threading.Event()
+        self._launching = threading.Lock()
+
+    def set(self):
+        # A launch under way ends first (bounded: the fence never waits
+        # long): its process is in the cgroup the fence then kills.
+        held = self._launching.acquire(timeout=LAUNCH_WAIT)
+        self._event.set()
+        if held:
+            self._launching.release()
+
+    def clear(self):
+        self._event.clear()
+
+    def is_set(self):
+        return self._event.is_set()
+
+    @contextlib.contextmanager
+    def launching(self, what):
+        with self._launching:
+            if self._event.is_set():
+                raise ResourceError('%s: start cancelled: the service was'
+                                    ' fenced' % what)
+            yield
 
 
 def copy_folder(src, dst, delete, live=False):
@@ -60,6 +105,24 @@ def copy_folder(src, dst, delete, live=False):
     if p.returncode and not (live and p.returncode == 24):
         raise ResourceError('rsync %s to %s: %s' % (
             src, dst, p.stderr.strip()[-300:]))
+
+
+def _joined(p, argv, deadline):
+    """Wait until ``p``, launched by a ``cgroup.wrap`` command line, is in
+    the cgroup that it names (or ended, or the deadline passed)."""
+    procs = argv[3] if len(argv) > 3 and argv[0] == 'sh' else None
+    if procs is None:
+        return
+    want = os.path.dirname(procs)
+    while p.poll() is None and time.monotonic() < deadline:
+        try:
+            with open('/proc/%d/cgroup' % p.pid) as f:
+                if any(line.startswith('0::') and want.endswith(
+                        line[3:].strip()) for line in f):
+                    return
+        except OSError:
+            return  # gone
+        time.sleep(0.001)
 
 
 # kind -> module; a kind's module registers its keys when imported.
@@ -137,6 +200,28 @@ class Resource(object):
 
     def start(self):
         raise NotImplementedError
+
+    def go_on(self, step):
+        """Called by a driver between the steps of its start: ResourceError
+        once the start is cancelled (the service was fenced meanwhile), so
+        that nothing more of it happens."""
+        cancel = getattr(self.context, 'cancel', None)
+        if cancel is not None and cancel.is_set():
+            raise ResourceError('%s: start cancelled before %s: the service'
+                                ' was fenced' % (self.rid, step))
+
+    def launch(self, argv, **popen):
+        """subprocess.Popen of ``argv`` (a ``cgroup.wrap`` command line) for
+        a start: not once the start is cancelled, and the process is in the
+        cgroup when this returns (a fence meanwhile waits for it, then
+        kills it with the cgroup)."""
+        cancel = getattr(self.context, 'cancel', None)
+        if cancel is None:
+            return subprocess.Popen(argv, **popen)
+        with cancel.launching(self.rid):
+            p = subprocess.Popen(argv, **popen)
+            _joined(p, argv, time.monotonic() + LAUNCH_WAIT)
+            return p
 
     def stop(self):
         raise NotImplementedError

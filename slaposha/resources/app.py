@@ -117,16 +117,20 @@ class App(Resource):
     def _run(self, text, what):
         log = self._log()
         try:
-            p = subprocess.run(self._argv(text),
-                               stdout=log, stderr=subprocess.STDOUT,
-                               stdin=subprocess.DEVNULL, cwd=self.conf.cwd,
-                               timeout=self.conf.timeout)
-        except subprocess.TimeoutExpired:
-            raise ResourceError('%s: %s did not finish within %gs' % (
-                self.rid, what, self.conf.timeout))
+            args = dict(stdout=log, stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL, cwd=self.conf.cwd)
+            # A start's command is launched only while the start goes on.
+            p = self.launch(self._argv(text), **args) if what == 'start' \
+                else subprocess.Popen(self._argv(text), **args)
+            try:
+                return p.wait(timeout=self.conf.timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+                raise ResourceError('%s: %s did not finish within %gs' % (
+                    self.rid, what, self.conf.timeout))
         finally:
             log.close()
-        return p.returncode
 
     def start(self):
         self.cgroup.create()
@@ -135,7 +139,7 @@ class App(Resource):
                 return
             log = self._log()
             try:
-                self.proc = subprocess.Popen(
+                self.proc = self.launch(
                     self._argv(self.conf.command),
                     stdout=log, stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL, cwd=self.conf.cwd,

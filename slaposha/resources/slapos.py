@@ -302,23 +302,31 @@ class Slapos(Resource):
                                  node.supervisord_conf])
         env = {'PYTHONPATH': os.pathsep.join(p for p in sys.path if p)}
         while True:
-            p = subprocess.run(argv, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT,
-                               universal_newlines=True,
-                               timeout=self.conf.timeout)
+            # Launched only while the start goes on: never after a fence.
+            p = self.launch(argv, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, universal_newlines=True)
+            try:
+                output = p.communicate(timeout=self.conf.timeout)[0]
+            except subprocess.TimeoutExpired:
+                p.kill()
+                output = p.communicate()[0]
+                raise ResourceError('%s: supervisord did not start within'
+                                    ' %gs: %s' % (self.rid, self.conf.timeout,
+                                                  output.strip()[-300:]))
             if not p.returncode:
                 break
             # One partition's file refused: set it aside, start the others.
-            pid = refused_partition(node, p.stdout)
+            pid = refused_partition(node, output)
             if pid is None or time.monotonic() > deadline:
                 raise ResourceError('%s: supervisord did not start: %s' % (
-                    self.rid, p.stdout.strip()[-300:]))
-            self._set_aside(book, pid, refusal_reason(p.stdout))
+                    self.rid, output.strip()[-300:]))
+            self._set_aside(book, pid, refusal_reason(output))
         if book.records and not any(node.program_files().values()):
             raise ResourceError('%s: no partition can start: %s' % (
                 self.rid, '; '.join('%s %s' % (pid, r['reason']) for pid, r
                                     in sorted(book.records.items()))))
         while state(node) != 'RUNNING':
+            self.go_on('supervisord runs')
             if time.monotonic() > deadline:
                 raise ResourceError('%s: supervisord not RUNNING after %gs'
                                     % (self.rid, self.conf.timeout))
@@ -356,10 +364,13 @@ class Slapos(Resource):
         self.standbys.install_identity()
         node = self.node()
         addresses = self._addresses(node)
+        self.go_on('the addresses')
         self._ip_batch('replace', addresses)
         self._ranges('replace', self._node_ranges(node))
         self._announce(addresses)
+        self.go_on('supervisord')
         self._launch_supervisord(node)
+        self.go_on('the partitions')
         self._start_partitions(node)
 
     def stop(self):
