@@ -70,8 +70,13 @@ ACTION_ETCD_TIMEOUT = 5.0
 # Seconds raft must have kept its term before an owner moves the leader.
 LEADER_SETTLE = 10.0
 
-# A service's state on this host.
+# A service's state on this host. STARTING and STOPPING: its worker starts
+# (or restarts) it, or stops it.
 STOPPED, RUNNING, STOP_FAILED = 'stopped', 'running', 'stop failed'
+STARTING, STOPPING = 'starting', 'stopping'
+
+# Seconds the agent's shutdown waits for a service's start or stop to end.
+SHUTDOWN_WAIT = 30.0
 
 
 class ActionError(Exception):
@@ -94,6 +99,36 @@ def default_host():
     return socket.gethostname().split('.')[0]
 
 
+class Worker(object):
+    """One start, restart or stop of a service, in a thread of its own
+    beside the decision loop (DESIGN.md 7): the loop goes on deciding for
+    the other services and watching its lease meanwhile, and carries on
+    with this service (``then(worker)``, in the loop) once it ended. At
+    most one per service: the decisions for it wait for it."""
+
+    def __init__(self, name, what, work, then, on_end):
+        self.what = what           # 'start', 'restart' or 'stop'
+        self.then = then
+        self.result = None         # what work() returned
+        self.error = None          # what it raised
+        self._work = work
+        self._on_end = on_end
+        self.thread = threading.Thread(target=self._run, daemon=True,
+                                       name='%s %s' % (name, what))
+        self.thread.start()
+
+    def _run(self):
+        try:
+            self.result = self._work()
+        except Exception as e:
+            self.error = e
+        finally:
+            self._on_end()
+
+    def alive(self):
+        return self.thread.is_alive()
+
+
 class ServiceSlot(object):
     """What the agent knows of one service on this host."""
 
@@ -108,7 +143,9 @@ class ServiceSlot(object):
         self.failures = 0
         self.failed_until = 0.0
         self.next_check = 0.0
-        self.fenced = False
+        self.fenced = False        # killed by a fence: clean up, no release
+        self.worker = None         # its start or stop under way (Worker)
+        self.lingering = None      # a fenced resource still going on
         self.seen_owner = False    # an owner was seen since the agent began
         self.resources = []        # [(rid, state, message)] last checked
         self.details = {}          # rid: more status lines (partitions)
@@ -350,6 +387,7 @@ class Agent(object):
 
     def shutdown(self):
         """Stop services here, hand ownership back, leave the cluster."""
+        self._stop.set()  # a start that ends now is not carried on
         if self.api is not None:
             self.api.stop()
         if self.https_api is not None:
@@ -359,9 +397,18 @@ class Agent(object):
         self.etcd_view.stop()
         self.world.stop()
         for slot in self.slots.values():
-            if slot.state != STOPPED or slot.token:
+            if slot.worker is not None and slot.state == STARTING:
+                # Not left to its start_timeout: the agent stops now.
+                self.decide(slot, 'stop', 'the agent is shutting down: its'
+                            ' %s is cancelled' % slot.worker.what)
+                with self._lock:
+                    slot.service.fence()
+            self._wait_worker(slot)  # a cancelled start: stopped after it
+            if slot.worker is None and (slot.state != STOPPED or
+                                        slot.token):
                 self.decide(slot, 'stop', 'the agent is shutting down')
                 self._stop_service(slot, release=True)
+            self._wait_worker(slot)
         if self.lease is not None:
             self.lease.revoke()
         for receiver in self.receivers:
@@ -371,6 +418,13 @@ class Agent(object):
         if self.member is not None:
             self.member.stop()
         self.write_status()
+
+    def _wait_worker(self, slot):
+        """At shutdown: the service's start or stop ended (bounded), and
+        the loop's part after it done."""
+        if slot.worker is not None:
+            slot.worker.thread.join(SHUTDOWN_WAIT)
+            self._carry_on(slot)
 
     # -- replicated data ---------------------------------------------------------
 
@@ -625,9 +679,21 @@ class Agent(object):
 
     def _after_lease_loss(self):
         for slot in self.slots.values():
+            reason = (self.lease.lost_reason or 'its self-fence deadline'
+                      ' passed') if self.lease else 'no lease'
+            self._carry_on(slot)
+            if slot.worker is not None:
+                # Fenced with the rest: cleaned up once its worker ended
+                # (never released: the owner key goes with the lease).
+                if slot.token:
+                    self.decide(slot, 'stop', 'lease lost (%s): services'
+                                ' fenced, cleaning up once its %s ended' % (
+                                    reason, slot.worker.what))
+                    slot.fenced = True
+                    slot.ownership.forget()
+                    slot.token = None
+                continue
             if slot.state != STOPPED or slot.token or slot.fenced:
-                reason = (self.lease.lost_reason or 'its self-fence deadline'
-                          ' passed') if self.lease else 'no lease'
                 self.decide(slot, 'stop', 'lease lost (%s): services'
                             ' fenced, cleaning up' % reason)
                 with self._lock:
@@ -766,6 +832,10 @@ class Agent(object):
         elif (view.target or {}).get('state') == 'stopped':
             slot.last_owner = None  # stopped: a later start moves nothing
         slot.seen_owner = slot.seen_owner or owner_kv is not None
+        self._carry_on(slot)
+        if slot.worker is not None:
+            self._while_busy(slot, owner_kv)
+            return
         if not slot.token:
             self._check_eligibility(slot, view)
         if slot.token:
@@ -774,8 +844,6 @@ class Agent(object):
                             ' (now %s)' % (slot.owner or 'free'))
                 with self._lock:
                     slot.service.fence()
-                slot.ownership.forget()
-                slot.token = None
                 self._stop_service(slot, release=False)
                 return
             self._owned(slot, view, alive)
@@ -793,6 +861,12 @@ class Agent(object):
                             once=True)
             return
         # Free.
+        if slot.state != STOPPED:
+            # Not down here yet (a stop that failed): never started again.
+            self.decide(slot, 'stop', 'it is still %s here' % slot.state,
+                        once=True)
+            self._stop_service(slot, release=False)
+            return
         if view.frozen:
             self.decide(slot, 'frozen', 'not started: frozen by %s'
                         % intents.who(view.frozen), once=True)
@@ -825,12 +899,8 @@ class Agent(object):
             self._abandon(slot, switch, self._switch_lost(
                 slot, switch, alive) or '%s did not take it' % switch['to'])
         self._start_service(slot, 'took the owner key with token %d: %s'
-                            % (token, reason))
-        if slot.state == RUNNING and view.switch and \
-                view.switch.get('to') == self.host:
-            intents.clear(self.client, self.keys, slot.service.name, 'switch')
-        if slot.state == RUNNING and not abandoned:
-            self._record_move(slot, view)
+                            % (token, reason), moved=None if abandoned else
+                            (view.switch, slot.last_owner))
 
     def _switch_deadline(self, slot, switch):
         """When a switch must be done (wall clock): the service's
@@ -909,20 +979,22 @@ class Agent(object):
                                              other.state != STOPPED),
             view.owner if view is not None else None)
 
-    def _record_move(self, slot, view):
+    def _record_move(self, slot, switch, last_owner):
         """A takeover or a switch ended here: count it and keep it in the
-        history (slaposha.history says what the duration covers)."""
-        switch = view.switch or {}
+        history (slaposha.history says what the duration covers).
+        ``switch`` and ``last_owner``: as they were when the owner key was
+        taken."""
+        switch = switch or {}
         running = time.time()
         if switch.get('to') == self.host and \
                 isinstance(switch.get('at'), (int, float)):
             kind, since, by = 'switch', switch['at'], switch.get('by')
-        elif slot.last_owner is not None:
-            kind, since, by = 'takeover', slot.last_owner[1], None
+        elif last_owner is not None:
+            kind, since, by = 'takeover', last_owner[1], None
         else:
             return  # a first start: nothing moved
         entry = {'service': slot.service.name, 'kind': kind,
-                 'from': slot.last_owner[0] if slot.last_owner else None,
+                 'from': last_owner[0] if last_owner else None,
                  'to': self.host, 'token': slot.token, 'since': since,
                  'running': running,
                  'duration': round(max(0.0, running - since), 3), 'by': by}
@@ -991,7 +1063,8 @@ class Agent(object):
                         ' and run `slaposha stop %s`' % (
                             slot.decision[2] if slot.decision else '?', name),
                         once=True)
-            if (view.target or {}).get('state') == 'stopped':
+            if (view.target or {}).get('state') == 'stopped' or (
+                    slot.lingering and not slot.service.busy()):
                 self._stop_service(slot, release=True)
             return
         if (view.target or {}).get('state') == 'stopped':
@@ -1017,21 +1090,78 @@ class Agent(object):
             self._monitor(slot)
         self._publish(slot)
 
-    def _start_service(self, slot, reason):
+    def _start_service(self, slot, reason, moved=None):
+        """Start it in its worker, within start_timeout; ``moved``:
+        (switch, last owner) when the owner key was just taken, for the
+        history once it runs."""
         self.decide(slot, 'start', reason)
         self._update_fence_targets()
         self._configure_replication(slot)
-        try:
-            slot.service.start(may_go_on=lambda: self.lease.valid)
-        except ServiceError as e:
-            self._failed(slot, 'start failed at %s: %s' % (e.rid, e))
-            return
-        if not self.lease.valid:
-            # Lost while starting: whatever started after the fence dies.
+        may_go_on = self._may_go_on(slot)
+        self._spawn(slot, 'start', STARTING, lambda: slot.service.start(
+            may_go_on=may_go_on, timeout=slot.conf.start_timeout),
+            lambda worker: self._started(slot, worker, moved))
+
+    def _may_go_on(self, slot):
+        """Whether a start under way may go on: this lease (not a later
+        one) and this token still hold, and no fence came."""
+        lease, token = self.lease, slot.token
+        return lambda: lease.valid and slot.token == token and \
+            not slot.fenced
+
+    def _spawn(self, slot, what, state, work, then):
+        slot.state = state
+        slot.worker = Worker(slot.service.name, what, work, then, self.wake)
+
+    def _carry_on(self, slot):
+        """The loop's part after a worker that ended: its ``then``."""
+        worker = slot.worker
+        if worker is not None and not worker.alive():
+            slot.worker = None
+            worker.then(worker)
+
+    def _while_busy(self, slot, owner_kv):
+        """The decisions for a service whose start or stop goes on wait for
+        it, but for the owner key lost meanwhile: the service is fenced at
+        once (its start is cancelled) and cleaned up after its worker."""
+        if slot.token and (owner_kv is None or
+                           owner_kv.create_revision != slot.token):
+            self.decide(slot, 'stop', 'the owner key is no longer ours (now'
+                        ' %s): fenced during its %s' % (
+                            slot.owner or 'free', slot.worker.what))
+            slot.fenced = True
             with self._lock:
                 slot.service.fence()
-            self.decide(slot, 'stop', 'lease lost while starting')
-            slot.state = STOPPED
+            slot.ownership.forget()
+            slot.token = None
+
+    def _cancelled(self, slot):
+        """Why a start that ended must not run here, or None."""
+        if slot.fenced or slot.token is None:
+            return 'fenced while starting'
+        if self.lease is None or not self.lease.valid:
+            return 'lease lost while starting'
+        if self._stop.is_set():
+            return 'the agent is shutting down'
+        return None
+
+    def _started(self, slot, worker, moved, what='start'):
+        why = self._cancelled(slot)
+        if why is not None:
+            # Whatever ran is killed; released only at a shutdown (the key
+            # is still ours then).
+            self.decide(slot, 'stop', '%s: cleaning up' % why)
+            with self._lock:
+                slot.service.fence()
+            slot.fenced = False
+            self._stop_service(slot, release=self._stop.is_set(),
+                               lease_lost=self.lease is None or
+                               not self.lease.valid)
+            return
+        if worker.error is not None:
+            e = worker.error
+            self._failed(slot, '%s failed at %s: %s' % (
+                what, getattr(e, 'rid', '?'), e))
             return
         slot.state = RUNNING
         # What the fence kills and drops, now that the data is in place (a
@@ -1044,6 +1174,12 @@ class Agent(object):
         slot.ineligible = []
         slot.report = {}
         self._check(slot)
+        if moved is not None:
+            switch, last_owner = moved
+            if switch and switch.get('to') == self.host:
+                intents.clear(self.client, self.keys, slot.service.name,
+                              'switch')
+            self._record_move(slot, switch, last_owner)
 
     def _check(self, slot):
         statuses = slot.service.status()
@@ -1101,16 +1237,24 @@ class Agent(object):
         if slot.failures <= slot.conf.restart:
             self.decide(slot, 'restart', '%s is down (%s): restart %d of %d'
                         % (rid, message, slot.failures, slot.conf.restart))
-            try:
-                slot.service.stop()
-                slot.service.start(may_go_on=lambda: self.lease.valid)
-            except ServiceError as e:
-                self._failed(slot, 'restart failed at %s: %s' % (e.rid, e))
-                return
-            self._check(slot)
+            may_go_on = self._may_go_on(slot)
+
+            def restart():
+                slot.service.stop(timeout=slot.conf.stop_timeout)
+                slot.service.start(may_go_on=may_go_on,
+                                   timeout=slot.conf.start_timeout)
+            failures = slot.failures
+            self._spawn(slot, 'restart', STARTING, restart,
+                        lambda worker: self._restarted(slot, worker,
+                                                       failures))
             return
         self._failed(slot, '%s is down (%s) after %d restart(s)'
                      % (rid, message, slot.conf.restart))
+
+    def _restarted(self, slot, worker, failures):
+        self._started(slot, worker, None, what='restart')
+        if slot.state == RUNNING:
+            slot.failures = failures  # counted until it stays up
 
     def _failed(self, slot, reason):
         """A service that cannot run here: apply on_failure."""
@@ -1142,16 +1286,50 @@ class Agent(object):
         self._stop_service(slot, release=True)
 
     def _stop_service(self, slot, release, lease_lost=False):
-        """Stop the resources in reverse. A stop that fails is escalated to
-        a fence; if a resource is still not down after it, the service is
-        not released: nobody may start it while it half-runs here."""
+        """Stop the resources in reverse, in its worker, within
+        stop_timeout. Without ``release``, the owner key is not ours any
+        more (or goes with the lost lease): forgotten at once."""
+        if not release:
+            slot.ownership.forget()
+            slot.token = None
+        self._spawn(slot, 'stop', STOPPING, lambda: self._stop_work(slot),
+                    lambda worker: self._stopped(slot, worker, release,
+                                                 lease_lost))
+
+    def _stop_work(self, slot):
+        """In the worker: (error, [(rid, status) still not down]). A stop
+        that fails is escalated to a fence."""
         try:
-            slot.service.stop()
-        except ServiceError as e:
+            slot.service.stop(timeout=slot.conf.stop_timeout)
+        except Exception as e:
+            if not isinstance(e, ServiceError):  # a bug: said, not raised
+                e = ServiceError(getattr(e, 'rid', 'service'), '%s: %s' % (
+                    type(e).__name__, e))
             with self._lock:
                 slot.service.fence()
-            left = [(rid, st) for rid, st in slot.service.status()
-                    if st.state not in (DOWN, NA)]
+            return e, [(rid, st) for rid, st in slot.service.status()
+                       if st.state not in (DOWN, NA)]
+        return None, []
+
+    def _stopped(self, slot, worker, release, lease_lost):
+        """If a resource is still not down after the stop and its fence, or
+        a fenced start or stop of it still goes on, the service is not
+        released: nobody may start it while it half-runs here."""
+        e, left = worker.result or (worker.error, [])
+        busy = slot.service.busy()
+        if busy:
+            with self._lock:
+                slot.service.fence()
+            slot.state = STOP_FAILED
+            slot.lingering = busy
+            self.decide(slot, 'refuse', '%s, fenced, still goes on: not'
+                        ' releasing it' % busy, once=True)
+            self._check(slot)
+            self._update_fence_targets()
+            return
+        slot.lingering = None
+        slot.fenced = False  # cleaned up
+        if e is not None:
             if left and not lease_lost:
                 rid, st = left[0]
                 slot.state = STOP_FAILED

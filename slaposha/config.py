@@ -692,10 +692,13 @@ SERVICE_SCHEMA = _keys(
         choices=['switch', 'stop', 'freeze']),
     Key('max_lag', 'duration', None, 'a standby whose data is older than'
         ' this does not take over by itself'),
-    Key('start_timeout', 'duration', 60.0, 'time allowed to start the'
-        ' whole service', minimum=0.1),
-    Key('stop_timeout', 'duration', 60.0, 'time allowed to stop the whole'
-        ' service', minimum=0.1),
+    Key('start_timeout', 'duration', 300.0, 'time allowed to start the'
+        ' whole service (a big SlapOS node starts partition after'
+        ' partition); a start still going on then is undone and on_failure'
+        ' applies', minimum=0.1),
+    Key('stop_timeout', 'duration', 120.0, 'time allowed to stop the whole'
+        ' service (the stops of its resources, a last copy of its data'
+        ' included); what still stops then is killed', minimum=0.1),
     Key('exclusive', 'names', [], 'services that share one of these names'
         ' never run on one host at once (every SlapOS node service:'
         ' exclusive = slapos-node); a host running one is skipped when'

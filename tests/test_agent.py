@@ -129,8 +129,8 @@ def test_a_switch_to_a_crashed_host_is_abandoned_for_good(web):
              what='web back on hA')
     back = time.monotonic() - asked
     svc = status_of(lc, 'hA', 'web')
-    assert back < 120, 'not back within the deadline (stop_timeout +' \
-        ' start_timeout)'
+    assert back < 120, 'not back long before the deadline (stop_timeout' \
+        ' + start_timeout, 420 s by default)'
     print('web back on hA %.2f s after the switch to the crashed hB' % back)
     assert svc['switch'] is None and svc['operation'] is None
     assert svc['owner'] == 'hA'
