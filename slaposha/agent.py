@@ -111,6 +111,7 @@ class Worker(object):
         self.then = then
         self.result = None         # what work() returned
         self.error = None          # what it raised
+        self.began = time.time()
         self._work = work
         self._on_end = on_end
         self.thread = threading.Thread(target=self._run, daemon=True,
@@ -1007,6 +1008,18 @@ class Agent(object):
                          args=(slot.ownership.guard(slot.token), entry),
                          daemon=True).start()
 
+    def _keep_failure(self, slot, reason, since):
+        """A start that failed here, kept in the history as a move is."""
+        now = time.time()
+        entry = {'service': slot.service.name, 'kind': 'failed',
+                 'from': None, 'to': self.host, 'token': slot.token,
+                 'since': since, 'running': now,
+                 'duration': round(max(0.0, now - since), 3), 'by': None,
+                 'reason': reason}
+        threading.Thread(target=self._keep_move, name='history',
+                         args=(slot.ownership.guard(slot.token), entry),
+                         daemon=True).start()
+
     def _keep_move(self, guard, entry):
         try:
             # Not with the loop's client: history/ is not watched, and the
@@ -1160,8 +1173,10 @@ class Agent(object):
             return
         if worker.error is not None:
             e = worker.error
-            self._failed(slot, '%s failed at %s: %s' % (
-                what, getattr(e, 'rid', '?'), e))
+            reason = '%s failed at %s: %s' % (what, getattr(e, 'rid', '?'),
+                                               e)
+            self._keep_failure(slot, reason, worker.began)
+            self._failed(slot, reason)
             return
         slot.state = RUNNING
         # What the fence kills and drops, now that the data is in place (a

@@ -18,7 +18,10 @@ A switch (or an operator's takeover) given up is kept too, by the owner
 that gives it up (the host that runs the service instead, or the switch's
 host when the service failed to start there), with ``"kind": "abandoned"``,
 ``"from"`` that host, ``"to"`` the host it was asked to move to,
-``"running"`` when it was given up and ``"reason"`` why.
+``"running"`` when it was given up and ``"reason"`` why. A start that failed
+(or overran ``start_timeout``) is kept by the host where it failed, with
+``"kind": "failed"``, ``"to"`` that host, ``"since"`` when the start began,
+``"running"`` when it ended and ``"reason"`` why.
 
 ``since`` (wall clock) is, for a switch, when the operator asked for it
 (the switch intent's time); for a takeover, the last time the new owner's
@@ -54,8 +57,8 @@ def record(client, keys, guard, entry, kept, compare=(), ops=()):
     ``kept``."""
     service = entry['service']
     key = prefix(keys, service) + '%020d' % entry['token']
-    if entry['kind'] == 'abandoned':
-        key += '-abandoned'   # beside the start of the same owner
+    if entry['kind'] in ('abandoned', 'failed'):
+        key += '-' + entry['kind']   # beside the start of the same owner
     result = client.txn(compare=list(guard) + list(compare),
                         success=[Op.put(key, json.dumps(
                             entry, sort_keys=True))] + list(ops))

@@ -74,6 +74,15 @@ def test_a_hanging_start_delays_no_other_service(make_lab):
         assert reason.startswith(why), reason
         text = lc.cli('hB', 'status').stdout
         assert why in text, text
+        # And in the history, beside the takeovers and switches.
+        failed = wait_for(lambda: [e for e in lc.query('hB', '''
+            from slaposha import history
+            result = history.read(client, keys, 'slow')
+        ''') if e['kind'] == 'failed'], 10, interval=0.5,
+            what='the failed start in the history')
+        assert failed[0]['to'] == 'hB'
+        assert failed[0]['reason'].startswith(why), failed
+        assert 19 < failed[0]['duration'] < 25, failed
         time.sleep(1)
         assert hanging.where() == [] and observer.where() == ['hB']
         assert not marked_pids(lab['hB'], slow)
