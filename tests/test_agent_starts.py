@@ -149,3 +149,63 @@ def test_a_lease_lost_during_a_start_leaves_nothing_running(make_lab):
         observer.stop()
         for host in ('hA', 'hB'):
             lc.stop_agent(host)
+
+
+def test_a_start_that_outlives_its_fence_keeps_the_service_here(make_lab):
+    """A start whose process escapes the fence (its command moves itself
+    out of the service's cgroup, so the kill misses it) and goes on after
+    start_timeout: hB keeps the owner key, the service 'stop failed' there
+    and status names the resource, so hA never starts it beside that
+    process; once the process ends, hB releases the key and hA takes it."""
+    lab = make_lab(['hA', 'hB', 'hW'])
+    stray = str(86400 + int(lab.id, 16))
+    main = str(2 * 86400 + int(lab.id, 16))
+    flag = lab['hB'].path('/var/lib/slaposha') + '/escape'
+    lc = LabCluster(lab, ['hA', 'hB'], ['hW'], services={'db': '''
+        [service]
+        hosts = hB hA
+        start_timeout = 3
+        [app#escape]
+        start = if [ -e /var/lib/slaposha/escape ]; then
+            cg=$(sed -n 's/^0:://p' /proc/self/cgroup);
+            m=$(awk '$3 == "cgroup2" {print $2; exit}' /proc/mounts);
+            echo $$ > "$m$(dirname $(dirname $(dirname $cg)))/cgroup.procs";
+            sleep %s; fi
+        check = true
+        timeout = 600
+        [app#main]
+        command = exec sleep %s
+    ''' % (stray, main)}, settings='''
+        [agent]
+        failed_hold = 120
+    ''').start()
+    import os
+    import signal
+    os.makedirs(os.path.dirname(flag), exist_ok=True)
+    open(flag, 'w').close()
+    try:
+        wait_for(lambda: marked_pids(lab['hB'], stray), 30, interval=0.05,
+                 what='the escaped start on hB')
+        reason = wait_for(lambda: (lambda d: d[1] if d[0] == 'refuse'
+                                   else None)(decision(status_of(
+                                       lc, 'hB', 'db'), 'hB')), 20,
+                          interval=0.3, what='hB refusing to release db')
+        assert 'app#escape, fenced, still goes on: not releasing it' in \
+            reason, reason
+        svc = status_of(lc, 'hA', 'db')
+        assert svc['owner'] == 'hB'
+        assert svc['on']['hB']['state'] == 'stop failed'
+        for _ in range(6):
+            time.sleep(0.5)
+            assert lc.owner('db', 'hA')[0] == 'hB'
+            assert not marked_pids(lab['hA'], main)
+        for pid in marked_pids(lab['hB'], stray):
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: marked_pids(lab['hA'], main), 30, interval=0.1,
+                 what='db on hA once the stray start ended')
+        assert not marked_pids(lab['hB'], main)
+    finally:
+        for pid in marked_pids(lab['hB'], stray):
+            os.kill(pid, signal.SIGKILL)
+        for host in ('hA', 'hB'):
+            lc.stop_agent(host)

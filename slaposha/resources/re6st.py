@@ -190,6 +190,7 @@ class Re6st(App):
                 logger.info('%s: dropped %s on %s, left by a daemon that was'
                             ' killed here', self.rid, *self.address)
         self.exit_code = None
+        self.go_on('the daemon')
         try:
             App.start(self)
         except CgroupError as e:
