@@ -473,9 +473,22 @@ class Agent(object):
                  if h != self.host}
         for res in self._replicated(slot):
             res.configure(slot.token, peers, self.tls, self.host)
+            res.peer_lost = self._peer_lost
         for res in slot.service.resources:
             if getattr(res, 'configure_peers', None) is not None:
                 res.configure_peers(slot.token, peers, self.tls, self.host)
+
+    def _peer_lost(self, host):
+        """Whether ``host`` is known lost: the watch holds no lease of it.
+        False while the watch cannot tell (broken, or etcd unreadable):
+        then a hand-over waits for its deadline, as before."""
+        if self.world.problem:
+            return False
+        try:
+            views, alive = self.world.read(catch_up=0)
+        except EtcdError:
+            return False
+        return host not in alive
 
     def _data_problems(self, slot, owner_alive):
         """Why this standby's data forbids it to take over by itself:

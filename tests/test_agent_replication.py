@@ -8,9 +8,9 @@ import time
 import pytest
 
 from slaposha.lab import wait_for
-from slaposha.lab.cluster import LabCluster
+from slaposha.lab.cluster import LabCluster, marked_pids
 from slaposha.replication.lab import (
-    LAB_PATHS, VOL, ReplicationLab, record_writer)
+    LAB_PATHS, VOL, ReplicationLab, crash_during_handover, record_writer)
 
 pytestmark = pytest.mark.lab
 
@@ -25,6 +25,18 @@ SERVICE = '''
     [app#writer]
     command = exec python3 -u %s
 '''
+
+
+def writer_lines(lab, host, word):
+    """The numbers of the writer's ``word`` lines (found, ack) on
+    ``host``, in order."""
+    try:
+        with open(lab[host].path('/var/lib/slaposha/log') +
+                  '/web.app.writer.log', errors='replace') as f:
+            return [int(line.split()[1]) for line in f
+                    if line.startswith(word + ' ')]
+    except OSError:
+        return []
 
 
 def records(lab, host):
@@ -220,6 +232,64 @@ def test_crashes_leave_diverged_copies_listed_bounded_and_dropped(make_lab):
                                       diverged_on(lc, 'hB', 'hA') or []],
                  10, interval=0.5, what='the status without %s' % gone)
         assert gone not in lc.cli('hA', 'data', 'diverged', 'list').stdout
+    finally:
+        for host in ('hA', 'hB'):
+            lc.stop_agent(host)
+
+
+def test_a_target_crash_during_the_last_snapshot_is_cut_short(make_lab):
+    """A switch whose target crashes while the source hands its data over
+    (the applications stopped there, a send to it on its way): the
+    hand-over is cut as soon as the target's lease is gone, not when the
+    transfer times out (30 s; stop_timeout raised to 60 s here), and the
+    service runs on the source again within the lease TTL and a few
+    seconds, on the source's own data (nothing acknowledged is lost,
+    nothing kept aside); the switch is abandoned, and nothing moves when
+    the target comes back."""
+    lab = make_lab(['hA', 'hB', 'hW'], paths=LAB_PATHS)
+    rl = ReplicationLab(lab, disk_size='256M')
+    writer = lab.workdir + '/writer.py'
+    with open(writer, 'w') as f:
+        f.write(WRITER)
+    service = (SERVICE % (VOL, writer)).replace(
+        'interval = 0.5', 'interval = 0.5\n    stop_timeout = 60')
+    lc = LabCluster(lab, ['hA', 'hB'], ['hW'], tls=True,
+                    services={'web': service}, settings='''
+                    [agent]
+                    monitor_interval = 0.5
+                    ''').start()
+    try:
+        lc.wait_standby('hB', 'btrfs#data')
+        token = lc.owner('web', 'hW')[1]
+        acked, back = crash_during_handover(lc, 'web', 'hA', 'hB', writer,
+                                            b'btrfs\x00receive\x00-q')
+        # Within the lease TTL (3 s by default) and a few seconds.
+        assert back < 3 + 5, 'back on hA after %.1f s' % back
+        log = lc.log('hA')
+        assert 'btrfs#data: hand-over to hB cut: hB lost' in log, log[-3000:]
+        assert 'abandon: the switch to hB' in log
+        # The source's data is the live one: the writer found every record
+        # it acknowledged before the switch; nothing was kept aside.
+        found = wait_for(lambda: writer_lines(lab, 'hA', 'found')[1:], 10,
+                         interval=0.1, what='the writer started again')
+        assert found[0] >= acked, (found, acked)
+        assert 'kept aside' not in log and 'diverged' not in log
+        # hB comes back: nothing moves, nothing restarts on hA.
+        pids = marked_pids(lab['hA'], writer)
+        owner = lc.owner('web', 'hW')
+        assert owner[1] > token
+        lab.restart('hB')
+        rl.mount('hB')
+        lc.start_agent('hB')
+        lc.wait_agent('hB')
+        for _ in range(16):
+            time.sleep(0.5)
+            assert lc.owner('web', 'hW') == owner
+            assert marked_pids(lab['hA'], writer) == pids
+        assert not marked_pids(lab['hB'], writer)
+        assert lc.log('hA').count('switch: moving it to hB') == 1
+        kept = records(lab, 'hA')
+        assert kept == list(range(1, len(kept) + 1)) and len(kept) > acked
     finally:
         for host in ('hA', 'hB'):
             lc.stop_agent(host)

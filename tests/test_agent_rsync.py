@@ -10,7 +10,7 @@ import pytest
 
 from slaposha.lab import wait_for
 from slaposha.lab.cluster import LabCluster
-from slaposha.replication.lab import record_writer
+from slaposha.replication.lab import crash_during_handover, record_writer
 
 pytestmark = pytest.mark.lab
 
@@ -18,6 +18,7 @@ TREE = '/srv/slapgrid/data'
 STORE = '/srv/slapgrid/.slaposha-rsync/data'
 
 WRITER = record_writer(TREE)
+WRITER_PY = 'writer.py'   # in the lab's folder
 
 SERVICE = '''
     [service]
@@ -39,17 +40,24 @@ def writer_log(lab, host):
         return []
 
 
-def test_takeover_after_a_crash_starts_from_the_last_complete_copy(
-        make_lab):
+def start_web(make_lab):
+    """Agents on hA and hB (witness hW) running web: the writer on an
+    rsync-replicated folder. Returns (lab, cluster)."""
     lab = make_lab(['hA', 'hB', 'hW'])
-    writer = lab.workdir + '/writer.py'
-    with open(writer, 'w') as f:
+    with open(lab.workdir + '/' + WRITER_PY, 'w') as f:
         f.write(WRITER)
-    lc = LabCluster(lab, ['hA', 'hB'], ['hW'], tls=True,
-                    services={'web': SERVICE % (TREE, writer)}, settings='''
+    lc = LabCluster(lab, ['hA', 'hB'], ['hW'], tls=True, services={
+        'web': SERVICE % (TREE, lab.workdir + '/' + WRITER_PY)},
+        settings='''
                     [agent]
                     monitor_interval = 0.5
                     ''').start()
+    return lab, lc
+
+
+def test_takeover_after_a_crash_starts_from_the_last_complete_copy(
+        make_lab):
+    lab, lc = start_web(make_lab)
     try:
         def replicated():
             out = lc.cli('hB', 'status', check=False).stdout
@@ -101,6 +109,34 @@ def test_takeover_after_a_crash_starts_from_the_last_complete_copy(
                  what='the writer appending on hB')
         status = lc.cli('hB', 'status', check=False).stdout
         assert 'rsync#data' in status
+    finally:
+        for host in ('hA', 'hB'):
+            lc.stop_agent(host)
+
+
+def test_a_target_crash_during_the_last_copy_is_cut_short(make_lab):
+    """As with btrfs: a switch whose target crashes while the source sends
+    it the last copy (a copy to it stalled there) is cut as soon as the
+    target's lease is gone, not at the transfer's timeout (60 s, and
+    stop_timeout 60 s), and the service runs on the source again within
+    the lease TTL and a few seconds, on the source's own data."""
+    lab, lc = start_web(make_lab)
+    try:
+        lc.wait_standby('hB', 'rsync#data')
+        acked, back = crash_during_handover(
+            lc, 'web', 'hA', 'hB', lab.workdir + '/' + WRITER_PY,
+            b'rsync\x00--server')
+        # Within the lease TTL (3 s by default) and a few seconds.
+        assert back < 3 + 5, 'back on hA after %.1f s' % back
+        log = lc.log('hA')
+        assert 'rsync#data: hand-over to hB cut: hB lost' in log, \
+            log[-3000:]
+        assert 'abandon: the switch to hB' in log
+        found = wait_for(lambda: [int(line.split()[1]) for line in
+                                  writer_log(lab, 'hA')
+                                  if line.startswith('found ')][1:], 10,
+                         interval=0.1, what='the writer started again')
+        assert found[0] >= acked, (found, acked)
     finally:
         for host in ('hA', 'hB'):
             lc.stop_agent(host)

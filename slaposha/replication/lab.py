@@ -18,13 +18,14 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 from slaposha.lab import HOST_PATHS, LabError, wait_for
-from slaposha.lab.cluster import TOP, make_test_pki
+from slaposha.lab.cluster import TOP, make_test_pki, marked_pids
 
 __all__ = ['ReplicationLab', 'LAB_PATHS', 'FS', 'VOL', 'SNAPDIR', 'PORT',
            'OWNER', 'APPENDER', 'read_report', 'remove_mount_point',
-           'record_writer']
+           'record_writer', 'crash_during_handover']
 
 FS = '/srv/slapgrid-fs'
 VOL = FS + '/slapgrid'
@@ -123,6 +124,45 @@ def record_writer(folder, every=0.02):
             print('ack', n, '%%.6f' %% time.time(), flush=True)
             time.sleep(%r)
     ''') % (folder, every)
+
+
+def crash_during_handover(lc, service, source, target, writer, receive):
+    """A switch of ``service`` from ``source`` to ``target`` whose target
+    crashes while the source hands it the data: a receive on the target
+    (a process whose command line holds ``receive``, e.g.
+    ``b'btrfs\\x00receive'``) is stopped with SIGSTOP as soon as one runs
+    (a disk that no longer writes), so that a transfer to it is on its way;
+    the switch is asked; once the application (``writer``, a marker of its
+    command line, a :func:`record_writer`) stopped on the source, the
+    target crashes. Returns (the last record the writer acknowledged
+    there, seconds from the crash until the service runs on the source
+    again: its owner, the writer running)."""
+    lab = lc.lab
+
+    def stalled():
+        pids = marked_pids(lab[target], receive)
+        lab.pause(target, pids)
+        return pids
+    wait_for(stalled, 30, interval=0.01, what='a receive on %s' % target)
+    lc.cli(source, 'switch', service, '--to', target, '--no-wait')
+    wait_for(lambda: not marked_pids(lab[source], writer), 20,
+             interval=0.05, what='the writer stopped on %s' % source)
+    with open(lab[source].path('/var/lib/slaposha/log') + '/%s.app.writer'
+              '.log' % service, errors='replace') as f:
+        acked = [int(line.split()[1]) for line in f
+                 if line.startswith('ack ')][-1]
+    time.sleep(0.5)
+    assert 'hand-over to %s' % target not in lc.log(source), \
+        'the hand-over ended before the crash'
+    lab.crash(target)
+    crashed = time.monotonic()
+    wait_for(lambda: lc.owner(service, source)[0] == source and
+             marked_pids(lab[source], writer), 90, interval=0.1,
+             what='%s back on %s' % (service, source))
+    back = time.monotonic() - crashed
+    print('%s back on %s %.2f s after %s crashed during the hand-over' % (
+        service, source, back, target))
+    return acked, back
 
 
 def remove_mount_point():

@@ -38,6 +38,10 @@ __all__ = ['Pacer']
 
 logger = logging.getLogger(__name__)
 
+# Seconds between two looks, while the last snapshot goes out, at whether
+# the standbys still being sent to are lost.
+LOST_POLL = 0.1
+
 
 class _Standby(object):
     """What the pacer knows of one standby's thread."""
@@ -110,11 +114,16 @@ class Pacer(object):
     def _present(self):
         return [s for s in self._standbys.values() if not s.gone]
 
-    def stop(self, deadline, last=True):
+    def stop(self, deadline, last=True, lost=None):
         """No more snapshots; with ``last``, a final one, which each
         standby gets after the send it is busy with. Past ``deadline``
-        (monotonic) the sends going on are cut. Returns {peer name:
-        Transfer or ReplicationError} of the final snapshot."""
+        (monotonic) the sends going on are cut, and as soon as every
+        standby still being sent to is known lost (``lost(name)``, which
+        must not raise, is true: for the agent, its host holds no lease):
+        waiting longer could only delay the service, and that host cannot
+        run it. Returns {peer name: Transfer or ReplicationError} of the
+        final snapshot; a standby cut for being lost has the error
+        'hand-over to NAME cut: NAME lost'."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
@@ -129,14 +138,26 @@ class Pacer(object):
         with self._cond:
             self._final = final or False
             self._cond.notify_all()
-        for standby in standbys:
-            standby.thread.join(max(0.0, deadline - time.monotonic()))
+        cut = []
+        while time.monotonic() < deadline:
+            busy = [s for s in standbys if s.thread.is_alive()]
+            if not busy:
+                break
+            if lost is not None and all(lost(s.name) for s in busy):
+                cut = busy
+                break
+            busy[0].thread.join(min(LOST_POLL, max(
+                0.0, deadline - time.monotonic())))
         if any(s.thread.is_alive() for s in standbys):
             self.sender.abort()
             for standby in standbys:
                 standby.thread.join(5)
         self._prune()
         with self._cond:
+            for standby in cut:
+                self._outcome[standby.name] = ReplicationError(
+                    self.sender.volume.path, 'hand-over to %s cut: %s lost'
+                    % (standby.name, standby.name), standby.name)
             return dict(self._outcome)
 
     def abort(self):

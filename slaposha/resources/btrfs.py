@@ -63,7 +63,9 @@ What the agent does with it (the interface)
 
 ``start`` refuses (names the newer token) when this host's copy was written
 by a newer owner than ``token``: the agent's token is stale. ``stop`` sends
-a last snapshot when the standbys answer, within ``stop_timeout``.
+a last snapshot when the standbys answer, within ``stop_timeout``, cut as
+soon as every standby still being sent to is known lost (``peer_lost``,
+set by the agent: its host holds no lease).
 ``status`` is ``up`` with the standbys' lag and the last cycle, ``warn``
 when a standby did not get the last snapshot, or its copy is older than
 ``max_lag``.
@@ -225,18 +227,26 @@ class Btrfs(DataResource):
         answers, within stop_timeout. Never fails for a standby that did
         not answer: status says it."""
         was_running, self.running = self.running, False
-        deadline = time.monotonic() + self.conf.stop_timeout
+        started = time.monotonic()
+        deadline = started + self.conf.stop_timeout
         if self.pacer is not None:
             left = max(0.0, self.conf.stop_timeout)
             self.sender.timeout = min(self.conf.timeout, left) or 0.1
             self.sender.connect_timeout = min(3.0, left) or 0.1
             final = self.pacer.stop(deadline, last=was_running and
-                                    self.volume.exists())
+                                    self.volume.exists(), lost=self.lost)
             sent = sorted(p for p, t in final.items()
                           if not isinstance(t, ReplicationError))
             if sent:
                 logger.info('%s: last snapshot %s sent to %s', self.rid,
                             final[sent[0]].snapshot, ', '.join(sent))
+            for peer, error in sorted(final.items()):
+                if peer not in sent and error.message.startswith(
+                        'hand-over to '):
+                    logger.warning('%s: %s, %.1f s into the stop (its copy'
+                                   ' stays %s)', self.rid, error.message,
+                                   time.monotonic() - started,
+                                   self.sender.lag(peer)[1] or 'none')
         self._deactivate()
 
     def _deactivate(self):

@@ -1,6 +1,6 @@
 """What the data drivers (``btrfs``, ``rsync``) share: what the agent gives
 them on the owner (``configure``: the fencing token, the standbys, the TLS
-files), the checks before a start, the schedule of their background cycles
+files; ``peer_lost``: whether a standby is lost), the checks before a start, the schedule of their background cycles
 and the problems they log once."""
 
 import logging
@@ -34,6 +34,10 @@ class DataResource(Resource):
         self.peers = []
         self.tls = None
         self.host = None
+        # Set by the agent: peer_lost(name) is true once a standby is known
+        # lost (its host holds no lease): a last copy still going to it is
+        # cut then, not at stop_timeout.
+        self.peer_lost = None
         self.running = False
         self.failure = None       # why the last cycle could not even begin
         self._thread = None
@@ -51,6 +55,19 @@ class DataResource(Resource):
             listed.append(Peer(name, where[0], int(where[1])))
         self.token, self.peers, self.tls, self.host = \
             int(token), listed, tuple(tls) if tls else None, host
+
+    def lost(self, name):
+        """Whether standby ``name`` is known lost (``peer_lost``); False
+        when that cannot be told: a last copy to it then waits for
+        stop_timeout, as it would without the agent's word."""
+        if self.peer_lost is None:
+            return False
+        try:
+            return bool(self.peer_lost(name))
+        except Exception:
+            logging.getLogger(type(self).__module__).exception(
+                '%s: cannot tell whether %s is lost', self.rid, name)
+            return False
 
     def _check_configured(self):
         """Before a start: the agent gave the token and the TLS files."""

@@ -41,6 +41,7 @@ import time
 from slaposha.config import REQUIRED, Key
 from slaposha.replication import ReplicationError, StaleToken, trim
 from slaposha.replication.btrfs import DEFAULT_PORT
+from slaposha.replication.pacer import LOST_POLL
 from slaposha.replication.rsync import Transfer, Tree, is_subvolume, push
 from slaposha.resources import (
     DOWN, UP, WARN, ResourceError, Status, register)
@@ -107,6 +108,8 @@ class Rsync(DataResource):
         self._abort = threading.Event()
         self._procs = set()
         self._lock = threading.Lock()
+        self._pushing = None        # the standby a copy goes to now
+        self._cut = set()           # standbys lost during the stop
 
     # -- verbs ----------------------------------------------------------------
 
@@ -137,6 +140,7 @@ class Rsync(DataResource):
             'live': 'live: not crash-consistent',
             'stopped': 'at stop only'}[self.mode])
         self._abort = threading.Event()
+        self._cut = set()
         self.running = True
         self.last, self.failure, self.cycle_seconds = {}, None, None
         self._next = time.monotonic()
@@ -187,6 +191,11 @@ class Rsync(DataResource):
             for peer in self.peers:
                 if self._abort.is_set():
                     break
+                if peer.name in self._cut:
+                    self.last[peer.name] = self._cut_error(peer.name)
+                    continue
+                with self._lock:
+                    self._pushing = peer.name
                 try:
                     self.last[peer.name] = push(
                         self.tree, peer, self.tls, self.host, self.token,
@@ -197,7 +206,11 @@ class Rsync(DataResource):
                     logger.warning('%s: %s: this host is no longer the'
                                    ' owner', self.rid, e)
                 except ReplicationError as e:
-                    self.last[peer.name] = e
+                    self.last[peer.name] = self._cut_error(peer.name) \
+                        if peer.name in self._cut else e
+                finally:
+                    with self._lock:
+                        self._pushing = None
         finally:
             if snapshot is not None:
                 self._btrfs(['subvolume', 'delete', snapshot], check=False)
@@ -226,7 +239,14 @@ class Rsync(DataResource):
 
     def _abort_transfers(self):
         self._abort.set()
+        self._kill_transfers()
+
+    def _kill_transfers(self, to=None):
+        """Kill the copy going on (with ``to``, only if it goes to that
+        standby)."""
         with self._lock:
+            if to is not None and self._pushing != to:
+                return
             procs, self._procs = list(self._procs), set()
         for proc in procs:
             self._kill(proc)
@@ -234,33 +254,59 @@ class Rsync(DataResource):
     def stop(self):
         """End the cycles, then send a last copy (the applications were
         stopped before: it is consistent) when the standbys answer, within
-        stop_timeout. Never fails for a standby that did not answer: status
-        says it; only a stop whose last copy reached every standby lets
-        this host's folder be reused without keeping it aside."""
+        stop_timeout; the copy to a standby known lost (``peer_lost``: its
+        host holds no lease) is cut then, or skipped. Never fails for a
+        standby that did not answer: status says it; only a stop whose last
+        copy reached every standby lets this host's folder be reused
+        without keeping it aside."""
         was_running, self.running = self.running, False
-        deadline = time.monotonic() + self.conf.stop_timeout
-        if self._thread is not None:
-            self._thread.join(max(0.0, deadline - time.monotonic()))
-            if self._thread.is_alive():
-                self._abort_transfers()
-                self._thread.join(5)
-        clean = False
-        left = deadline - time.monotonic()
-        if was_running and self.peers and left > 0 and self.tree.exists():
-            self._abort = threading.Event()
-            self.last = {}
-            timer = threading.Timer(left, self._abort_transfers)
-            timer.start()
-            try:
+        started = time.monotonic()
+        deadline = started + self.conf.stop_timeout
+        self._cut = set()
+        done = threading.Event()
+        watch = threading.Thread(target=self._watch_stop, args=(
+            done, deadline), name='%s stop' % self.rid, daemon=True)
+        watch.start()
+        try:
+            if self._thread is not None:
+                self._thread.join(max(0.0, deadline - time.monotonic()))
+                if self._thread.is_alive():
+                    self._abort_transfers()
+                    self._thread.join(5)
+            clean = False
+            if was_running and self.peers and not self._abort.is_set() \
+                    and time.monotonic() < deadline and self.tree.exists():
+                self.last = {}
                 self._cycle('stopped')
-            finally:
-                timer.cancel()
-            clean = all(isinstance(self.last.get(p.name), Transfer)
-                        for p in self.peers)
-            if clean:
-                logger.info('%s: last copy sent to %s', self.rid,
-                            ', '.join(p.name for p in self.peers))
+                clean = all(isinstance(self.last.get(p.name), Transfer)
+                            for p in self.peers)
+                if clean:
+                    logger.info('%s: last copy sent to %s', self.rid,
+                                ', '.join(p.name for p in self.peers))
+        finally:
+            done.set()
+        for name in sorted(n for n in self._cut if not isinstance(
+                self.last.get(n), Transfer)):
+            logger.warning('%s: %s, %.1f s into the stop', self.rid,
+                           self._cut_error(name).message,
+                           time.monotonic() - started)
         self._deactivate(clean)
+
+    def _watch_stop(self, done, deadline):
+        """While ``stop`` runs (until ``done``): the copy going to a standby
+        known lost is cut at once, every copy at ``deadline``."""
+        while not done.wait(LOST_POLL):
+            if time.monotonic() >= deadline:
+                self._abort_transfers()
+                return
+            for peer in self.peers:
+                if peer.name not in self._cut and self.lost(peer.name):
+                    self._cut.add(peer.name)
+                    self._kill_transfers(peer.name)
+
+    def _cut_error(self, name):
+        return ReplicationError(self.tree.path, 'hand-over to %s cut: %s'
+                                ' lost' % (name, name), name)
 
     def _deactivate(self, clean=False):
         try:
