@@ -91,6 +91,14 @@ DRIVER = textwrap.dedent('''\
                     'description') or result['exceptionDetails']['text']))
         return result['result'].get('value')
 
+    def where():
+        try:
+            return evaluate("location.href + ' ' + JSON.stringify("
+                            "document.title) + ' ' + (document.body ?"
+                            " document.body.innerText.slice(0, 200) : '')")
+        except Failed as e:
+            return str(e)
+
     try:
         deadline = time.time() + 20
         page = None
@@ -116,19 +124,27 @@ DRIVER = textwrap.dedent('''\
                 if op == 'eval':
                     value = evaluate(request['js'])
                 elif op == 'wait':
-                    # An error (the page not there yet) is a "not yet".
+                    # An error (the page not there yet) is a "not yet". A
+                    # page that could not load (its server not listening
+                    # yet, under load) is loaded again every 2 s.
                     end = time.time() + request['timeout']
                     value = why = None
+                    retry = time.time() + 2
                     while not value:
                         if time.time() > end:
-                            raise Failed('not after %ss: %s%s' % (
+                            raise Failed('not after %ss: %s%s; the page: %s' % (
                                 request['timeout'], request['js'],
-                                ' (%s)' % why if why else ''))
+                                ' (%s)' % why if why else '', where()))
                         try:
                             value = evaluate(request['js'])
                         except Failed as e:
                             why = e
                         if not value:
+                            if time.time() > retry:
+                                retry = time.time() + 2
+                                if where().startswith('chrome-error:'):
+                                    call('Page.navigate', {'url': url},
+                                         session)
                             time.sleep(0.2)
                 elif op == 'shot':
                     png = call('Page.captureScreenshot', {'format': 'png'},
