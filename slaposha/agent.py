@@ -147,6 +147,8 @@ class ServiceSlot(object):
         self.fenced = False        # killed by a fence: clean up, no release
         self.worker = None         # its start or stop under way (Worker)
         self.lingering = None      # a fenced resource still going on
+        self.cancelled = None      # why its start was cancelled, the owner
+        #                            key still ours (an operator's stop)
         self.seen_owner = False    # an owner was seen since the agent began
         self.resources = []        # [(rid, state, message)] last checked
         self.details = {}          # rid: more status lines (partitions)
@@ -1160,27 +1162,41 @@ class Agent(object):
                 slot.service.fence()
             slot.ownership.forget()
             slot.token = None
+            return
+        target = getattr(slot, 'view', None) and slot.view.target or {}
+        if slot.token and target.get('state') == 'stopped' and \
+                slot.worker.what != 'stop' and slot.cancelled is None:
+            # Not left to its start_timeout: stopped now, then released.
+            slot.cancelled = 'stopped by %s' % intents.who(target)
+            self.decide(slot, 'stop', '%s: its %s is cancelled' % (
+                slot.cancelled, slot.worker.what))
+            with self._lock:
+                slot.service.fence()
 
     def _cancelled(self, slot):
-        """Why a start that ended must not run here, or None."""
+        """(why, release) when a start that ended must not run here, or
+        (None, False)."""
         if slot.fenced or slot.token is None:
-            return 'fenced while starting'
+            return 'fenced while starting', False
         if self.lease is None or not self.lease.valid:
-            return 'lease lost while starting'
+            return 'lease lost while starting', False
         if self._stop.is_set():
-            return 'the agent is shutting down'
-        return None
+            return 'the agent is shutting down', True
+        if slot.cancelled:
+            return slot.cancelled, True
+        return None, False
 
     def _started(self, slot, worker, moved, what='start'):
-        why = self._cancelled(slot)
+        why, release = self._cancelled(slot)
+        slot.cancelled = None
         if why is not None:
-            # Whatever ran is killed; released only at a shutdown (the key
-            # is still ours then).
+            # Whatever ran is killed; released when the key is still ours
+            # (an operator's stop, a shutdown).
             self.decide(slot, 'stop', '%s: cleaning up' % why)
             with self._lock:
                 slot.service.fence()
             slot.fenced = False
-            self._stop_service(slot, release=self._stop.is_set(),
+            self._stop_service(slot, release=release,
                                lease_lost=self.lease is None or
                                not self.lease.valid)
             return

@@ -209,3 +209,41 @@ def test_a_start_that_outlives_its_fence_keeps_the_service_here(make_lab):
             os.kill(pid, signal.SIGKILL)
         for host in ('hA', 'hB'):
             lc.stop_agent(host)
+
+
+def test_an_operator_stop_cancels_a_hanging_start(make_lab):
+    """`slaposha stop` while the service's start hangs: the start is
+    cancelled at once, not left to its start_timeout, nothing of it is
+    left, the owner key is given back and on_failure does not apply."""
+    lab = make_lab(['hA', 'hB', 'hW'])
+    hang = str(86400 + int(lab.id, 16))
+    lc = LabCluster(lab, ['hA', 'hB'], ['hW'], services={'db': '''
+        [service]
+        hosts = hA hB
+        start_timeout = 120
+        [app#hangs]
+        start = sleep %s
+        timeout = 600
+    ''' % hang}).start()
+    try:
+        wait_for(lambda: marked_pids(lab['hA'], hang), 30, interval=0.05,
+                 what='the start hanging on hA')
+        began = time.monotonic()
+        lc.cli('hA', 'stop', 'db', '--timeout', '20')
+        took = time.monotonic() - began
+        print('stopped %.2f s after the request, its start hanging' % took)
+        assert took < 10, took
+        assert not marked_pids(lab['hA'], hang)
+        svc = status_of(lc, 'hB', 'db')
+        assert svc['owner'] is None
+        assert svc['on']['hA']['state'] == 'stopped'
+        log = lc.log('hA')
+        assert 'stop: stopped by operator on hA' in log and \
+            'its start is cancelled' in log, log
+        assert 'on_failure' not in log
+        time.sleep(2)
+        assert not marked_pids(lab['hA'], hang)
+        assert not marked_pids(lab['hB'], hang)
+    finally:
+        for host in ('hA', 'hB'):
+            lc.stop_agent(host)
