@@ -51,7 +51,7 @@ from slaposha.replication.retention import Retention
 
 __all__ = ['BackupError', 'volumes_of', 'listing', 'choose', 'parse_time',
            'restore_path', 'format_time', 'export', 'import_export',
-           'exports_in', 'prune_exports', 'pin']
+           'exports_in', 'prune_exports']
 
 
 class BackupError(Exception):
@@ -449,17 +449,6 @@ def _mark(volume, name, when):
         volume._write_meta(name, meta)
     except (ReplicationError, OSError):
         pass  # the snapshot was deleted meanwhile: the send says so
-
-
-def pin(volume, name):
-    """Mark snapshot ``name`` of ``volume`` on this host as exported (so
-    that replication keeps it, the parent of the next incremental export),
-    if it is here and not marked yet. Returns whether it is marked."""
-    if not isinstance(name, str) or volume.get(name) is None:
-        return False
-    if not volume.meta(name).get('exported'):
-        _mark(volume, name, time.time())
-    return True
 
 
 def prune_exports(folder, volume, label, keep):

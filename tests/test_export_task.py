@@ -15,7 +15,7 @@ from slaposha.config import Section
 from slaposha.lab import wait_for
 from slaposha.lab.cluster import LabCluster
 from slaposha.replication.lab import (
-    LAB_PATHS, VOL, ReplicationLab, record_writer)
+    LAB_PATHS, SNAPDIR, VOL, ReplicationLab, record_writer)
 from slaposha.resources import NA, WARN
 from slaposha.resources.export import Export
 from slaposha.service import Context
@@ -225,6 +225,11 @@ def test_the_owner_exports_on_schedule_and_the_series_moves_with_it(
         wait_for(lambda: 'last export failed' not in status_line(lc, 'hB'),
                  30, interval=0.5, what='the export working again')
         before = exports(folder)
+        # hB keeps the snapshot of hA's last export, long after replication
+        # would have pruned it (keep 3, a snapshot every 0.5 s or sooner).
+        time.sleep(4)
+        assert lab['hB'].run(['test', '-d', '%s/%s' % (
+            SNAPDIR, before[-1]['snapshot'])], check=False).returncode == 0
 
         lab.crash('hA')
         wait_for(lambda: lc.owner('web', 'hW')[0] == 'hB', 30, interval=0.2,

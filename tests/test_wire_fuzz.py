@@ -167,6 +167,8 @@ def requests_of(site):
         'created': st.floats(0, 2e9) | st.none(),
         'size': st.integers(0, 1 << 40) | st.none(),
         'keep': st.integers(-5, 1 << 70) | st.none(),
+        'exported': st.sampled_from([None, [], ['000001-5'],
+                                     ['../x', '000000-5']]),
         'mode': st.sampled_from(MODES + ('later',)),
         'args': st.sampled_from([PUSH, ['rsync', '--server', '--sender', '.',
                                         'x'], ['rsync', '--server', '-e',

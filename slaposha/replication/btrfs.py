@@ -396,8 +396,7 @@ class Volume(DivergedCopies):
         with self._locked() as state:
             snapshots = self.snapshots()
             keepers = set(s.name for s in snapshots[-keep:]) if keep else set()
-            keepers.update([s.name for s in snapshots
-                            if self.meta(s.name).get('exported')][-2:])
+            keepers.update(self.exported(snapshots))
             if self.retention:
                 keepers.update(self.retention.keepers(
                     [s.name for s in snapshots],
@@ -413,6 +412,30 @@ class Volume(DivergedCopies):
                     self._drop_meta(snap.name)
                     deleted.append(snap.name)
         return deleted
+
+    def exported(self, snapshots=None):
+        """The two newest snapshots that an export on this host marked
+        (:func:`slaposha.backup.export`): the one being written and the
+        parent of the next incremental one. The owner names them to its
+        standbys with each snapshot it sends, and they keep them too."""
+        snapshots = self.snapshots() if snapshots is None else snapshots
+        return [s.name for s in snapshots
+                if self.meta(s.name).get('exported')][-2:]
+
+    def mark_exported(self, names):
+        """Mark snapshots ``names`` (those here) as the owner marked them:
+        kept here too, and after a takeover the new owner's first export
+        can be incremental against the last one."""
+        for name in names:
+            if self.get(name) is None:
+                continue
+            meta = self.meta(name)
+            if not meta.get('exported'):
+                meta['exported'] = time.time()
+                try:
+                    self._write_meta(name, meta)
+                except OSError:
+                    pass  # deleted meanwhile
 
     # -- freshness and tokens -------------------------------------------------
 
@@ -1023,7 +1046,7 @@ class Sender(object):
             'snapshot': snap.name, 'parent': parent and parent.name,
             'token': self.token, 'sender': self.host, 'size': total,
             'created': self.volume.meta(snap.name).get('created'),
-            'keep': self.keep})
+            'keep': self.keep, 'exported': self.volume.exported()})
         go = self._answer(channel, peer, 'send %s' % snap.name)
         if go.get('have'):
             return self._had(peer, snap)
@@ -1456,6 +1479,7 @@ class Receiver(object):
                            'seconds': seconds, 'notes': notes})
         # After the answer: the sender need not wait for the housekeeping.
         try:
+            volume.mark_exported(request.get('exported') or ())
             volume.prune(max(1, int(request.get('keep') or 3)))
         except (ReplicationError, ValueError) as e:
             logger.warning('%s', e)

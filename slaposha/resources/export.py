@@ -30,7 +30,6 @@ the agent's loop: a hung mount stalls the export, not the agent.
 """
 
 import json
-import logging
 import os
 import sys
 import threading
@@ -42,8 +41,6 @@ from slaposha.resources.task import Task
 from slaposha.units import human_age, human_bytes, human_seconds
 
 __all__ = ['Export']
-
-logger = logging.getLogger(__name__)
 
 
 def _utc(wall):
@@ -90,8 +87,6 @@ class Export(Task):
         self.newest = None    # the newest export in the folder (its .json)
         self.looked = False   # whether the folder was read since start
         self.failed = None    # (wall clock, why) of the last failed run
-        self.next_pin = 0.0   # on a standby: when to mark again (report)
-        self.pinning = None
 
     # -- the schedule --------------------------------------------------------
 
@@ -219,40 +214,6 @@ class Export(Task):
             parts.append('next in %s' % human_age(max(0.0, self.next_due -
                                                       now)))
         return Status(state, '; '.join(parts))
-
-    # -- on a standby --------------------------------------------------------
-
-    def report(self):
-        """On a standby (every eligibility check): now and then, in a
-        thread, mark the snapshot of the newest export in the folder in
-        this host's copy, which its replication then keeps: after a
-        takeover here, the next export can be incremental against it.
-        Reports nothing."""
-        now = time.monotonic()
-        if self.enabled or now < self.next_pin or (
-                self.pinning is not None and self.pinning.is_alive()):
-            return None
-        self.next_pin = now + min(60.0, self.conf.every / 2)
-        self.pinning = threading.Thread(target=self._pin, name='%s %s pin'
-                                        % (self.context.name, self.rid),
-                                        daemon=True)
-        self.pinning.start()
-        return None
-
-    def _pin(self):
-        from slaposha.backup import exports_in, pin
-        from slaposha.replication.btrfs import Volume
-        found = exports_in(self.conf.to, None, self.context.name)
-        volumes = set()
-        for meta in reversed(found):
-            volume = meta.get('volume')
-            if isinstance(volume, str) and volume not in volumes:
-                volumes.add(volume)
-                try:
-                    pin(Volume(volume), meta.get('snapshot'))
-                except Exception as e:  # never the agent's problem
-                    logger.debug('%s: cannot mark %s: %s', self.rid,
-                                 meta.get('snapshot'), e)
 
     def exported(self):
         """For the metrics: (the newest export's description or None,
