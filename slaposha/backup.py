@@ -51,7 +51,8 @@ from slaposha.replication.retention import Retention
 
 __all__ = ['BackupError', 'volumes_of', 'listing', 'choose', 'parse_time',
            'restore_path', 'format_time', 'export', 'import_export',
-           'exports_in', 'prune_exports']
+           'exports_in', 'prune_exports', 'trees_of', 'export_tree',
+           'import_tree']
 
 
 class BackupError(Exception):
@@ -380,14 +381,50 @@ def export(volume, snap, to, label, incremental=False, timeout=3600,
     commands = [['btrfs', 'send', '-q'] + (['-p', parent.path] if parent
                                           else []) + [snap.path],
                 _COMPRESS[comp][0]]
-    part = path + '.part'
     started = time.monotonic()
-    digest, size = hashlib.sha256(), 0
     # Marked, replication's pruning spares it while it is sent and then as
     # the parent of the next incremental export from this host.
     meta = volume.meta(snap.name)
     if not meta.get('exported'):
         _mark(volume, snap.name, time.time())
+    try:
+        digest, size = _write_stream(commands, path, timeout)
+    except BackupError as e:
+        if not meta.get('exported'):
+            _mark(volume, snap.name, None)
+        raise BackupError('export of %s failed, nothing kept: %s' % (
+            snap.name, e))
+    description = {
+        'format': 'btrfs-send', 'compression': comp, 'volume': volume.path,
+        'service': label, 'snapshot': snap.name,
+        'parent': parent.name if parent else None,
+        'created': meta.get('created'), 'token': snap.token,
+        'host': meta.get('host'), 'exported': time.time(),
+        'sha256': digest.hexdigest(), 'bytes': size, 'file': path,
+        'seconds': time.monotonic() - started, 'note': note}
+    return _describe(path, description, digest)
+
+
+def _run_to_end(commands, deadline):
+    """Run ``commands`` piped into each other, their output discarded,
+    killed at ``deadline`` (monotonic; at least a second from now): what
+    failed, in one line, or None."""
+    procs, errs = _pipeline(commands, stdout=subprocess.DEVNULL)
+    timer = _deadline(procs, max(1.0, deadline - time.monotonic()))
+    for proc in procs:
+        proc.wait()
+    timer.cancel()
+    return _failure(procs, errs, commands)
+
+
+def _write_stream(commands, path, timeout):
+    """Write the output of ``commands`` (piped) to ``path``, through
+    ``path.part`` renamed once complete and synced; (its sha256 object,
+    bytes). BackupError (what failed, nothing kept) after ``timeout``
+    seconds or a failure."""
+    part = path + '.part'
+    started = time.monotonic()
+    digest, size = hashlib.sha256(), 0
     procs, errs = _pipeline(commands)
     timer = _deadline(procs, timeout)
     failed = None
@@ -417,19 +454,14 @@ def export(volume, snap, to, label, incremental=False, timeout=3600,
         failed = 'not done within %ds' % timeout
     if failed:
         _undo(part)
-        if not meta.get('exported'):
-            _mark(volume, snap.name, None)
-        raise BackupError('export of %s failed, nothing kept: %s' % (
-            snap.name, failed))
+        raise BackupError(failed)
     os.rename(part, path)
-    description = {
-        'format': 'btrfs-send', 'compression': comp, 'volume': volume.path,
-        'service': label, 'snapshot': snap.name,
-        'parent': parent.name if parent else None,
-        'created': meta.get('created'), 'token': snap.token,
-        'host': meta.get('host'), 'exported': time.time(),
-        'sha256': digest.hexdigest(), 'bytes': size, 'file': path,
-        'seconds': time.monotonic() - started, 'note': note}
+    return digest, size
+
+
+def _describe(path, description, digest):
+    """FILE.sha256 (as sha256sum writes it) and FILE.json beside an
+    export."""
     with open(path + '.sha256', 'w') as f:
         f.write('%s  %s\n' % (digest.hexdigest(), os.path.basename(path)))
     with open(path + '.json', 'w') as f:
@@ -534,10 +566,9 @@ def _imported(volume, name):
     return None
 
 
-def import_export(volume, path, timeout=3600):
-    """Check ``path`` against its .sha256 and receive it among the
-    snapshots of ``volume`` on this host. Returns (its description, one
-    line)."""
+def _checked(path, timeout, form):
+    """(the description, the absolute path) of export ``path`` of format
+    ``form``, once its checksum is right."""
     path = os.path.abspath(path)
     try:
         with open(path + '.json') as f:
@@ -550,20 +581,31 @@ def import_export(volume, path, timeout=3600):
                               path, getattr(e, 'strerror', None) or e))
     if not isinstance(meta, dict):
         meta = {}
-    name, comp = meta.get('snapshot'), meta.get('compression')
-    if meta.get('format') != 'btrfs-send' or \
-            comp not in _COMPRESS or not isinstance(name, str) or \
-            not NAME_RE.match(name):
-        raise BackupError('%s.json: not the description of a btrfs export'
-                          % path)
+    name = meta.get('snapshot')
+    if meta.get('format') != form or \
+            meta.get('compression') not in _COMPRESS or \
+            not isinstance(name, str) or \
+            (form == 'btrfs-send' and not NAME_RE.match(name)):
+        raise BackupError('%s.json: not the description of %s' % (
+            path, 'a btrfs export' if form == 'btrfs-send'
+            else 'an rsync archive'))
     if not os.path.exists(path):
         raise BackupError('%s: no such file' % path)
-    started = time.monotonic()
     actual = _checksum(path, timeout)
     if actual != expected or actual != meta.get('sha256'):
         raise BackupError('%s: checksum mismatch (sha256 %s, expected %s):'
                           ' the file is damaged; nothing imported' % (
                               path, actual[:16], expected[:16]))
+    return meta, path
+
+
+def import_export(volume, path, timeout=3600):
+    """Check ``path`` against its .sha256 and receive it among the
+    snapshots of ``volume`` on this host. Returns (its description, one
+    line)."""
+    started = time.monotonic()
+    meta, path = _checked(path, timeout, 'btrfs-send')
+    name, comp = meta['snapshot'], meta['compression']
     here = _imported(volume, name)
     if here is not None:
         return meta, 'snapshot %s is already here%s' % (
@@ -584,13 +626,7 @@ def import_export(volume, path, timeout=3600):
     try:
         commands = [_COMPRESS[comp][1] + [path],
                     ['btrfs', 'receive', '-q', volume.snapdir]]
-        procs, errs = _pipeline(commands, stdout=subprocess.DEVNULL)
-        timer = _deadline(procs, max(1.0, timeout - (time.monotonic() -
-                                                     started)))
-        for proc in procs:
-            proc.wait()
-        timer.cancel()
-        failed = _failure(procs, errs, commands)
+        failed = _run_to_end(commands, started + timeout)
         if failed is None and volume.get(name) is None:
             failed = 'btrfs receive did not finish %s' % name
         if failed:
@@ -637,3 +673,199 @@ def import_export(volume, path, timeout=3600):
             name, final, 'incremental after %s' % parent if parent
             else 'full', format_time(meta.get('created')), meta.get('host'),
             meta.get('token'), volume.snapdir, time.monotonic() - started)
+
+
+# -- rsync trees: archives -----------------------------------------------------
+
+# Owners, modes, ACLs and extended attributes as rsync -aHAX keeps them.
+_TAR = ['tar', '--numeric-owner', '--acls', '--xattrs', '--xattrs-include=*']
+
+
+def trees_of(service):
+    """The rsync trees of a ServiceConfig."""
+    from slaposha.replication.rsync import Tree
+    return [Tree(section.path, section.store)
+            for section in service.resources if section.kind == 'rsync']
+
+
+def export_tree(tree, to, label, timeout=3600):
+    """Write the newest consistent copy of rsync tree ``tree`` on this host
+    as a tar archive (zstd, or gzip) to ``to`` (a file, or a folder where
+    it gets its own name), with its .sha256 and .json: where the service
+    runs (or where only the folder is), a read-only btrfs snapshot of the
+    folder when it is a subvolume, else the folder as it is (not
+    crash-consistent, which the .json and the line say); on a standby, its
+    newest complete copy, no transfer landing meanwhile. Returns the
+    description."""
+    import socket
+    from slaposha.replication.rsync import is_subvolume
+    to = os.path.abspath(to)
+    folder, path = (to, None) if os.path.isdir(to) else \
+        (os.path.dirname(to), to)
+    if not os.path.isdir(folder):
+        raise BackupError('--to %s: no such folder' % folder)
+    try:
+        name, record = tree.newest()
+        here = tree.active() is not None or record is None
+    except (ReplicationError, OSError) as e:
+        raise BackupError(str(e))
+    lock = snapshot = None
+    started = time.monotonic()
+    try:
+        if here:
+            if not tree.exists():
+                raise BackupError('%s: neither the folder nor a complete copy'
+                                  ' of it on this host' % tree.path)
+            info = {'created': time.time(), 'host':
+                    socket.gethostname().split('.')[0],
+                    'token': (tree.state()['live'] or {}).get('token')}
+            source, mode = tree.path, 'live'
+            if is_subvolume(tree.path):
+                os.makedirs(tree.store, mode=0o700, exist_ok=True)
+                snapshot = os.path.join(tree.store, 'export-%d-%s' % (
+                    os.getpid(), os.urandom(3).hex()))
+                p = subprocess.run(['btrfs', 'subvolume', 'snapshot', '-r',
+                                    tree.path, snapshot],
+                                   stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT,
+                                   universal_newlines=True)
+                if p.returncode:
+                    snapshot = None
+                    raise BackupError('%s: cannot take a snapshot: %s' % (
+                        tree.path, p.stdout.strip()[-200:]))
+                source, mode = snapshot, 'snapshot'
+        else:
+            lock = tree._receiving()
+            if lock is None:
+                raise BackupError('%s: a copy is being received; try again'
+                                  % tree.store)
+            name, record = tree.newest()
+            if record is None:
+                raise BackupError('%s: no complete copy here' % tree.path)
+            source, mode = tree.buffer(name), record.get('mode') or 'live'
+            info = dict((k, record.get(k)) for k in ('created', 'host',
+                                                     'token'))
+        stamp = time.strftime('%Y%m%d-%H%M%S', time.gmtime(
+            info['created'] or time.time()))
+        copy = '%s-%s' % (stamp, info['token'] if info['token'] is not None
+                          else 'x')
+        comp = _compression()
+        if path is None:
+            path = os.path.join(folder, '%s-%s-%s.tar.%s' % (
+                label, tree.name, copy, comp))
+        elif not path.endswith('.tar.' + comp):
+            raise BackupError('--to %s: the file name must end with .tar.%s'
+                              % (path, comp))
+        for p in (path, path + '.sha256', path + '.json'):
+            if os.path.lexists(p):
+                raise BackupError('--to %s: exists already; an export never'
+                                  ' writes over anything' % p)
+        try:
+            digest, size = _write_stream(
+                [_TAR + ['-C', source, '-cf', '-', '.'],
+                 _COMPRESS[comp][0]], path, timeout)
+        except BackupError as e:
+            raise BackupError('export of %s failed, nothing kept: %s' % (
+                tree.path, e))
+    finally:
+        if lock is not None:
+            os.close(lock)
+        if snapshot is not None:
+            subprocess.run(['btrfs', 'subvolume', 'delete', snapshot],
+                           stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    note = {'snapshot': 'full: a tar archive of a read-only snapshot of the'
+            ' folder', 'stopped': 'full: a tar archive of a copy taken with'
+            ' the applications stopped', 'live': 'full: a tar archive of the'
+            ' live folder: not crash-consistent (a database written during'
+            ' it can come out torn)'}.get(mode, 'full: a tar archive')
+    if not here:
+        note += ' (the copy on this standby)'
+    return _describe(path, {
+        'format': 'tar', 'compression': comp, 'volume': tree.path,
+        'service': label, 'snapshot': copy, 'parent': None, 'mode': mode,
+        'created': info['created'], 'token': info['token'],
+        'host': info['host'], 'exported': time.time(),
+        'sha256': digest.hexdigest(), 'bytes': size, 'file': path,
+        'seconds': time.monotonic() - started, 'note': note}, digest)
+
+
+def _import_staging(tree, path):
+    """The store's folder an import lands in (the one that is not the
+    complete copy), once it is sure the import may go there."""
+    from slaposha.replication.rsync import _alive, _make_folder, fstype
+    try:
+        with tree._locked() as state:
+            if _alive(state['active']):
+                raise BackupError('%s: the service runs on this host: an'
+                                  ' import goes into the copies of a host'
+                                  ' where it does not run' % path)
+            complete, record = tree._newest(state)
+            if record is not None and (record.get('token') or 0) > IMPORTED:
+                raise BackupError(
+                    '%s: this host has a copy of %s of token %s, newer than'
+                    ' an import, which would replace it as the copy a'
+                    ' takeover here uses: import on a host without one' % (
+                        path, tree.path, record.get('token')))
+            target = 'b' if complete == 'a' else 'a'
+            state['records'][target] = None
+            if not os.path.isdir(tree.buffer(target)):
+                _make_folder(tree.buffer(target),
+                             fstype(tree.store) == 'btrfs')
+            return tree.buffer(target)
+    except (ReplicationError, OSError) as e:
+        raise BackupError('%s: %s' % (path, getattr(e, 'strerror', None)
+                                      or e))
+
+
+def import_tree(tree, path, timeout=3600):
+    """Check archive ``path`` against its .sha256 and unpack it into the
+    store of rsync tree ``tree`` on this host as its newest complete copy,
+    of token 0 (older than anything an owner sends: on a host whose folder
+    is missing, the agent's start or a promote makes it the folder).
+    Returns (its description, one line)."""
+    from slaposha.replication.rsync import _syncfs
+    started = time.monotonic()
+    meta, path = _checked(path, timeout, 'tar')
+    try:
+        lock = tree._receiving()
+    except (ReplicationError, OSError) as e:
+        raise BackupError(str(e))
+    if lock is None:
+        raise BackupError('%s: a copy is being received into %s; try again'
+                          % (path, tree.store))
+    try:
+        staging = _import_staging(tree, path)
+        # What a cut transfer left there goes first: the archive is the
+        # whole copy.
+        for entry in os.listdir(staging):
+            _undo(os.path.join(staging, entry))
+        commands = [_COMPRESS[meta['compression']][1] + [path],
+                    _TAR + ['-C', staging, '-xf', '-']]
+        failed = _run_to_end(commands, started + timeout)
+        if failed:
+            for entry in os.listdir(staging):
+                _undo(os.path.join(staging, entry))
+            raise BackupError('import of %s failed, nothing kept: %s' % (
+                path, failed))
+        files = sum(len(names) for _, _, names in os.walk(staging))
+        try:
+            _syncfs(staging)
+            with tree._locked() as state:
+                name = os.path.basename(staging)
+                state['records'][name] = {
+                    'token': IMPORTED, 'host': meta.get('host'),
+                    'created': meta.get('created'), 'received': time.time(),
+                    'bytes': meta.get('bytes'), 'files': files,
+                    'mode': meta.get('mode'),
+                    'original_token': meta.get('token'), 'imported': path}
+                state['complete'] = name
+        except (ReplicationError, OSError) as e:
+            raise BackupError('import of %s failed: %s' % (path, e))
+    finally:
+        os.close(lock)
+    return meta, 'imported %s (%s, taken %s UTC by %s, token %s) into %s as' \
+        ' its newest copy, token %d, in %.1f s' % (
+            path, meta.get('mode'), format_time(meta.get('created')),
+            meta.get('host'), meta.get('token'), staging, IMPORTED,
+            time.monotonic() - started)

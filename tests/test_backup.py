@@ -269,3 +269,59 @@ def test_an_export_made_on_one_host_is_imported_on_a_fresh_one(
     """ % (VOL, VOL + '/slappart0/cfg'))
     assert newest == taken and 'kept' in said, said
     assert b.run(['cat', VOL + '/slappart0/cfg']).stdout == 'three\n'
+
+
+@lab
+def test_an_rsync_archive_made_on_one_host_is_imported_on_a_fresh_one(
+        pair, slaposha_cmd):
+    a, b = pair['hA'], pair['hB']
+    tree = FS + '/tree'
+    svc = os.path.join(pair.lab.workdir, 'files.cfg')
+    with open(svc, 'w') as f:
+        f.write('[rsync#data]\npath = %s\n' % tree)
+    exports = os.path.join(pair.lab.workdir, 'exports')
+    os.makedirs(exports)
+
+    def run(host, *args, check=True):
+        return host.run(slaposha_cmd + list(args), env=pair.env(),
+                        check=check)
+
+    # On hA, where the service runs: a subvolume, archived from a
+    # read-only snapshot of it; owners, modes, links kept.
+    a.run('btrfs subvolume create {t} >/dev/null && mkdir -p {t}/slappart0/'
+          'srv && dd if=/dev/urandom of={t}/slappart0/srv/db bs=1M count=4'
+          ' status=none && echo port=8080 > {t}/slappart0/etc.cfg && chown'
+          ' 1234:2345 {t}/slappart0/etc.cfg && chmod 640 {t}/slappart0/'
+          'etc.cfg && ln -s srv/db {t}/slappart0/db.link && ln {t}/slappart0/'
+          'srv/db {t}/slappart0/db.hard'.format(t=tree))
+    p = run(a, 'export', svc, '--to', exports, '--incremental', check=False)
+    assert p.returncode == 2 and p.stderr.count('\n') == 1 and \
+        'is exported whole' in p.stderr, p.stderr
+    out = run(a, 'export', svc, '--to', exports).stdout
+    assert 'a tar archive of a read-only snapshot of the folder' in out, out
+    archive = [os.path.join(exports, n) for n in os.listdir(exports)
+               if '.tar.' in n and n.endswith(('.zst', '.gz'))]
+    assert len(archive) == 1 and a.run(
+        ['btrfs', 'subvolume', 'list', FS]).stdout.count('export-') == 0
+    assert subprocess.run(['sha256sum', '-c', os.path.basename(archive[0]) +
+                           '.sha256'], cwd=exports).returncode == 0
+    # A btrfs service cannot read it.
+    p = run(b, 'import', service_file(pair), archive[0], check=False)
+    assert p.returncode == 2 and 'no [rsync#...] data' in p.stderr
+
+    # On hB, a fresh host: into the tree's store as its newest copy, of
+    # token 0; promoted, the files are the same, owners and links too.
+    out = run(b, 'import', svc, archive[0]).stdout
+    assert 'as its newest copy, token 0' in out, out
+    assert b.run(['test', '-e', tree], check=False).returncode == 1
+    said = pair.py('hB', '''
+        from slaposha.replication.rsync import Tree
+        result = Tree(%r).promote()
+    ''' % tree)
+    assert 'promoted the copy of hA (token 0' in said, said
+    assert sums(b, tree) == sums(a, tree)
+
+    def shape(host):
+        return host.run('cd %s && find . -printf "%%p %%U:%%G %%m %%n %%l\\n"'
+                        ' | sort' % tree).stdout
+    assert shape(b) == shape(a) and ' 1234:2345 640 ' in shape(b)

@@ -44,6 +44,22 @@ def _volumes(args):
         raise UserError(str(e))
 
 
+def _data(args):
+    """(btrfs volumes, rsync trees) of the service; UserError without
+    either."""
+    from slaposha.backup import BackupError, trees_of, volumes_of
+    service = _service(args)
+    trees = trees_of(service)
+    try:
+        return volumes_of(service), trees
+    except BackupError as e:
+        if not trees:
+            raise UserError('%s: service %s has neither [btrfs#...] nor'
+                            ' [rsync#...] data' % (service.path,
+                                                   service.name))
+        return [], trees
+
+
 @command('snapshots', 'the snapshots this host keeps of a service\'s btrfs'
          ' data: when, by which owner (token, host), the space only each'
          ' holds, and why it is kept', [
@@ -127,7 +143,8 @@ def restore(args):
 
 @command('export', 'write a snapshot of a service\'s btrfs data to a file:'
          ' a compressed btrfs send stream with its SHA-256, incremental'
-         ' against the previous export in the same folder when asked', [
+         ' against the previous export in the same folder when asked (rsync'
+         ' data: a tar archive of its newest consistent copy here)', [
              (('service',), dict(help='service name or service file')),
              (('--to',), dict(required=True, metavar='FILE|DIR',
                               help='the file, or a folder where it gets its'
@@ -160,11 +177,26 @@ def export(args):
     if args.full_every is not None and args.full_every < 1:
         raise UserError('--full-every %d: expected at least 1'
                         % args.full_every)
-    volumes = _volumes(args)
-    if len(volumes) > 1 and not os.path.isdir(args.to):
-        raise UserError('--to %s: service %s has %d btrfs volumes: give a'
-                        ' folder' % (args.to, args.service, len(volumes)))
+    volumes, trees = _data(args)
+    # With btrfs volumes beside, --incremental is theirs.
+    if trees and ((args.incremental and not volumes) or args.at):
+        raise UserError('%s: rsync data (%s) is exported whole, from its'
+                        ' newest copy here: no snapshots to choose or to be'
+                        ' incremental against' % (
+                            '--incremental' if args.incremental else '--at',
+                            trees[0].path))
+    if len(volumes) + len(trees) > 1 and not os.path.isdir(args.to):
+        raise UserError('--to %s: service %s has %d volumes or trees: give'
+                        ' a folder' % (args.to, args.service,
+                                       len(volumes) + len(trees)))
     label = os.path.splitext(os.path.basename(args.service))[0]
+    for tree in trees:
+        try:
+            done = backup.export_tree(tree, args.to, label,
+                                      timeout=args.timeout)
+        except backup.BackupError as e:
+            raise UserError(str(e))
+        _exported(args, backup, tree, label, done)
     for volume in volumes:
         try:
             if args.at:
@@ -180,43 +212,64 @@ def export(args):
                                  full_every=args.full_every)
         except backup.BackupError as e:
             raise UserError(str(e))
-        gone = []
-        if args.keep is not None:
-            gone = backup.prune_exports(args.to, volume, label, args.keep)
-        if args.json:
-            print(json.dumps(dict(done, deleted=gone), sort_keys=True))
-            continue
-        print('exported %s (taken %s UTC) to %s: %s, %s in %s, sha256 %s' % (
-            snap.name, backup.format_time(done['created']), done['file'],
-            done['note'], human_bytes(done['bytes']),
-            human_seconds(done['seconds']), done['sha256']))
-        if gone:
-            print('deleted %d older export(s) of %s in %s (--keep %d): %s' % (
-                len(gone), volume.path, args.to, args.keep,
-                ' '.join(os.path.basename(g) for g in gone)))
+        _exported(args, backup, volume, label, done)
     return 0
 
 
+def _exported(args, backup, data, label, done):
+    """Prune the folder (--keep), say what was done."""
+    gone = []
+    if args.keep is not None:
+        gone = backup.prune_exports(args.to, data, label, args.keep)
+    if args.json:
+        print(json.dumps(dict(done, deleted=gone), sort_keys=True))
+        return
+    print('exported %s (taken %s UTC) to %s: %s, %s in %s, sha256 %s' % (
+        done['snapshot'], backup.format_time(done['created']), done['file'],
+        done['note'], human_bytes(done['bytes']),
+        human_seconds(done['seconds']), done['sha256']))
+    if gone:
+        print('deleted %d older export(s) of %s in %s (--keep %d): %s' % (
+            len(gone), data.path, args.to, args.keep,
+            ' '.join(os.path.basename(g) for g in gone)))
+
+
 @command('import', 'check an export\'s checksum and receive it among the'
-         ' snapshots of a service\'s btrfs data on this host (any host)', [
+         ' snapshots of a service\'s btrfs data on this host (any host; an'
+         ' rsync archive: into the tree\'s store, as its newest copy)', [
              (('service',), dict(help='service name or service file')),
              (('file',), dict(help='the export (FILE.sha256 and FILE.json'
                               ' beside it)')),
              _timeout('import'),
          ])
 def import_(args):
-    import json as json_module
     from slaposha import backup
-    volumes = _volumes(args)
+    volumes, trees = _data(args)
     try:
         with open(args.file + '.json') as f:
-            wanted = json_module.load(f).get('volume')
+            meta = json.load(f)
+        wanted, form = meta.get('volume'), meta.get('format')
     except (OSError, ValueError, AttributeError):
-        wanted = None
-    volume = dict((v.path, v) for v in volumes).get(wanted, volumes[0])
+        wanted = form = None
     try:
-        _, line = backup.import_export(volume, args.file,
-                                       timeout=args.timeout)
+        if form == 'tar':
+            if not trees:
+                raise UserError('%s: an rsync archive, and service %s has no'
+                                ' [rsync#...] data' % (args.file,
+                                                       args.service))
+            tree = dict((t.path, t) for t in trees).get(wanted, trees[0])
+            _, line = backup.import_tree(tree, args.file,
+                                         timeout=args.timeout)
+        else:
+            if not volumes:
+                raise UserError('%s: not an rsync archive (its .json'
+                                ' beside it says), and service %s has no'
+                                ' [btrfs#...] data' % (args.file,
+                                                       args.service))
+            volume = dict((v.path, v) for v in volumes).get(wanted,
+                                                            volumes[0])
+            _, line = backup.import_export(volume, args.file,
+                                           timeout=args.timeout)
     except backup.BackupError as e:
         raise UserError(str(e))
     print(line)
