@@ -75,8 +75,9 @@ LEADER_SETTLE = 10.0
 STOPPED, RUNNING, STOP_FAILED = 'stopped', 'running', 'stop failed'
 STARTING, STOPPING = 'starting', 'stopping'
 
-# Seconds the agent's shutdown waits for a service's start or stop to end.
-SHUTDOWN_WAIT = 30.0
+# Seconds the agent's shutdown waits for a service's stop to end beyond
+# its stop_timeout (the fence of what overran it, and its end).
+SHUTDOWN_MARGIN = 10.0
 
 
 class ActionError(Exception):
@@ -423,10 +424,16 @@ class Agent(object):
         self.write_status()
 
     def _wait_worker(self, slot):
-        """At shutdown: the service's start or stop ended (bounded), and
-        the loop's part after it done."""
+        """At shutdown: the service's start or stop ended, and the loop's
+        part after it done; one still going on after stop_timeout and a
+        margin is fenced (the lease is given back next)."""
         if slot.worker is not None:
-            slot.worker.thread.join(SHUTDOWN_WAIT)
+            slot.worker.thread.join(slot.conf.stop_timeout + SHUTDOWN_MARGIN)
+            if slot.worker.alive():
+                self.decide(slot, 'fence', 'the agent is shutting down and'
+                            ' its %s still goes on' % slot.worker.what)
+                with self._lock:
+                    slot.service.fence()
             self._carry_on(slot)
 
     # -- replicated data ---------------------------------------------------------
