@@ -6,9 +6,11 @@ why in one log line per decision, as Patroni's HA loop does. A change in
 etcd starts a cycle at once; at rest the loop sleeps until its next timed
 check (``[agent] loop_interval`` while it must look often). The lease is
 renewed in a thread of its own (:class:`~slaposha.cluster.lease.HostLease`);
-when it is lost, that thread fences at once (kills the services' cgroups)
-and the next cycle cleans up. A separate watchdog process fences too if the
-agent itself is frozen.
+when a renewal is late, that thread suspends the services (frozen, their
+addresses dropped) and resumes them if the lease is renewed before its kill
+deadline; when it is lost, that thread fences at once (kills the services'
+cgroups) and the next cycle cleans up. A separate watchdog process fences
+too if the agent itself is frozen.
 
 A service runs only where its owner key is held (DESIGN.md 2). Operators
 steer it with intents stored beside the owner key (:mod:`slaposha.intents`):
@@ -47,7 +49,8 @@ from slaposha import __version__, history, intents, placement
 from slaposha.cgroup import Cgroup, CgroupError, own_cgroup
 from slaposha.cluster.etcd import (
     Client, Compare, EtcdError, LeaseNotFound, Op)
-from slaposha.cluster.lease import HostLease, Membership, Ownership, keys
+from slaposha.cluster.lease import (
+    LOST, SUSPENDED, HostLease, Membership, Ownership, keys)
 from slaposha.cluster.member import EtcdMember
 from slaposha.cluster.view import EtcdView
 from slaposha.cluster.watch import ClusterWatch
@@ -150,6 +153,7 @@ class ServiceSlot(object):
         self.lingering = None      # a fenced resource still going on
         self.cancelled = None      # why its start was cancelled, the owner
         #                            key still ours (an operator's stop)
+        self.suspended = None      # monotonic time it was suspended at
         self.seen_owner = False    # an owner was seen since the agent began
         self.resources = []        # [(rid, state, message)] last checked
         self.details = {}          # rid: more status lines (partitions)
@@ -411,6 +415,9 @@ class Agent(object):
             if slot.worker is None and (slot.state != STOPPED or
                                         slot.token):
                 self.decide(slot, 'stop', 'the agent is shutting down')
+                if slot.suspended is not None:
+                    with self._lock:  # frozen: a stop would wait for it
+                        slot.service.fence()
                 self._stop_service(slot, release=True)
             self._wait_worker(slot)
         if self.lease is not None:
@@ -560,7 +567,10 @@ class Agent(object):
                 self.cluster.lease.retry_interval,
                 self.cluster.lease.request_timeout,
                 self.cluster.lease.fence_margin,
-                on_renewed=self._on_renewed, on_lost=self._on_lost)
+                on_renewed=self._on_renewed, on_lost=self._on_lost,
+                kill_margin=self.cluster.lease.kill_margin,
+                on_suspended=self._on_suspended,
+                on_resumed=self._on_resumed)
             lease.grant()
         except EtcdError as e:
             self._etcd_down('cannot get a lease: %s' % e)
@@ -571,15 +581,57 @@ class Agent(object):
         logger.info('lease %x granted (ttl %ss)', lease.id, lease.ttl)
         return True
 
-    def _on_renewed(self, deadline):
+    def _on_renewed(self, kill_deadline):
         lease = self.lease
-        if lease is not None and lease.valid and \
+        if lease is not None and lease.state() != LOST and \
                 lease.renewals > self._renewals:
             self._renewals = lease.renewals
             self.metrics.renewed(lease.latency)
         cgroups, addresses = self._fence_targets
         if self.watchdog is not None:
-            self.watchdog.arm(deadline, cgroups, addresses)
+            # The kill deadline: before etcd can expire the lease. The
+            # agent itself suspends the services at the deadline before.
+            self.watchdog.arm(kill_deadline, cgroups, addresses)
+
+    def _on_suspended(self, reason):
+        # In the renewal thread, at the deadline: a running service is
+        # frozen, its addresses dropped, its data kept; one starting or
+        # stopping is killed, as at a lost lease.
+        with self._lock:
+            for slot in self.slots.values():
+                if slot.fenced or slot.suspended is not None:
+                    continue
+                if slot.state == RUNNING and slot.token and \
+                        slot.worker is None:
+                    slot.suspended = time.monotonic()
+                    fenced = slot.service.suspend()
+                    self.decide(slot, 'suspend', '%s: processes frozen,'
+                                ' addresses dropped, data kept%s' % (
+                                    reason, '; ' + '; '.join(fenced)
+                                    if fenced else ''))
+                elif slot.state != STOPPED or slot.token:
+                    slot.service.fence()
+                    slot.fenced = True
+                    logger.warning('service %s: fence: %s (it was not'
+                                   ' running)', slot.service.name, reason)
+        self.write_status()  # the loop may be waiting for etcd meanwhile
+
+    def _on_resumed(self, late):
+        # In the renewal thread: etcd renewed the same lease, so it never
+        # expired and the owner keys on it stayed ours.
+        with self._lock:
+            for slot in self.slots.values():
+                if slot.suspended is None:
+                    continue
+                problems = slot.service.resume()
+                self.decide(slot, 'resume', 'lease renewed %.1f s after its'
+                            ' deadline (it never expired): resumed, same'
+                            ' processes, token %s%s' % (
+                                late, slot.token, '; ' + '; '.join(problems)
+                                if problems else ''))
+                slot.suspended = None
+        self.write_status()
+        self.wake()
 
     def _on_lost(self, reason):
         # Runs in the renewal thread, at the deadline at the latest: kill
@@ -604,7 +656,7 @@ class Agent(object):
             return
         self._fence_targets = (cgroups, addresses)
         if self.lease is not None and self.lease.valid:
-            self._on_renewed(self.lease.deadline)
+            self._on_renewed(self.lease.kill_deadline)
 
     def _etcd_down(self, problem):
         if problem != self.etcd_problem:
@@ -614,10 +666,14 @@ class Agent(object):
     # -- one cycle ------------------------------------------------------------
 
     def tick(self):
-        if self.lease is None or not self.lease.valid:
+        state = self.lease.state() if self.lease is not None else LOST
+        if state == SUSPENDED:
+            return  # the lease thread resumes the services or kills them
+        if state == LOST:
             self._after_lease_loss()
             if not self._grant():
                 return
+        self._after_suspension()
         try:
             # Never older than what this loop itself wrote.
             views, alive = self.world.read(at_least=self.client.last_change)
@@ -700,8 +756,21 @@ class Agent(object):
             self.membership.announce(self.lease.id, health)
             self._announced = health
 
+    def _after_suspension(self):
+        """A service that was starting or stopping when the lease renewal
+        was late was killed, not suspended; the lease held after all: once
+        its worker ended, it is cleaned up and its owner key released, for
+        the agents to place it again."""
+        for slot in self.slots.values():
+            if slot.fenced and slot.token and slot.worker is None:
+                self.decide(slot, 'stop', 'killed while its lease renewal'
+                            ' was late (it was %s); the lease held: owner key'
+                            ' released' % slot.state)
+                self._stop_service(slot, release=True, lease_lost=True)
+
     def _after_lease_loss(self):
         for slot in self.slots.values():
+            slot.suspended = None
             reason = (self.lease.lost_reason or 'its self-fence deadline'
                       ' passed') if self.lease else 'no lease'
             self._carry_on(slot)
@@ -1183,6 +1252,11 @@ class Agent(object):
     def _cancelled(self, slot):
         """(why, release) when a start that ended must not run here, or
         (None, False)."""
+        if slot.fenced and slot.token is not None and \
+                self.lease is not None and self.lease.valid:
+            # Killed while the lease renewal was late; the lease held:
+            # the key is still ours.
+            return 'killed while its lease renewal was late', True
         if slot.fenced or slot.token is None:
             return 'fenced while starting', False
         if self.lease is None or not self.lease.valid:
@@ -1283,6 +1357,8 @@ class Agent(object):
                 if state == DOWN and rid not in optional]
         if not down:
             return
+        if not self.lease.valid or slot.suspended is not None:
+            return  # suspended meanwhile: down on purpose
         rid, message = down[0]
         slot.failures += 1
         if slot.failures <= slot.conf.restart:
@@ -1500,12 +1576,16 @@ class Agent(object):
             'lease': None if lease is None else {
                 'id': '%x' % lease.id, 'valid': lease.valid,
                 'time_left': round(lease.time_left(), 3),
-                'lost': lease.lost_reason},
+                'lost': lease.lost_reason,
+                # Seconds since the deadline suspended the services.
+                'suspended': None if lease.suspended_since is None else
+                round(time.monotonic() - lease.suspended_since, 1)},
             'etcd': self.etcd_problem or 'ok',
             'cannot_run': self.cannot_run,
             'broken': dict(self.broken),
             'services': {
-                name: {'state': slot.state, 'owner': slot.owner,
+                name: {'state': 'suspended' if slot.suspended is not None
+                       else slot.state, 'owner': slot.owner,
                        'token': slot.token, 'decision': slot.decision,
                        'resources': slot.resources,
                        'owner_token': slot.owner_token,
@@ -1584,7 +1664,8 @@ class Agent(object):
                 at + conf.stop_timeout + conf.start_timeout}
 
     def write_status(self):
-        tmp = self.status_path + '.tmp'
+        # The loop and the lease thread write it.
+        tmp = '%s.%d.tmp' % (self.status_path, threading.get_ident())
         try:
             with open(tmp, 'w') as f:
                 json.dump(self.local_status(), f)

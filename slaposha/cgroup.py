@@ -5,6 +5,9 @@ A service's processes live in a cgroup of their own, below the agent's
 from their parent stay in it, and the kernel's ``cgroup.kill`` stops them
 all in one write. This is what self-fencing relies on: at the deadline the
 agent, or its watchdog, kills the cgroup, whatever the processes did.
+``cgroup.freeze`` suspends them all as one (a late lease renewal: DESIGN.md
+2); a frozen process runs nothing, writes nothing, and ``cgroup.kill``
+still kills it.
 
 Only the unified (v2) hierarchy is used; on hybrid systems it is the one
 mounted at /sys/fs/cgroup/unified. No controller is enabled: the groups are
@@ -113,6 +116,7 @@ class Cgroup(object):
         while True:
             pids = self.pids()
             if not pids:
+                self._unfreeze()
                 return count
             if os.path.exists(kill_file):
                 with open(kill_file, 'w') as f:
@@ -127,6 +131,56 @@ class Cgroup(object):
                 raise CgroupError('processes %s of %s survive SIGKILL' % (
                     ' '.join(map(str, pids)), self.path))
             time.sleep(0.01)
+
+    def _unfreeze(self):
+        """An empty group left frozen would freeze what joins it next (the
+        service started again): its freeze is undone."""
+        path = os.path.join(self.path, 'cgroup.freeze')
+        try:
+            with open(path) as f:
+                if f.read().strip() != '1':
+                    return
+            with open(path, 'w') as f:
+                f.write('0')
+        except OSError:
+            pass
+
+    def _events(self):
+        """{key: value} of cgroup.events ('populated', 'frozen')."""
+        with open(os.path.join(self.path, 'cgroup.events')) as f:
+            return dict(line.split(None, 1) for line in f if ' ' in line)
+
+    def frozen(self):
+        try:
+            return self._events().get('frozen', '0').strip() == '1'
+        except OSError:
+            return False
+
+    def freeze(self, timeout=0.5, frozen=True):
+        """Freeze every process in the cgroup and below it (``frozen``
+        False: thaw them) and wait, at most ``timeout`` seconds, until the
+        kernel says it is done (cgroup.events frozen 1, or 0). Returns
+        False when it is not done in time (a process in an uninterruptible
+        wait freezes when it leaves it); CgroupError when the cgroup cannot
+        be frozen at all."""
+        if not self.exists():
+            return True
+        try:
+            with open(os.path.join(self.path, 'cgroup.freeze'), 'w') as f:
+                f.write('1' if frozen else '0')
+        except OSError as e:
+            raise CgroupError('cannot %s cgroup %s: %s' % (
+                'freeze' if frozen else 'thaw', self.path,
+                e.strerror or e))
+        deadline = time.monotonic() + timeout
+        while self.frozen() != frozen:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+    def thaw(self, timeout=0.5):
+        return self.freeze(timeout, frozen=False)
 
     def signal(self, sig):
         for pid in self.pids():

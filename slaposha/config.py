@@ -274,7 +274,8 @@ def _keys(*keys):
 LEASE_PROFILES = {
     'default': {},
     'fast': {'ttl': 2, 'renew_interval': 0.4, 'retry_interval': 0.1,
-             'request_timeout': 0.3, 'fence_margin': 0.3},
+             'request_timeout': 0.3, 'fence_margin': 0.3,
+             'kill_margin': 0.1},
 }
 
 CLUSTER_SCHEMA = OrderedDict([
@@ -332,9 +333,10 @@ CLUSTER_SCHEMA = OrderedDict([
     ('lease', _keys(
         Key('profile', 'choice', 'default', 'a set of the timings below:'
             ' default (ttl 3, renew_interval 500ms, retry_interval 200ms,'
-            ' request_timeout 500ms, fence_margin 500ms) or fast (ttl 2,'
-            ' renew_interval 400ms, retry_interval 100ms, request_timeout'
-            ' 300ms, fence_margin 300ms: a takeover about 0.7 s sooner, with'
+            ' request_timeout 500ms, fence_margin 500ms, kill_margin 200ms)'
+            ' or fast (ttl 2, renew_interval 400ms, retry_interval 100ms,'
+            ' request_timeout 300ms, fence_margin 300ms, kill_margin 100ms:'
+            ' a takeover about 0.7 s sooner, with'
             ' the same room for one etcd election of 2 x election_timeout);'
             ' a key given in this section overrides its profile',
             choices=sorted(LEASE_PROFILES)),
@@ -348,9 +350,14 @@ CLUSTER_SCHEMA = OrderedDict([
             ' endpoint failed)', minimum=0.01),
         Key('request_timeout', 'duration', 0.5, 'time allowed to one etcd'
             ' request', minimum=0.01),
-        Key('fence_margin', 'duration', 0.5, 'the owner stops its services'
-            ' this long before its lease can expire in etcd: covers killing'
-            ' the processes and clock-rate drift', minimum=0.1),
+        Key('fence_margin', 'duration', 0.5, 'an owner whose renewals fail'
+            ' suspends its services (processes frozen, addresses dropped)'
+            ' this long before its lease can expire in etcd, and resumes them'
+            ' if a renewal is answered before kill_margin', minimum=0.1),
+        Key('kill_margin', 'duration', 0.2, 'an owner whose renewals failed'
+            ' kills its suspended services this long before its lease can'
+            ' expire in etcd: covers killing the frozen processes and'
+            ' clock-rate drift; at most fence_margin', minimum=0.05),
     )),
     ('agent', _keys(
         Key('loop_interval', 'duration', 0.1, 'how often the agent decides'
@@ -581,6 +588,10 @@ def _apply_profile(lease, given):
     for name, value in LEASE_PROFILES[lease.profile].items():
         if name not in given:
             setattr(lease, name, value)
+    # A fence_margin set below the kill_margin it did not set: no
+    # suspension, killed at the fence_margin as before.
+    if 'kill_margin' not in given:
+        lease.kill_margin = min(lease.kill_margin, lease.fence_margin)
 
 
 def _check_cluster(config):
@@ -640,6 +651,11 @@ def _check_lease(config):
         raise ConfigError(path, 'lease', 'fence_margin', 'must be below ttl'
                           ' (%s s), or the owner fences before it starts'
                           % lease.ttl)
+    if lease.kill_margin > lease.fence_margin:
+        raise ConfigError(path, 'lease', 'kill_margin', 'must not exceed'
+                          ' fence_margin (%g s): services are suspended at'
+                          ' fence_margin and killed at kill_margin before the'
+                          ' lease can expire' % lease.fence_margin)
     if lease.request_timeout > lease.renew_interval:
         raise ConfigError(path, 'lease', 'request_timeout', 'must not exceed'
                           ' renew_interval (%g s): a renewal must end before'

@@ -217,6 +217,50 @@ class Service(object):
             raise failed
         self.cgroup.remove()
 
+    def suspend(self, timeout=0.5):
+        """The lease renewal is late (DESIGN.md 2): every process frozen at
+        once (the service's cgroup, within ``timeout``), then each
+        resource suspended in reverse order (addresses dropped; a task's
+        run killed; the data kept). What cannot be suspended is fenced
+        instead: returns one line per such resource; the whole service is
+        fenced when its processes cannot be frozen."""
+        try:
+            frozen = self.cgroup.freeze(timeout)
+        except CgroupError as e:
+            frozen, why = False, str(e)
+        else:
+            why = 'its processes were not all frozen within %gs' % timeout
+        if not frozen:
+            self.fence()
+            return ['%s: fenced instead' % why]
+        fenced = []
+        for res in reversed(self.resources):
+            try:
+                res.suspend()
+            except Exception as e:  # where in doubt: killed
+                self._fence_one(res)
+                fenced.append('%s: cannot suspend (%s): fenced' % (
+                    res.rid, _why(e)))
+        return fenced
+
+    def resume(self, timeout=0.5):
+        """The lease was renewed in time after all: the processes thawed,
+        then each resource resumed in order (addresses back and announced).
+        Returns one line per resource that did not resume (the monitor
+        finds it down)."""
+        problems = []
+        try:
+            if not self.cgroup.thaw(timeout):
+                problems.append('cgroup: not thawed within %gs' % timeout)
+        except CgroupError as e:
+            problems.append('cgroup: %s' % e)
+        for res in self.resources:
+            try:
+                res.resume()
+            except Exception as e:
+                problems.append('%s: cannot resume: %s' % (res.rid, _why(e)))
+        return problems
+
     def fence(self):
         """Kill everything now: resources' own fence, then the cgroup. A
         start under way is cancelled for good."""

@@ -1,11 +1,13 @@
 """The watchdog: fences a host's services when its agent stops renewing.
 
-The agent stops its services itself at the self-fence deadline (DESIGN.md
-2). A frozen agent (SIGSTOP, a stuck disk, a deadlock) cannot: for that, each
-agent starts this small separate process and pets it with every good lease
-renewal. Each pet carries the deadline (CLOCK_MONOTONIC seconds, the same
-clock in every process of the machine), the cgroups of the services it owns
-and the addresses they hold. When a deadline passes without a newer pet, the
+The agent suspends its services itself at the self-fence deadline and kills
+them at the kill deadline (DESIGN.md 2). A frozen agent (SIGSTOP, a stuck
+disk, a deadlock) cannot: for that, each agent starts this small separate
+process and pets it with every good lease renewal. Each pet carries the
+kill deadline (CLOCK_MONOTONIC seconds, the same clock in every process of
+the machine; still before etcd can expire the lease), the cgroups of the
+services it owns and the addresses they hold. Frozen or not, the processes
+die: SIGKILL through cgroup.kill reaches frozen ones. When a deadline passes without a newer pet, the
 watchdog kills those cgroups and drops those addresses. When the agent dies,
 the watchdog still fences at the last deadline, then exits.
 

@@ -51,6 +51,7 @@ def test_good_cluster_defaults_and_endpoints(tmp_path):
     assert c.lease.retry_interval == 0.2
     assert c.lease.request_timeout == 0.5
     assert c.lease.fence_margin == 0.5
+    assert c.lease.kill_margin == 0.2
     assert c.api.port == 1215
     assert c.etcd_endpoints() == ['http://10.0.0.1:2379',
                                   'http://10.0.0.2:2379',
@@ -66,6 +67,12 @@ def test_fast_lease_profile_and_a_key_that_overrides_it(tmp_path):
     c = config.load_cluster(write(tmp_path, GOOD + '[lease]\nprofile = fast\n'
                                   'ttl = 3\n'))
     assert c.lease.ttl == 3 and c.lease.renew_interval == 0.4
+    assert c.lease.kill_margin == 0.1
+    # A fence_margin below the kill_margin it leaves to its default: killed
+    # at the fence_margin, with no suspension before.
+    c = config.load_cluster(write(tmp_path, GOOD + '[lease]\n'
+                                  'fence_margin = 100ms\n'))
+    assert c.lease.fence_margin == c.lease.kill_margin == 0.1
     # The fast profile leaves room for one election of 500 ms, not more.
     text = error_of(write(tmp_path, GOOD + '[lease]\nprofile = fast\n'
                           '[etcd]\nelection_timeout = 1s\n'))
@@ -111,6 +118,8 @@ def test_example_files_are_valid():
      'too short for an etcd election'),
     (GOOD + '[lease]\nfence_margin = 3\n', 'lease', 'fence_margin',
      'below ttl'),
+    (GOOD + '[lease]\nkill_margin = 600ms\n', 'lease', 'kill_margin',
+     'must not exceed fence_margin'),
     (GOOD + '[lease]\nrequest_timeout = 2\n', 'lease', 'request_timeout',
      'renew_interval'),
     (GOOD + '[lease]\nretry_interval = 1\n', 'lease', 'retry_interval',

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from slaposha.cgroup import Cgroup, cgroup2_mount
-from slaposha.cluster.etcd import Client
+from slaposha.cluster.etcd import Client, EtcdError
 from slaposha.cluster.lease import HostLease, Membership, Ownership, keys
 from slaposha.watchdog import Watchdog
 
@@ -188,6 +188,113 @@ def test_renewal_answered_after_the_deadline_loses_the_lease(client):
         lease.stop()
 
 
+class Blackout(object):
+    """A client whose renewals fail while ``down`` is set, as through a cut
+    link: etcd never sees them."""
+
+    def __init__(self, client):
+        self.client = client
+        self.down = False
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def _cut(self, timeout):
+        time.sleep(min(timeout or REQUEST, 0.05))
+        raise EtcdError('link cut (test)')
+
+    def keepalive(self, lease_id, timeout=None):
+        if self.down:
+            self._cut(timeout)
+        return self.client.keepalive(lease_id, timeout=timeout)
+
+    def keepalive_at(self, lease_id, endpoint, timeout):
+        if self.down:
+            self._cut(timeout)
+        return self.client.keepalive_at(lease_id, endpoint, timeout)
+
+
+# A suspension window wide enough for a test that cannot pick the moment of
+# the cut within the renewal period: suspended 2.0 s after the last good
+# renewal, killed 2.8 s after it.
+WIDE = dict(renew=0.5, fence_margin=1.0, kill_margin=0.2)
+
+
+def suspending_lease(client):
+    """(lease, its link, [(time, event, args...)]): a lease granted through
+    a link that the test cuts, with the wide suspension window."""
+    events = []
+    cut = Blackout(client)
+
+    def note(what):
+        return lambda *args: events.append((time.monotonic(), what) + args)
+    lease = HostLease(cut, TTL, WIDE['renew'], RETRY, REQUEST,
+                      WIDE['fence_margin'], kill_margin=WIDE['kill_margin'],
+                      on_renewed=note('renewed'), on_lost=note('lost'),
+                      on_suspended=note('suspended'),
+                      on_resumed=note('resumed'))
+    lease.grant()
+    return lease, cut, events
+
+
+def cut_after_a_renewal(lease, cut, events):
+    """Cut the link just after a renewal; returns its send time's bound."""
+    count = len(events)
+    began = time.monotonic()
+    while len(events) == count and time.monotonic() - began < 2:
+        time.sleep(0.005)
+    cut.down = True
+    return events[-1][0]
+
+
+@needs_etcd
+def test_a_late_renewal_suspends_and_resumes_on_the_same_lease(client):
+    lease, cut, events = suspending_lease(client)
+    key = '/test/suspended-owner'
+    client.put(key, 'hA', lease=lease.id)
+    try:
+        renewed = cut_after_a_renewal(lease, cut, events)
+        time.sleep(TTL - WIDE['fence_margin'] + 0.2)  # past the deadline
+        assert lease.state() == 'suspended' and not lease.valid
+        assert [e[1] for e in events if e[0] > renewed] == ['suspended']
+        cut.down = False
+        began = time.monotonic()
+        while lease.state() != 'valid' and time.monotonic() - began < 1:
+            time.sleep(0.01)
+        after = [e[1] for e in events if e[0] > renewed]
+        assert after[:3] == ['suspended', 'renewed', 'resumed'], after
+        assert lease.valid and lease.lost_reason is None
+        # The same lease: the key on it never went away.
+        assert client.get(key).value == 'hA'
+        assert client.lease_ttl(lease.id) >= TTL - 1
+    finally:
+        lease.revoke()
+
+
+@needs_etcd
+def test_no_renewal_by_the_kill_deadline_loses_the_lease_before_etcd(client):
+    lease, cut, events = suspending_lease(client)
+    try:
+        renewed = cut_after_a_renewal(lease, cut, events)
+        began = time.monotonic()
+        while lease.lost_reason is None and time.monotonic() - began < TTL:
+            time.sleep(0.01)
+        lost = [e for e in events if e[1] == 'lost']
+        assert lost and 'kill deadline passed' in lost[0][2]
+        assert [e[1] for e in events if e[0] > renewed] == [
+            'suspended', 'lost']
+        suspended_at = events[-2][0]
+        # Suspended at the deadline, killed at the kill deadline: both
+        # before etcd could expire the lease, a TTL after the send time
+        # of the last renewal, which came before ``renewed``.
+        assert suspended_at - renewed < TTL - WIDE['fence_margin'] + 0.1
+        assert lost[0][0] - renewed < TTL - WIDE['kill_margin'] + 0.05
+        assert lost[0][0] - suspended_at > 0.5
+        assert lease.state() == 'lost'
+    finally:
+        lease.stop()
+
+
 @needs_etcd
 def test_ownership_tokens_and_guarded_writes(client):
     k = keys('/test-ownership-%d' % os.getpid(), 'c')
@@ -328,3 +435,48 @@ def test_what_other_hosts_write_is_read_within_limits(client):
                    json.dumps(record))
     client.put(history.prefix(k, 'web') + '%020d' % 9, '{"a":' * 5000)
     assert history.read(client, k, 'web') == [good]
+
+
+@needs_cgroup
+def test_a_frozen_cgroup_keeps_its_processes_and_still_dies_by_kill(victim):
+    group, proc = victim
+    pids = group.pids()
+    assert group.freeze()
+    assert group.frozen()
+    time.sleep(0.3)
+    assert group.pids() == pids and proc.poll() is None
+    assert group.thaw() and not group.frozen()
+    assert group.freeze()
+    # SIGKILL through cgroup.kill reaches a frozen process, and the empty
+    # group is thawed: what joins it later runs.
+    assert group.kill(timeout=2) == len(pids)
+    assert wait_dead(proc, 2)
+    assert not group.frozen()
+    late = subprocess.Popen(group.wrap(['sleep', '300']))
+    try:
+        deadline = time.monotonic() + 2
+        while not group.pids() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not group.frozen()
+    finally:
+        late.kill()
+        late.wait()
+
+
+@needs_cgroup
+def test_watchdog_kills_a_suspended_service(victim):
+    # The agent froze the service at its deadline, then stopped petting:
+    # the watchdog's kill at the kill deadline reaches frozen processes.
+    group, proc = victim
+    assert group.freeze()
+    dog = Watchdog().start()
+    try:
+        dog.arm(time.monotonic() + 0.3, [group.path])
+        assert wait_dead(proc, 2)
+        # Thawed by the watchdog once empty, a moment after the death.
+        until = time.monotonic() + 1
+        while group.frozen() and time.monotonic() < until:
+            time.sleep(0.01)
+        assert group.pids() == [] and not group.frozen()
+    finally:
+        dog.stop()

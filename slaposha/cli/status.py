@@ -46,7 +46,10 @@ def problems(status, etcd=True):
         found.append('etcd: %s' % status['etcd'])
     local = status.get('local') or {}
     lease = local.get('lease')
-    if lease and not lease.get('valid'):
+    if lease and lease.get('suspended') is not None:
+        found.append('%s: services suspended: lease renewal late since'
+                     ' %.1fs' % (status.get('host'), lease['suspended']))
+    elif lease and not lease.get('valid'):
         found.append('%s: lease lost%s' % (status.get('host'), ': %s' % lease[
             'lost'] if lease.get('lost') else ''))
     for name, why in sorted((local.get('broken') or {}).items()):
@@ -158,7 +161,11 @@ def render(status, only=None):
         status.get('cluster'), status.get('etcd'), status.get('host'),
         verdict(status, etcd=False))).rstrip())
     lease = local.get('lease')
-    if lease:
+    if lease and lease.get('suspended') is not None:
+        lines.append('  lease %s SUSPENDED: lease renewal late since %.1fs:'
+                     ' services frozen until it is renewed or lost' % (
+                         lease['id'], lease['suspended']))
+    elif lease:
         lines.append('  lease %s %s, %.1f s left%s' % (
             lease['id'], 'held' if lease['valid'] else 'LOST',
             lease['time_left'],

@@ -7,8 +7,12 @@ all vanish together, TTL seconds after its last renewal.
 - :class:`HostLease` grants the lease and renews it in a thread of its own
   (a slow service start never delays a renewal). Its *deadline* is the send
   time of the last good renewal + TTL - fence_margin: etcd cannot expire the
-  lease before it, so services stopped by then are never running when a
-  peer starts them.
+  lease before it; there the services are suspended (frozen, addresses
+  dropped). Renewals go on until the *kill deadline*, that send time + TTL
+  - kill_margin, still before etcd can expire the lease: a renewal answered
+  by then resumes them (the lease never expired, the owner keys on it were
+  never anyone else's); past it, or when etcd says the lease is gone, the
+  lease is lost and the services killed, before any peer can start them.
 - :class:`Ownership` takes a service's owner key with a transaction that
   succeeds only if the key does not exist. The key's create revision is the
   owner's *fencing token*; every write the owner makes about the service is
@@ -33,7 +37,12 @@ from slaposha.cluster.etcd import (
     Compare, EtcdError, LeaseNotFound, Op)
 from slaposha.inputs import MAX_VALUE, InputError, check_fields, loads
 
-__all__ = ['HostLease', 'Ownership', 'Membership', 'alive_hosts', 'keys']
+__all__ = ['HostLease', 'Ownership', 'Membership', 'alive_hosts', 'keys',
+           'VALID', 'SUSPENDED', 'LOST']
+
+# HostLease.state(): renewed in time; late (services suspended, renewals
+# going on); lost (services killed).
+VALID, SUSPENDED, LOST = 'valid', 'suspended', 'lost'
 
 logger = logging.getLogger(__name__)
 
@@ -63,27 +72,41 @@ class keys(object):
 
 
 class HostLease(object):
-    """This host's lease, renewed in a thread, with its self-fence deadline.
+    """This host's lease, renewed in a thread, with its self-fence deadline
+    and its kill deadline.
 
-    ``on_renewed(deadline)`` is called after each good renewal (the agent
-    pets its watchdog there); ``on_lost(reason)`` once when the lease is
-    lost: etcd says it is gone, or the deadline passed without a renewal.
-    Both run in the renewal thread and must be quick.
+    ``on_renewed(kill_deadline)`` is called after each good renewal (the
+    agent pets its watchdog there, to kill at the kill deadline);
+    ``on_suspended(reason)`` when the deadline passed without a renewal,
+    ``on_resumed(seconds)`` when a renewal is answered before the kill
+    deadline after it;
+    ``on_lost(reason)`` once when the lease is lost: etcd says it is gone,
+    or the kill deadline passed without a renewal. All run in the renewal
+    thread and must be quick. ``kill_margin`` None (or equal to
+    fence_margin): no suspension, lost at the deadline.
     """
 
     def __init__(self, client, ttl, renew_interval, retry_interval,
                  request_timeout, fence_margin, on_renewed=None,
-                 on_lost=None):
+                 on_lost=None, kill_margin=None, on_suspended=None,
+                 on_resumed=None):
         self.client = client
         self.ttl = ttl
         self.renew_interval = renew_interval
         self.retry_interval = retry_interval
         self.request_timeout = request_timeout
         self.fence_margin = fence_margin
+        self.kill_margin = fence_margin if kill_margin is None else \
+            min(kill_margin, fence_margin)
         self.on_renewed = on_renewed
         self.on_lost = on_lost
+        self.on_suspended = on_suspended
+        self.on_resumed = on_resumed
         self.id = None
         self.deadline = None
+        self.kill_deadline = None
+        self.suspended_since = None   # the deadline passed, not lost yet
+        self.suspensions = 0
         self.lost_reason = None
         self.renewals = 0
         self.failures = 0
@@ -99,6 +122,8 @@ class HostLease(object):
                                   self.request_timeout * 2)
         self.id = lease.id
         self.deadline = sent + lease.ttl - self.fence_margin
+        self.kill_deadline = sent + lease.ttl - self.kill_margin
+        self.suspended_since = None
         self.lost_reason = None
         self._stop.clear()
         self._thread = threading.Thread(target=self._renew_loop,
@@ -106,14 +131,32 @@ class HostLease(object):
                                         daemon=True)
         self._thread.start()
         if self.on_renewed:
-            self.on_renewed(self.deadline)
+            self.on_renewed(self.kill_deadline)
         return lease.id
+
+    def state(self):
+        """VALID: renewed in time, services may run and start; SUSPENDED:
+        the deadline passed (or a resume is under way), the lease still
+        exists in etcd, the services are suspended and nothing starts;
+        LOST: etcd says it is gone or may expire it now."""
+        if self.id is None or self.lost_reason is not None:
+            return LOST
+        now = time.monotonic()
+        if now >= self.kill_deadline:
+            return LOST
+        if now >= self.deadline or self.suspended_since is not None:
+            return SUSPENDED
+        return VALID
 
     @property
     def valid(self):
-        """True while the lease surely exists in etcd."""
-        return (self.id is not None and self.lost_reason is None
-                and time.monotonic() < self.deadline)
+        """True while the lease surely exists in etcd and was renewed in
+        time: services may run and start."""
+        return self.state() == VALID
+
+    @property
+    def suspended(self):
+        return self.state() == SUSPENDED
 
     def time_left(self):
         if not self.valid:
@@ -128,6 +171,32 @@ class HostLease(object):
         if self.on_lost:
             self.on_lost(reason)
 
+    def _suspend(self):
+        """The deadline passed: suspend the services, renew on."""
+        self.suspended_since = time.monotonic()
+        self.suspensions += 1
+        late = self.suspended_since - (self.deadline - self.ttl +
+                                       self.fence_margin)
+        reason = 'lease renewal late: none answered for %.1f s' % late
+        logger.warning('lease %x: %s: services suspended until a renewal'
+                       ' is answered, killed in %.1f s if none is', self.id,
+                       reason, self.kill_deadline - self.suspended_since)
+        if self.on_suspended:
+            self.on_suspended(reason)
+
+    def _bound(self):
+        """The next moment the renewal thread must act by: the deadline
+        (suspend there), then the kill deadline; None once that passed.
+        Suspends when the deadline passed."""
+        now = time.monotonic()
+        if now >= self.kill_deadline:
+            return None
+        if now >= self.deadline:
+            if self.suspended_since is None:
+                self._suspend()
+            return self.kill_deadline
+        return self.deadline
+
     def _renew_loop(self):
         lease_id = self.id
         next_send = time.monotonic() + self.renew_interval
@@ -136,14 +205,17 @@ class HostLease(object):
             now = time.monotonic()
             if not failing:
                 failing_since = now
-            if now >= self.deadline:
-                self._lose('no renewal answered for %.1f s (self-fence'
-                           ' deadline passed)' % (self.ttl - self.fence_margin))
+            bound = self._bound()
+            if bound is None:
+                self._lose('no renewal answered for %.1f s (kill deadline'
+                           ' passed: etcd may expire the lease now)'
+                           % (self.ttl - self.kill_margin))
                 return
-            wait = min(next_send, self.deadline) - now
+            wait = min(next_send, bound) - now
             if wait > 0 and self._stop.wait(wait):
                 return
-            if time.monotonic() >= self.deadline:
+            bound = self._bound()
+            if bound is None or time.monotonic() >= bound:
                 continue
             sent = time.monotonic()
             try:
@@ -152,7 +224,7 @@ class HostLease(object):
                 else:
                     ttl = self.client.keepalive(
                         lease_id, timeout=max(0.01, min(
-                            self.request_timeout, self.deadline - sent)))
+                            self.request_timeout, bound - sent)))
             except LeaseNotFound:
                 self._lose('etcd says the lease is gone (it expired or was'
                            ' revoked)')
@@ -174,23 +246,49 @@ class HostLease(object):
             failing = False
             if self._stop.is_set():
                 return
-            if time.monotonic() >= self.deadline:
+            if time.monotonic() >= self.kill_deadline:
                 # Answered too late (this process was not scheduled, the
-                # answer was slow): the agent and the watchdog fenced at
-                # the deadline and may have moved on to a new lease. Lost
-                # for good: renewing it now would keep its keys, the owner
-                # keys among them, alive for nobody, and no peer could take
-                # the services over.
+                # answer was slow): the agent and the watchdog killed the
+                # services at the kill deadline and may have moved on to a
+                # new lease. Lost for good: renewing it now would keep its
+                # keys, the owner keys among them, alive for nobody, and no
+                # peer could take the services over.
                 self._lose('the renewal was answered after the self-fence'
-                           ' deadline')
+                           ' deadline (the kill deadline: etcd may have'
+                           ' expired the lease)')
                 return
+            if time.monotonic() >= self.deadline and \
+                    self.suspended_since is None:
+                # Answered late, this thread not scheduled at the deadline:
+                # the watchdog may have suspended the services meanwhile.
+                self._suspend()
             self.renewals += 1
             self.latency = time.monotonic() - sent  # for the metrics
             self.deadline = max(self.deadline, sent + min(ttl, self.ttl)
                                 - self.fence_margin)
+            self.kill_deadline = max(self.kill_deadline, sent + min(
+                ttl, self.ttl) - self.kill_margin)
             next_send = sent + self.renew_interval
+            # The watchdog petted with the new deadline first: it must not
+            # act on the old one once the services are resumed.
             if self.on_renewed:
-                self.on_renewed(self.deadline)
+                self.on_renewed(self.kill_deadline)
+            if self.suspended_since is not None:
+                self._resume()
+
+    def _resume(self):
+        """A renewal answered after the deadline, before the kill deadline:
+        etcd kept the lease (an expired lease is never renewed), so the
+        services are resumed as they were."""
+        late = time.monotonic() - self.suspended_since
+        logger.warning('lease %x renewed %.1f s after its deadline: the'
+                       ' lease never expired, services resumed', self.id,
+                       late)
+        try:
+            if self.on_resumed:
+                self.on_resumed(late)
+        finally:
+            self.suspended_since = None
 
     def _renew_everywhere(self, lease_id):
         """Renewals after a failed one: one to every endpoint at once, each
@@ -202,8 +300,9 @@ class HostLease(object):
 
         Returns (send time, TTL) of the first renewal answered, the send
         time of that very request (the deadline counts from it); (None,
-        None) when none was answered before the deadline or the lease is
-        stopped. Raises LeaseNotFound when etcd says the lease is gone.
+        None) when none was answered before the kill deadline or the lease
+        is stopped (the services are suspended at the deadline meanwhile).
+        Raises LeaseNotFound when etcd says the lease is gone.
         """
         answers = queue.Queue()
 
@@ -219,11 +318,12 @@ class HostLease(object):
         next_round = time.monotonic()
         while not self._stop.is_set():
             now = time.monotonic()
-            if now >= self.deadline:
+            bound = self._bound()
+            if bound is None:
                 return None, None
             if now >= next_round:
                 timeout = max(0.01, min(self.request_timeout,
-                                        self.deadline - now))
+                                        self.kill_deadline - now))
                 for endpoint in self.client.endpoints:
                     threading.Thread(target=renew, daemon=True,
                                      name='renew-%x' % lease_id,
@@ -231,7 +331,7 @@ class HostLease(object):
                 next_round = now + self.retry_interval
             try:
                 sent, ttl, error = answers.get(timeout=max(0.0, min(
-                    next_round, self.deadline) - time.monotonic()))
+                    next_round, bound) - time.monotonic()))
             except queue.Empty:
                 continue
             if ttl:

@@ -2,9 +2,11 @@
 
 Every driver has the same verbs (OpenSVC's taxonomy): ``start``, ``stop``,
 ``status`` and optionally ``provision``, plus ``fence``: the fast, blocking-
-free kill that self-fencing uses at the lease deadline. A driver declares its
-configuration keys with :func:`slaposha.config.register_resource_kind`, so
-that service files are validated in one place.
+free kill that self-fencing uses at the lease's kill deadline, and
+``suspend`` / ``resume`` for a lease renewal that is late (DESIGN.md 2). A
+driver declares its configuration keys with
+:func:`slaposha.config.register_resource_kind`, so that service files are
+validated in one place.
 """
 
 import contextlib
@@ -235,6 +237,16 @@ class Resource(object):
     def fence(self):
         """Stop at once, without waiting for anything: the lease is gone."""
         self.cgroup.kill()
+
+    def suspend(self):
+        """The lease renewal is late: this resource's processes are frozen
+        with the service's cgroup already; a driver drops here what lets
+        clients reach it (addresses) or kills what must not wait (a
+        task's run). Quick and blocking-free, as fence."""
+
+    def resume(self):
+        """The lease was renewed before the kill deadline: undo suspend()
+        (the processes are thawed already)."""
 
     # Drivers whose standbys must match the owner (same paths, same uids)
     # define both: publish() on the owner, problems() on each standby.

@@ -186,12 +186,24 @@ class Ip(Resource):
     # -- verbs ---------------------------------------------------------------
 
     def start(self):
+        self._up(self.conf.check_conflict)
+
+    def suspend(self):
+        """Addresses dropped: no client reaches the frozen service."""
+        self.fence()
+
+    def resume(self):
+        """Addresses back and announced; no conflict check: the lease held
+        all along, nobody else may have taken them."""
+        self._up(check_conflict=False)
+
+    def _up(self, check_conflict):
         present = self._present()
         if present is None:
             raise ResourceError('%s: device %s does not exist'
                                 % (self.rid, self.dev))
         missing = [a for a in self.addresses if a not in present]
-        if self.conf.check_conflict and missing:
+        if check_conflict and missing:
             self._check_conflict(missing)
         for a in missing:
             args = ['addr', 'add', str(a), 'dev', self.dev]

@@ -228,6 +228,26 @@ class Re6st(App):
         if self.address is not None:
             _drop(self.address)
 
+    def suspend(self):
+        """The daemon is frozen with the service's cgroup; its address
+        dropped (routes kept), put back by resume()."""
+        if self.address is not None:
+            net, dev = self.address
+            subprocess.run(['ip', '-6', 'addr', 'del', net, 'dev', dev],
+                           stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=5)
+
+    def resume(self):
+        if self.address is not None and self._running:
+            net, dev = self.address
+            p = subprocess.run(['ip', '-6', 'addr', 'replace', net, 'dev',
+                                dev, 'nodad'], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE,
+                               universal_newlines=True, timeout=5)
+            if p.returncode:
+                raise ResourceError('%s: cannot put %s back on %s: %s' % (
+                    self.rid, net, dev, p.stderr.strip()))
+
     def fence_targets(self):
         addresses = [self.address] if self.address is not None else []
         return [self.cgroup.path], addresses

@@ -398,12 +398,28 @@ class Slapos(Resource):
 
     def fence(self):
         self.cgroup.kill()
+        self.suspend()
+
+    def suspend(self):
+        """The partitions' addresses and ranges dropped; supervisord and
+        the partitions' programs are frozen with the service's cgroup."""
         try:
             node = self.node()
             self._ip_batch('del', self._addresses(node, strict=False))
             self._ranges('del', self._node_ranges(node))
         except (ResourceError, NodeError):
             pass
+
+    def resume(self):
+        """The addresses and ranges back and announced, as at start."""
+        try:
+            node = self.node()
+        except NodeError as e:
+            raise ResourceError('%s: %s' % (self.rid, e))
+        addresses = self._addresses(node)
+        self._ip_batch('replace', addresses)
+        self._ranges('replace', self._node_ranges(node))
+        self._announce(addresses)
 
     def fence_targets(self):
         # Before a takeover promotes the data, the node may not be there

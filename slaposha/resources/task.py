@@ -213,6 +213,17 @@ class Task(Resource):
         if self.proc is not None and self.proc.poll() is not None:
             self._reap(time.monotonic(), 'killed by fence')
 
+    def suspend(self):
+        """A run in progress is killed, as by a fence (a task may be a
+        slapgrid run or an export: no run waits frozen for a lease that may
+        be lost); the schedule stops until resume()."""
+        self._was_enabled = self.enabled
+        self.fence()
+
+    def resume(self):
+        """The schedule goes on; a run due meanwhile starts at once."""
+        self.enabled = getattr(self, '_was_enabled', False)
+
     def status(self):
         now = time.monotonic()
         parts = []
