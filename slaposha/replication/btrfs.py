@@ -906,12 +906,18 @@ class Sender(object):
     def _answer(self, channel, peer, what):
         try:
             answer = channel.recv_json()
-        except socket.timeout:
+        except (OSError, wire.WireError) as e:
+            answer = e
+        if self._aborted.is_set() and not isinstance(answer, dict):
+            # Our own abort closed it (a stop cut short, a fence): not
+            # the peer's doing.
+            raise self.error('%s: aborted' % what, peer)
+        if isinstance(answer, socket.timeout):
             raise self.error('%s: no answer within %gs' % (what, self.timeout),
                              peer)
-        except (OSError, wire.WireError) as e:
+        if isinstance(answer, Exception):
             raise self.error('%s: connection lost: %s' % (
-                what, getattr(e, 'strerror', None) or e), peer)
+                what, getattr(answer, 'strerror', None) or answer), peer)
         if answer is None:
             raise self.error('%s: connection closed without an answer'
                              % what, peer)
