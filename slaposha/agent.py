@@ -154,6 +154,7 @@ class ServiceSlot(object):
         self.cancelled = None      # why its start was cancelled, the owner
         #                            key still ours (an operator's stop)
         self.suspended = None      # monotonic time it was suspended at
+        self.switching = None      # the switch its stop is for
         self.seen_owner = False    # an owner was seen since the agent began
         self.resources = []        # [(rid, state, message)] last checked
         self.details = {}          # rid: more status lines (partitions)
@@ -1055,6 +1056,18 @@ class Agent(object):
                         ' no longer own it): left as it is', name)
         slot.view = slot.view._replace(switch=None)
 
+    def _handover_missed(self, slot, switch):
+        """Why the switch's target did not get the service's data at this
+        stop (the last copy of a data resource), or None."""
+        to = switch.get('to')
+        for res in self._replicated(slot):
+            problem = getattr(res, 'handover_problem', None)
+            why = problem(to) if problem is not None else None
+            if why:
+                return '%s did not get the last copy of %s: %s' % (
+                    to, res.rid, why)
+        return None
+
     def _refused(self, slot):
         """Why the owner key was not ours to take, as one line."""
         own = slot.ownership
@@ -1185,6 +1198,7 @@ class Agent(object):
                                 switch['to'], intents.who(switch),
                                 self._switch_deadline(slot, switch) -
                                 time.time()))
+                slot.switching = switch
                 self._stop_service(slot, release=True)
                 return
             self._abandon(slot, switch, lost)
@@ -1443,6 +1457,7 @@ class Agent(object):
         a fenced start or stop of it still goes on, the service is not
         released: nobody may start it while it half-runs here."""
         e, left = worker.result or (worker.error, [])
+        switch, slot.switching = slot.switching, None
         busy = slot.service.busy()
         if busy:
             with self._lock:
@@ -1471,6 +1486,14 @@ class Agent(object):
         slot.state = STOPPED
         slot.resources = []
         slot.published = None
+        missed = self._handover_missed(slot, switch) if release and \
+            slot.token and switch else None
+        if missed:
+            # Its target would start from an older copy: what was written
+            # since would be missing there. It starts here again instead.
+            self._abandon(slot, switch, missed, 'it starts here again')
+            self._update_fence_targets()
+            return
         if release and slot.token:
             try:
                 slot.ownership.release()

@@ -10,7 +10,8 @@ import pytest
 from slaposha.lab import wait_for
 from slaposha.lab.cluster import LabCluster, marked_pids
 from slaposha.replication.lab import (
-    LAB_PATHS, VOL, ReplicationLab, crash_during_handover, record_writer)
+    LAB_PATHS, VOL, ReplicationLab, ask_switch, crash_during_handover,
+    record_writer, stall_receive)
 
 pytestmark = pytest.mark.lab
 
@@ -25,6 +26,26 @@ SERVICE = '''
     [app#writer]
     command = exec python3 -u %s
 '''
+
+
+def start_web(make_lab, stop_timeout):
+    """hA, hB (with btrfs disks) and hW; agents on hA and hB running web
+    (the writer on the replicated volume, btrfs#data with
+    ``stop_timeout``). Returns (lab, its ReplicationLab, the cluster, the
+    writer's path)."""
+    lab = make_lab(['hA', 'hB', 'hW'], paths=LAB_PATHS)
+    rl = ReplicationLab(lab, disk_size='256M')
+    writer = lab.workdir + '/writer.py'
+    with open(writer, 'w') as f:
+        f.write(WRITER)
+    service = (SERVICE % (VOL, writer)).replace(
+        'interval = 0.5', 'interval = 0.5\n    stop_timeout = ' + stop_timeout)
+    lc = LabCluster(lab, ['hA', 'hB'], ['hW'], tls=True,
+                    services={'web': service}, settings='''
+                    [agent]
+                    monitor_interval = 0.5
+                    ''').start()
+    return lab, rl, lc, writer
 
 
 def writer_lines(lab, host, word):
@@ -246,18 +267,7 @@ def test_a_target_crash_during_the_last_snapshot_is_cut_short(make_lab):
     seconds, on the source's own data (nothing acknowledged is lost,
     nothing kept aside); the switch is abandoned, and nothing moves when
     the target comes back."""
-    lab = make_lab(['hA', 'hB', 'hW'], paths=LAB_PATHS)
-    rl = ReplicationLab(lab, disk_size='256M')
-    writer = lab.workdir + '/writer.py'
-    with open(writer, 'w') as f:
-        f.write(WRITER)
-    service = (SERVICE % (VOL, writer)).replace(
-        'interval = 0.5', 'interval = 0.5\n    stop_timeout = 60')
-    lc = LabCluster(lab, ['hA', 'hB'], ['hW'], tls=True,
-                    services={'web': service}, settings='''
-                    [agent]
-                    monitor_interval = 0.5
-                    ''').start()
+    lab, rl, lc, writer = start_web(make_lab, stop_timeout='60')
     try:
         lc.wait_standby('hB', 'btrfs#data')
         token = lc.owner('web', 'hW')[1]
@@ -277,10 +287,11 @@ def test_a_target_crash_during_the_last_snapshot_is_cut_short(make_lab):
                          interval=0.1, what='the writer started again')
         assert found[0] >= acked, (found, acked)
         assert 'kept aside' not in log and 'diverged' not in log
+        # It never left hA: the same owner key, the same token.
+        owner = lc.owner('web', 'hW')
+        assert owner == ('hA', token), (owner, token)
         # hB comes back: nothing moves, nothing restarts on hA.
         pids = marked_pids(lab['hA'], writer)
-        owner = lc.owner('web', 'hW')
-        assert owner[1] > token
         lab.restart('hB')
         rl.mount('hB')
         lc.start_agent('hB')
@@ -293,6 +304,47 @@ def test_a_target_crash_during_the_last_snapshot_is_cut_short(make_lab):
         assert lc.log('hA').count('switch: moving it to hB') == 1
         kept = records(lab, 'hA')
         assert kept == list(range(1, len(kept) + 1)) and len(kept) > acked
+    finally:
+        for host in ('hA', 'hB'):
+            lc.stop_agent(host)
+
+
+def test_a_switch_whose_target_misses_the_last_snapshot_is_abandoned(
+        make_lab):
+    """A switch whose target is alive but does not get the last snapshot
+    within stop_timeout (its disk stalled: a receive stopped) would start
+    the service there on an older copy, without what was written since
+    (before, it did, and the source kept that aside as diverged): the
+    switch is abandoned, saying why, and the service starts again on the
+    source, on its own data; it stays there once the target's disk is
+    back."""
+    lab, rl, lc, writer = start_web(make_lab, stop_timeout='2')
+    try:
+        lc.wait_standby('hB', 'btrfs#data')
+        stalled = stall_receive(lab, 'hB', b'btrfs\x00receive\x00-q')
+        ask_switch(lc, 'web', 'hA', 'hB')
+        wait_for(lambda: not marked_pids(lab['hA'], writer), 20,
+                 interval=0.05, what='the writer stopped on hA')
+        acked = writer_lines(lab, 'hA', 'ack')[-1]
+        found = wait_for(lambda: writer_lines(lab, 'hA', 'found')[1:], 30,
+                         interval=0.1, what='the writer started again')
+        assert found[0] >= acked, (found, acked)
+        owner = lc.owner('web', 'hW')
+        assert owner[0] == 'hA', owner
+        log = lc.log('hA')
+        assert 'abandon: the switch to hB' in log, log[-3000:]
+        assert 'hB did not get the last copy of btrfs#data: ' in log
+        assert 'kept aside' not in log and 'diverged' not in log
+        abandoned = json.loads(lc.cli('hA', 'status', '--json').stdout)[
+            'services']['web']['abandoned']
+        assert abandoned['reason'].startswith(
+            'hB did not get the last copy of btrfs#data'), abandoned
+        # hB's disk is back: it gets the data; nothing moves.
+        lab.resume('hB', stalled)
+        for _ in range(8):
+            time.sleep(0.5)
+            assert lc.owner('web', 'hW') == owner
+        assert not marked_pids(lab['hB'], writer)
     finally:
         for host in ('hA', 'hB'):
             lc.stop_agent(host)

@@ -25,7 +25,8 @@ from slaposha.lab.cluster import TOP, make_test_pki, marked_pids
 
 __all__ = ['ReplicationLab', 'LAB_PATHS', 'FS', 'VOL', 'SNAPDIR', 'PORT',
            'OWNER', 'APPENDER', 'read_report', 'remove_mount_point',
-           'record_writer', 'crash_during_handover']
+           'record_writer', 'ask_switch', 'stall_receive',
+           'crash_during_handover']
 
 FS = '/srv/slapgrid-fs'
 VOL = FS + '/slapgrid'
@@ -126,25 +127,48 @@ def record_writer(folder, every=0.02):
     ''') % (folder, every)
 
 
+def ask_switch(lc, service, source, target):
+    """``slaposha switch SERVICE --to TARGET --no-wait`` on ``source``,
+    again while refused: the target's published eligibility may follow its
+    own status by a moment."""
+    def asked():
+        p = lc.cli(source, 'switch', service, '--to', target, '--no-wait',
+                   check=False)
+        if p.returncode == 0:
+            return True
+        if 'may not run' in p.stderr:
+            return None
+        raise LabError('switch to %s: %s' % (target, p.stderr.strip()))
+    wait_for(asked, 20, interval=0.5,
+             what='the switch to %s accepted' % target)
+
+
+def stall_receive(lab, host, receive):
+    """Stop with SIGSTOP a receive on ``host`` (a process whose command line
+    holds ``receive``) as soon as one runs: a disk that no longer writes;
+    the transfer to it stalls. Returns its PIDs (``lab.resume``)."""
+    def stalled():
+        pids = marked_pids(lab[host], receive)
+        lab.pause(host, pids)
+        return pids
+    return wait_for(stalled, 30, interval=0.01,
+                    what='a receive on %s' % host)
+
+
 def crash_during_handover(lc, service, source, target, writer, receive):
     """A switch of ``service`` from ``source`` to ``target`` whose target
     crashes while the source hands it the data: a receive on the target
     (a process whose command line holds ``receive``, e.g.
     ``b'btrfs\\x00receive'``) is stopped with SIGSTOP as soon as one runs
     (a disk that no longer writes), so that a transfer to it is on its way;
-    the switch is asked; once the application (``writer``, a marker of its
+    (:func:`stall_receive`); the switch is asked; once the application (``writer``, a marker of its
     command line, a :func:`record_writer`) stopped on the source, the
     target crashes. Returns (the last record the writer acknowledged
     there, seconds from the crash until the service runs on the source
     again: its owner, the writer running)."""
     lab = lc.lab
-
-    def stalled():
-        pids = marked_pids(lab[target], receive)
-        lab.pause(target, pids)
-        return pids
-    wait_for(stalled, 30, interval=0.01, what='a receive on %s' % target)
-    lc.cli(source, 'switch', service, '--to', target, '--no-wait')
+    stall_receive(lab, target, receive)
+    ask_switch(lc, service, source, target)
     wait_for(lambda: not marked_pids(lab[source], writer), 20,
              interval=0.05, what='the writer stopped on %s' % source)
     with open(lab[source].path('/var/lib/slaposha/log') + '/%s.app.writer'

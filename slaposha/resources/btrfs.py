@@ -181,6 +181,7 @@ class Btrfs(DataResource):
                              self.host, keep=self.conf.keep,
                              timeout=self.conf.timeout)
         self.running = True
+        self.handover = None
         self.started = time.time()
         self.last = self.failure = None
         self.pacer = Pacer(self.sender, self.conf.interval,
@@ -233,8 +234,11 @@ class Btrfs(DataResource):
             left = max(0.0, self.conf.stop_timeout)
             self.sender.timeout = min(self.conf.timeout, left) or 0.1
             self.sender.connect_timeout = min(3.0, left) or 0.1
-            final = self.pacer.stop(deadline, last=was_running and
-                                    self.volume.exists(), lost=self.lost)
+            last = was_running and self.volume.exists()
+            final = self.pacer.stop(deadline, last=last, lost=self.lost)
+            if last:
+                self.handover = dict((p.name, final.get(p.name))
+                                     for p in self.peers)
             sent = sorted(p for p, t in final.items()
                           if not isinstance(t, ReplicationError))
             if sent:

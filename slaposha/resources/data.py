@@ -7,7 +7,7 @@ import logging
 import time
 
 from slaposha.config import Key
-from slaposha.replication import Peer
+from slaposha.replication import Peer, ReplicationError
 from slaposha.resources import UP, WARN, Resource, ResourceError, Status
 from slaposha.units import human_seconds
 
@@ -38,6 +38,9 @@ class DataResource(Resource):
         # lost (its host holds no lease): a last copy still going to it is
         # cut then, not at stop_timeout.
         self.peer_lost = None
+        # After a stop that sent a last copy: {standby: its Transfer, its
+        # ReplicationError, or None when it had no answer in time}.
+        self.handover = None
         self.running = False
         self.failure = None       # why the last cycle could not even begin
         self._thread = None
@@ -68,6 +71,19 @@ class DataResource(Resource):
             logging.getLogger(type(self).__module__).exception(
                 '%s: cannot tell whether %s is lost', self.rid, name)
             return False
+
+    def handover_problem(self, name):
+        """After ``stop``: why standby ``name`` did not get the last copy
+        (one line), or None when it did, or when there was none to send."""
+        if not self.handover or name not in self.handover:
+            return None
+        got = self.handover[name]
+        if got is None:
+            return 'no last copy within stop_timeout (%s)' % human_seconds(
+                self.conf.stop_timeout)
+        if isinstance(got, ReplicationError):
+            return got.message
+        return None
 
     def _check_configured(self):
         """Before a start: the agent gave the token and the TLS files."""

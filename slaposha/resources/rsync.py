@@ -142,6 +142,7 @@ class Rsync(DataResource):
         self._abort = threading.Event()
         self._cut = set()
         self.running = True
+        self.handover = None
         self.last, self.failure, self.cycle_seconds = {}, None, None
         self._next = time.monotonic()
 
@@ -274,10 +275,14 @@ class Rsync(DataResource):
                     self._abort_transfers()
                     self._thread.join(5)
             clean = False
-            if was_running and self.peers and not self._abort.is_set() \
-                    and time.monotonic() < deadline and self.tree.exists():
+            if was_running and self.peers and self.tree.exists():
+                self.handover = dict((p.name, None) for p in self.peers)
+            if self.handover and not self._abort.is_set() and \
+                    time.monotonic() < deadline:
                 self.last = {}
                 self._cycle('stopped')
+                self.handover = dict((p.name, self.last.get(p.name))
+                                     for p in self.peers)
                 clean = all(isinstance(self.last.get(p.name), Transfer)
                             for p in self.peers)
                 if clean:
