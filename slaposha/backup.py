@@ -443,7 +443,8 @@ def _write_stream(commands, path, timeout):
             proc.wait()
         failed = _failure(procs, errs, commands)
     except OSError as e:
-        failed = 'cannot write %s: %s' % (part, e.strerror or e)
+        failed = 'cannot write in %s: %s' % (os.path.dirname(part),
+                                             e.strerror or e)
     finally:
         timer.cancel()
         for proc in procs:

@@ -31,6 +31,7 @@ the agent's loop: a hung mount stalls the export, not the agent.
 
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -146,6 +147,8 @@ class Export(Task):
             self._reschedule()
             return
         why = run.reason or said or 'exit %s' % run.code
+        # "last export failed" says the rest: the problem line keeps the why.
+        why = re.sub(r'^export of \S+ failed, nothing kept: ', '', why)
         self.failed = (run.started, why)
         self.next_due = time.monotonic() + min(self.conf.retry,
                                                self.conf.every)
