@@ -139,7 +139,11 @@ class Export(Task):
 
     def _ended(self, run):
         if run.reason in ('killed by stop', 'killed by fence'):
-            return  # undone with the service here: its next owner exports
+            # Undone with the service here (its next owner exports), or
+            # suspended: tried again after retry once resumed.
+            self.next_due = time.monotonic() + min(self.conf.retry,
+                                                   self.conf.every)
+            return
         done, said = self._outcome_of_run()
         if run.code == 0 and done:
             self.newest = done[-1]
