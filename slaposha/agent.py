@@ -36,6 +36,7 @@ line, in its log and status (``cannot_run``).
 """
 
 import collections
+import datetime
 import json
 import logging
 import math
@@ -56,7 +57,9 @@ from slaposha.cluster.view import EtcdView
 from slaposha.cluster.watch import ClusterWatch
 from slaposha.config import ConfigError, load_services
 from slaposha.metrics import Metrics
+from slaposha.backup import BackupError
 from slaposha.replication import ReplicationError
+from slaposha.replication.diverged import copy_id
 from slaposha.resources import DOWN, NA
 from slaposha.service import Service, ServiceError
 from slaposha.watchdog import Watchdog
@@ -1068,6 +1071,189 @@ class Agent(object):
                     to, res.rid, why)
         return None
 
+    # -- a restore of the whole service (an operator's, run by the owner) --------
+
+    def _restore_deadline(self, slot, intent):
+        """When a restore must have ended (wall clock): two stops and two
+        starts after it was asked, room to undo it."""
+        at = intent.get('at')
+        if not isinstance(at, (int, float)):
+            return time.time()
+        return at + 2 * (slot.conf.stop_timeout + slot.conf.start_timeout)
+
+    def _restore_lost(self, slot, view):
+        """Why the restore asked will not be run here, or None."""
+        intent = view.restore
+        if 'unreadable' in intent:
+            return intent['unreadable']
+        if intent.get('token') != slot.token:
+            return ('%s, which was to run it with token %s, no longer owns'
+                    ' it: it runs on %s from the copy there' % (
+                        intent.get('host'), intent.get('token'), self.host))
+        if time.time() > self._restore_deadline(slot, intent):
+            return 'not done within %g s (2 x (stop_timeout +' \
+                ' start_timeout))' % (2 * (slot.conf.stop_timeout +
+                                          slot.conf.start_timeout))
+        for field in ('frozen', 'switch'):
+            if getattr(view, field):
+                return '%s by %s meanwhile' % (
+                    'frozen' if field == 'frozen' else 'a switch asked',
+                    intents.who(getattr(view, field)))
+        if (view.target or {}).get('state') == 'stopped':
+            return 'stopped by %s meanwhile' % intents.who(view.target)
+        return None
+
+    def _restore(self, slot, intent):
+        """Bring the whole service back to a snapshot, in its worker: stop
+        it, make the snapshot the live data of each btrfs resource (the data
+        before kept aside), start it. Ends done, or undone (the data before
+        back, the service started on it again), recorded in the history."""
+        from slaposha import backup
+        token = slot.token
+        deadline = self._restore_deadline(slot, intent)
+        point = intent.get('snapshot') or datetime.datetime.fromtimestamp(
+            intent.get('when') or 0, datetime.timezone.utc).isoformat()
+        chosen = []
+        for res in self._replicated(slot):
+            if res.kind != 'btrfs':
+                self._end_restore(slot, intent, 'undone', '%s keeps no'
+                                  ' snapshots: restore is for btrfs data'
+                                  ' only; nothing done' % res.rid)
+                return
+            try:
+                chosen.append((res, backup.choose(res.volume, point)[0]))
+            except BackupError as e:
+                self._end_restore(slot, intent, 'undone', '%s: %s; nothing'
+                                  ' done' % (res.rid, e))
+                return
+        names = ' '.join(snap.name for res, snap in chosen)
+        why = 'restore to %s asked by %s' % (names, intents.who(intent))
+        self.decide(slot, 'restore', 'stopping it to bring its data back to'
+                    ' %s, as %s asked (deadline in %.0f s)' % (
+                        names, intents.who(intent), deadline - time.time()))
+        may_go_on = self._may_go_on(slot)
+        conf = slot.conf
+
+        def work():
+            """(what failed or None, why, [(rid, status) still up], the
+            Restored of each volume changed and not put back)."""
+            try:
+                slot.service.stop(timeout=conf.stop_timeout)
+            except ServiceError as e:
+                with self._lock:
+                    slot.service.fence()
+                return 'stop', 'stop failed at %s (%s)' % (e.rid, e), [
+                    (rid, st) for rid, st in slot.service.status()
+                    if st.state not in (DOWN, NA)], []
+            if not may_go_on():
+                return 'lease', 'the lease or the owner key was lost', [], []
+            if time.time() + conf.stop_timeout + 2 * conf.start_timeout > \
+                    deadline:
+                return 'late', 'the stop took too long to go on within' \
+                    ' the deadline', [], []
+            done = []
+            for res, snap in chosen:
+                try:
+                    done.append(backup.restore_live(res.volume, snap, token,
+                                                    self.host, why))
+                except BackupError as e:
+                    return 'data', '%s: %s; %s' % (res.rid, e, self._undo(
+                        done, e)), [], []
+            try:
+                slot.service.start(may_go_on=may_go_on,
+                                   timeout=conf.start_timeout)
+            except ServiceError as e:
+                failed = 'it did not start on the restored data: start' \
+                    ' failed at %s: %s' % (e.rid, e)
+                return 'start', '%s; %s' % (failed, self._undo(
+                    done, failed)), [], []
+            return None, None, [], done
+        self._spawn(slot, 'restore', STARTING, work,
+                    lambda worker: self._restored(slot, worker, intent,
+                                                  names, token))
+
+    def _undo(self, done, failed):
+        """Put back the data before a restore, in each volume changed;
+        one line."""
+        from slaposha import backup
+        notes = []
+        for r in reversed(done):
+            try:
+                logger.info('%s', backup.undo_restore(
+                    r, 'restore undone: %s' % failed))
+            except BackupError as e:
+                notes.append('cannot put the data back: %s' % e)
+        return '; '.join(notes) or ('the data before is back' if done
+                                    else 'nothing changed')
+
+    def _restored(self, slot, worker, intent, names, token):
+        """The loop's part after a restore's worker."""
+        from slaposha import backup
+        if self._cancelled(slot)[0] is not None or worker.error is not None:
+            # Fenced or lost meanwhile (the next owner ends the restore),
+            # or a bug: cleaned up as a start that failed.
+            self._started(slot, worker, None, what='restore')
+            return
+        failed, why, left, done = worker.result
+        if failed is None:
+            self._started(slot, worker, None, what='restore')
+            self._end_restore(slot, intent, 'done', '; '.join(
+                'back to %s (taken %s UTC), the data before kept aside on %s'
+                ' as %s' % (r.snapshot, backup.format_time(r.created),
+                            self.host, copy_id(r.aside) if r.aside else '-')
+                for r in done), names, token)
+            return
+        if left:
+            rid, st = left[0]
+            slot.state = STOP_FAILED
+            self.decide(slot, 'refuse', '%s and %s is still %s: not'
+                        ' releasing it' % (why, rid, st.state))
+            self._check(slot)
+            self._update_fence_targets()
+        else:
+            # The next cycle starts it again, on the data it had.
+            slot.state = STOPPED
+            slot.resources = []
+        self._end_restore(slot, intent, 'undone', why, names, token)
+
+    def _end_restore(self, slot, intent, outcome, reason, snapshot=None,
+                     token=None):
+        """A restore ends: its intent goes and a record of how goes into
+        the history, in one transaction under the owner's token, only if
+        the intent is still the one ended."""
+        name = slot.service.name
+        token = token or slot.token
+        now = time.time()
+        since = intent.get('at') if isinstance(intent.get('at'),
+                                               (int, float)) else now
+        self.decide(slot, 'restore', 'the restore to %s asked by %s is %s'
+                    ' after %.1f s: %s' % (
+                        snapshot or intent.get('point'), intents.who(intent),
+                        outcome, now - since, reason))
+        if token is None:
+            return  # no longer the owner: the next one ends it
+        key = self.keys.service(name, 'restore')
+        entry = {'service': name, 'kind': 'restore', 'from': self.host,
+                 'to': str(snapshot or intent.get('point')), 'token': token,
+                 'since': since, 'running': now,
+                 'duration': round(max(0.0, now - since), 3),
+                 'by': intent.get('by'), 'reason': reason, 'outcome': outcome}
+        compare = [] if 'unreadable' in intent else [Compare.value(
+            key, '==', json.dumps(intent, sort_keys=True))]
+        try:
+            if not history.record(
+                    self.client, self.keys, slot.ownership.guard(token),
+                    entry, self.cluster.agent.history_kept, compare=compare,
+                    ops=[Op.delete(key)]):
+                logger.info('service %s: the restore changed meanwhile (or'
+                            ' we no longer own it): left as it is', name)
+        except EtcdError as e:
+            logger.warning('service %s: the restore that ended is not'
+                           ' cleared yet: %s', name, e)
+            return
+        if getattr(slot, 'view', None) is not None:
+            slot.view = slot.view._replace(restore=None)
+
     def _refused(self, slot):
         """Why the owner key was not ours to take, as one line."""
         own = slot.ownership
@@ -1170,6 +1356,13 @@ class Agent(object):
 
     def _owned(self, slot, view, alive):
         name = slot.service.name
+        if view.restore:
+            why = self._restore_lost(slot, view)
+            if why:
+                self._end_restore(slot, view.restore, 'undone', why)
+            elif slot.state == RUNNING:
+                self._restore(slot, view.restore)
+                return
         if view.frozen:
             self.decide(slot, 'frozen', 'left as it is (%s): frozen by %s'
                         % (slot.state, intents.who(view.frozen)), once=True)
@@ -1534,6 +1727,8 @@ class Agent(object):
                 return '%s: stopping%s' % (name, ' (frozen: nothing happens'
                                            ' until thawed)' if view.frozen
                                            else '')
+            if verb == 'restore':
+                return self._ask_restore(name, view, params, by, client)
             if verb in ('start', 'switch', 'takeover'):
                 to = params.get('to')
                 if verb == 'takeover' or (verb == 'start' and to is None and
@@ -1587,6 +1782,64 @@ class Agent(object):
         except EtcdError as e:
             raise ActionError('etcd: %s' % e)
         raise ActionError('unknown action %r' % verb)
+
+    def _ask_restore(self, name, view, params, by, client):
+        """Record a restore of the whole service for its owner to run: the
+        point is resolved here, when asked ("5m ago" is from now)."""
+        from slaposha.backup import BackupError, parse_time
+        from slaposha.replication.btrfs import NAME_RE as SNAPSHOT_RE
+        conf = self.confs[name]
+        point = (params.get('at') or '').strip()
+        if not point:
+            raise ActionError('restore needs a time or a snapshot name'
+                              ' (--at)')
+        kinds = [section.kind for section in conf.resources]
+        for section in conf.resources:
+            if section.kind in ('rsync', 'drbd'):
+                raise ActionError('%s: [%s] keeps no snapshots: restore'
+                                  ' --at is for btrfs data only' % (
+                                      name, section.rid))
+        if 'btrfs' not in kinds:
+            raise ActionError('%s has no [btrfs#...] resource: only btrfs'
+                              ' copies keep snapshots' % name)
+        snapshot, when = None, None
+        if SNAPSHOT_RE.match(point):
+            snapshot = point
+        else:
+            try:
+                when = parse_time(point)
+            except BackupError as e:
+                raise ActionError(str(e))
+        if view.frozen:
+            raise ActionError('%s is frozen by %s: thaw it first'
+                              % (name, intents.who(view.frozen)))
+        if view.restore:
+            raise ActionError('%s: a restore is in progress already (%s,'
+                              ' asked by %s)' % (
+                                  name, view.restore.get('point'),
+                                  intents.who(view.restore)))
+        if view.switch:
+            raise ActionError('%s: a switch to %s is in progress: restore'
+                              ' once it ended' % (name,
+                                                  view.switch.get('to')))
+        if view.owner is None:
+            raise ActionError('%s runs on no host: its owner restores it;'
+                              ' start it first' % name)
+        owner = view.owner.value
+        state = ((self.membership.alive().get(owner) or {}).get(
+            'services', {}).get(name) or {}).get('state')
+        if state != RUNNING:
+            raise ActionError('%s is not running on its owner %s (%s):'
+                              ' restore once it runs' % (
+                                  name, owner, state or 'no agent there'))
+        if not intents.set_restore(client, self.keys, name, point, when,
+                                   snapshot, owner, view.owner.create_revision,
+                                   by):
+            raise ActionError('%s: a restore is in progress already' % name)
+        return '%s: restoring on %s to %s' % (
+            name, owner, snapshot or 'the newest snapshot taken at or'
+            ' before %s UTC' % time.strftime('%Y-%m-%d %H:%M:%S',
+                                             time.gmtime(when)))
 
     # -- status -----------------------------------------------------------------
 
@@ -1653,6 +1906,9 @@ class Agent(object):
                 'operation': self._operation(conf.service, view, alive),
                 'abandoned': last.get(name) if (last.get(name) or {}).get(
                     'kind') == 'abandoned' else None,
+                'restore': view.restore,
+                'restored': last.get(name) if (last.get(name) or {}).get(
+                    'kind') == 'restore' else None,
                 'resources': (published or {}).get('resources', []),
                 'details': (published or {}).get('details', {}),
                 'facts': view.facts,
@@ -1664,7 +1920,24 @@ class Agent(object):
         return status
 
     def _operation(self, conf, view, alive):
-        """The switch in progress, with its stage and deadline, or None."""
+        """The switch or restore in progress, with its stage and deadline,
+        or None."""
+        restore = view.restore
+        if restore and 'unreadable' not in restore:
+            at = restore.get('at') if isinstance(restore.get('at'),
+                                                (int, float)) else None
+            owner = view.owner.value if view.owner else None
+            host = restore.get('host')
+            state = ((alive.get(host) or {}).get('services', {}).get(
+                view.name) or {}).get('state')
+            return {'kind': 'restore', 'to': restore.get('point'),
+                    'by': restore.get('by'), 'at': at,
+                    'stage': ('asked of %s' if state == RUNNING else
+                              'restoring on %s') % host if owner == host and
+                    view.owner.create_revision == restore.get('token') else
+                    'ending: %s no longer owns it' % host,
+                    'deadline': None if at is None else
+                    at + 2 * (conf.stop_timeout + conf.start_timeout)}
         switch = view.switch
         if not switch or not switch.get('to'):
             return None

@@ -15,6 +15,15 @@ a copy keeps its own):
   next to the live data, without stopping the service: the copy goes to a
   new folder, nothing existing is written; a copy that fails or passes its
   deadline is deleted, so it ends done or undone.
+- :func:`restore_live`: the whole volume back to a snapshot, for the
+  owner's planned restore (the agent stops the service first and starts it
+  after): the live volume is kept aside as a diverged copy (reason
+  ``restore``), a writable snapshot of the chosen one becomes the live
+  volume, and a read-only snapshot of it under the owner's token, newer
+  than every other, is what the standbys receive next (incrementally from
+  the newest snapshot they share: ``btrfs send -p`` needs no ancestry).
+  The snapshots taken before stay as they were, restorable in turn.
+  :func:`undo_restore` puts the previous live volume back.
 - :func:`export`: a snapshot written to a file as a compressed ``btrfs
   send`` stream (zstd, or gzip where zstd is missing), incremental against
   the previous export in the same folder when asked, with its SHA-256
@@ -44,15 +53,16 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections import namedtuple
 
 from slaposha.replication import ReplicationError
 from slaposha.replication.btrfs import NAME_RE, Volume, snapshot_name
 from slaposha.replication.retention import Retention
 
 __all__ = ['BackupError', 'volumes_of', 'listing', 'choose', 'parse_time',
-           'restore_path', 'format_time', 'export', 'import_export',
-           'exports_in', 'prune_exports', 'trees_of', 'export_tree',
-           'import_tree']
+           'restore_path', 'restore_live', 'undo_restore', 'Restored',
+           'format_time', 'export', 'import_export', 'exports_in',
+           'prune_exports', 'trees_of', 'export_tree', 'import_tree']
 
 
 class BackupError(Exception):
@@ -147,15 +157,21 @@ def parse_time(text, now=None):
     m = _AGO_RE.match(text)
     if m:
         now = time.time() if now is None else now
-        return now - float(m.group(1)) * _AGO_UNITS[m.group(2)]
-    try:
-        when = datetime.datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise BackupError('--at %s: expected a snapshot name, a time such as'
-                          ' "2026-12-04 12:30" (UTC) or "5m ago"' % text)
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.timezone.utc)
-    return when.timestamp()
+        when = now - float(m.group(1)) * _AGO_UNITS[m.group(2)]
+    else:
+        try:
+            when = datetime.datetime.fromisoformat(text.strip())
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=datetime.timezone.utc)
+            when = when.timestamp()
+        except (ValueError, OverflowError):
+            raise BackupError('--at %s: expected a snapshot name, a time such'
+                              ' as "2026-12-04 12:30" (UTC) or "5m ago"'
+                              % text)
+    if not 0 <= when < 1e11:
+        raise BackupError('--at %s: not a time snapshots can have been taken'
+                          ' at' % text)
+    return when
 
 
 def choose(volume, at, now=None):
@@ -245,6 +261,116 @@ def _undo(path):
             os.unlink(path)
         except OSError:
             pass
+
+
+# -- the whole volume back to a snapshot ----------------------------------------
+
+# What restore_live did: the snapshot restored and when it was taken, the
+# snapshot the new live volume starts (``live``), the previous live volume
+# kept aside (``aside``, its path; None when there was none) and the
+# snapshot that one followed (``before``).
+Restored = namedtuple('Restored', 'volume snapshot created live aside before')
+
+
+def restore_live(volume, snap, token, host, reason):
+    """Make snapshot ``snap`` the live volume of ``volume`` as the owner of
+    epoch ``token``; the service must not run here. The live volume is kept
+    aside (``reason``, e.g. ``restore to 000012-5 asked by ...``), never
+    deleted. Returns a Restored; BackupError (one line) when it cannot be
+    done, everything as it was."""
+    try:
+        with volume._locked() as state:
+            if volume._alive(state['active']):
+                raise BackupError('%s: the service runs here (token %d):'
+                                  ' it must be stopped first' % (
+                                      volume.path, state['active']['token']))
+            if token < state['token']:
+                raise BackupError('%s: token %d is stale: a newer owner'
+                                  ' (token %d) wrote here' % (
+                                      volume.path, token, state['token']))
+            if volume.get(snap.name) is None:
+                raise BackupError('%s: snapshot %s is no longer here' % (
+                    volume.path, snap.name))
+            before, aside = state['live'], None
+            if volume.exists():
+                base = volume.get(before) if before else None
+                volume._set_aside(state, volume.path, 'volume', reason,
+                                  base.token if base else None)
+                aside = state['diverged'][-1]['path']
+            try:
+                volume._run(['subvolume', 'snapshot', snap.path, volume.path],
+                            'cannot make %s the live volume' % snap.name)
+                seq = max([state['seq']] + [s.seq for s in
+                                            volume.snapshots()]) + 1
+                name = snapshot_name(seq, token)
+                volume._write_meta(name, {
+                    'created': volume.clock(), 'token': token, 'host': host,
+                    'restored': snap.name})
+                volume._run(['subvolume', 'snapshot', '-r', volume.path,
+                             os.path.join(volume.snapdir, name)],
+                            'cannot take snapshot %s' % name)
+            except ReplicationError as e:
+                _put_back(volume, state, aside, before, None)
+                raise BackupError('restore of %s to %s failed, undone: %s' % (
+                    volume.path, snap.name, e.message))
+            state['seq'], state['live'] = seq, name
+    except ReplicationError as e:
+        raise BackupError(str(e))
+    return Restored(volume, snap.name, volume.meta(snap.name).get('created'),
+                    name, aside, before)
+
+
+def undo_restore(restored, reason):
+    """Put back the live volume that :func:`restore_live` kept aside (the
+    service must not run here): the restored volume is kept aside in turn
+    if it was written since (``reason``), else deleted, with the snapshots
+    taken of it. Returns one line; BackupError when it cannot."""
+    volume = restored.volume
+    try:
+        with volume._locked() as state:
+            if volume._alive(state['active']):
+                raise BackupError('%s: the service runs here: it must be'
+                                  ' stopped first' % volume.path)
+            live = volume.get(restored.live)
+            note = 'deleted the restored volume'
+            if volume.exists():
+                try:
+                    changed = live is None or volume.changed_since(live)
+                except ReplicationError:
+                    changed = True   # unknown: keeping it is always safe
+                if changed:
+                    note = volume._set_aside(state, volume.path, 'volume',
+                                             reason, live and live.token)
+            _put_back(volume, state, restored.aside, restored.before,
+                      live)
+    except ReplicationError as e:
+        raise BackupError(str(e))
+    return '%s back as it was before the restore to %s; %s' % (
+        volume.path, restored.snapshot, note)
+
+
+def _put_back(volume, state, aside, before, live):
+    """The live volume ``aside`` back in place (the one there, unless kept
+    aside, deleted first), following ``before`` again; the snapshots of
+    the restored lineage (``live`` and newer) deleted."""
+    if volume.exists():
+        volume._delete_subvolume(volume.path, 'cannot delete the restored'
+                                 ' volume')
+    if live is not None:
+        for snap in volume.snapshots():
+            if snap.key >= live.key:
+                volume._delete_subvolume(snap.path, 'cannot delete snapshot'
+                                         ' %s' % snap.name)
+                volume._drop_meta(snap.name)
+    if aside is not None:
+        try:
+            os.rename(aside, volume.path)
+        except OSError as e:
+            raise volume.error('cannot put %s back in place: %s' % (
+                aside, e.strerror or e))
+        state['diverged'] = [d for d in state['diverged']
+                             if d['path'] != aside]
+    state['live'] = before
 
 
 # -- export and import ---------------------------------------------------------

@@ -23,6 +23,11 @@ host when the service failed to start there), with ``"kind": "abandoned"``,
 ``"kind": "failed"``, ``"to"`` that host, ``"since"`` when the start began,
 ``"running"`` when it ended and ``"reason"`` why.
 
+A restore of the whole service to a snapshot is kept by the owner that
+ends it, with ``"kind": "restore"``, ``"from"`` that host, ``"to"`` the
+snapshot (or the point asked when none was chosen), ``"outcome"``
+``done`` or ``undone`` and ``"reason"`` what was done or why not.
+
 ``since`` (wall clock) is, for a switch, when the operator asked for it
 (the switch intent's time); for a takeover, the last time the new owner's
 agent read the owner key still held by the previous owner, which is at most
@@ -43,7 +48,8 @@ __all__ = ['record', 'read', 'prefix']
 # What a record holds (inputs.check_fields); another is not shown.
 FIELDS = {'service': str, 'kind': str, 'from': (str, None), 'to': str,
           'token': int, 'since': NUMBER, 'running': NUMBER,
-          'duration': NUMBER, 'by': (str, None), 'reason': (str, None)}
+          'duration': NUMBER, 'by': (str, None), 'reason': (str, None),
+          'outcome': (str, None)}
 
 
 def prefix(keys, service=None):
@@ -59,6 +65,8 @@ def record(client, keys, guard, entry, kept, compare=(), ops=()):
     key = prefix(keys, service) + '%020d' % entry['token']
     if entry['kind'] in ('abandoned', 'failed'):
         key += '-' + entry['kind']   # beside the start of the same owner
+    elif entry['kind'] == 'restore':   # one owner may restore many times
+        key += '-restore-%015d' % int(entry['running'] * 1000)
     result = client.txn(compare=list(guard) + list(compare),
                         success=[Op.put(key, json.dumps(
                             entry, sort_keys=True))] + list(ops))

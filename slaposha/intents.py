@@ -10,7 +10,12 @@ Keys under ``services/<name>/`` (see :mod:`slaposha.cluster.lease`):
 - ``target``: ``{"state": "started" | "stopped", "host": ...}``: an
   operator's start (optionally on a host) or stop;
 - ``switch``: ``{"to": host}``: a planned move, cleared by the new owner
-  once the service runs there.
+  once the service runs there;
+- ``restore``: ``{"point": "5m ago", "when": time, "snapshot": name,
+  "host": owner, "token": its token}``: the whole service back to a
+  snapshot (the newest taken at or before ``when``, or the one named), run
+  by that owner and cleared by whichever owner ends it, done or undone
+  (the history says which).
 
 Intents are JSON objects that say who set them and when, so that status can
 tell why the agents do what they do. They are an operator's, not an
@@ -21,7 +26,7 @@ import json
 import time
 from collections import namedtuple
 
-from slaposha.cluster.etcd import Op
+from slaposha.cluster.etcd import Compare, Op
 from slaposha.inputs import MAX_VALUE, NUMBER, InputError, check_fields, loads
 
 __all__ = ['View', 'read', 'views', 'set_frozen', 'set_target', 'set_switch',
@@ -29,14 +34,15 @@ __all__ = ['View', 'read', 'views', 'set_frozen', 'set_target', 'set_switch',
 
 
 class View(namedtuple('View',
-                      'name owner state frozen target switch facts')):
+                      'name owner state frozen target switch facts'
+                      ' restore')):
     """Everything etcd holds about one service. ``owner`` is the KeyValue of
     the owner key (or None); the others are decoded JSON (or None)."""
 
     def __new__(cls, name, owner=None, state=None, frozen=None, target=None,
-                switch=None, facts=None):
+                switch=None, facts=None, restore=None):
         return super().__new__(cls, name, owner, state, frozen, target,
-                               switch, facts)
+                               switch, facts, restore)
 
 
 # What the agents read of each intent (inputs.check_fields). One that is
@@ -47,6 +53,8 @@ FIELDS = {
     'frozen': _WHO,
     'target': dict(_WHO, state=str, host=(str, None)),
     'switch': dict(_WHO, to=str, force=(bool, None)),
+    'restore': dict(_WHO, point=str, when=NUMBER + (None,),
+                    snapshot=(str, None), host=str, token=int),
 }
 
 
@@ -108,6 +116,19 @@ def set_switch(client, keys, name, to, by, force=False):
     if force:
         values['force'] = True
     client.put(keys.service(name, 'switch'), _intent(by, **values))
+
+
+def set_restore(client, keys, name, point, when, snapshot, host, token,
+                by):
+    """Ask the owner ``host`` (epoch ``token``) to bring the service back
+    to a snapshot; only if no restore is asked yet (False otherwise)."""
+    key = keys.service(name, 'restore')
+    result = client.txn(
+        compare=[Compare.version(key, '==', 0)],
+        success=[Op.put(key, _intent(by, point=point, when=when,
+                                     snapshot=snapshot, host=host,
+                                     token=token))])
+    return result.succeeded
 
 
 def clear(client, keys, name, field):

@@ -44,7 +44,9 @@ def test_bad_input_is_one_line(slaposha_cmd, tmp_path):
     for args, what in [
             (['snapshots', str(tmp_path / 'none.cfg')], 'no such service'),
             (['snapshots', str(web)], 'has no [btrfs#...] resource'),
-            (['restore', str(web), '--at', '5m ago'], 'give --path P and'),
+            (['restore', str(web), '--at', '5m ago'], 'name a service of the'),
+            (['restore', str(web), '--at', '5m ago', '--to', 'x'],
+             'give both --path P and --to DIR'),
             (['restore', str(web), '--at', '5m ago', '--path', 'p', '--to',
               str(tmp_path / 'x')], 'has no [btrfs#...] resource')]:
         code, out, err = cli(slaposha_cmd, *args)

@@ -9,7 +9,8 @@ Routes (JSON in, JSON out):
 - ``GET /history``: the takeovers and switches kept in etcd
   (:mod:`slaposha.history`);
 - ``POST /services/<name>/<action>``: start, stop, switch, takeover,
-  freeze, thaw; body ``{"to": host}`` for switch and start.
+  freeze, thaw, restore; body ``{"to": host}`` for switch and start,
+  ``{"at": time or snapshot}`` for restore.
 
 Errors are ``{"error": "<one line>"}`` with a 4xx status; the agent never
 stops on a bad request.
@@ -22,8 +23,10 @@ from slaposha.inputs import InputError, cut, loads, one_line
 
 __all__ = ['dispatch', 'ACTIONS', 'MAX_BODY']
 
-ACTIONS = ('start', 'stop', 'switch', 'takeover', 'freeze', 'thaw')
-ACTION_FIELDS = {'to': str, 'by': str, 'force': bool}
+ACTIONS = ('start', 'stop', 'switch', 'takeover', 'freeze', 'thaw',
+           'restore')
+ACTION_FIELDS = {'to': str, 'by': str, 'force': bool, 'at': str}
+MAX_AT = 64     # characters of a restore's time or snapshot name
 # Who a relay (the portal) acts for: a name the history shows after the
 # relay's own (the HTTPS API's 'for'); never trusted for permissions.
 ON_BEHALF = re.compile(r'^[A-Za-z0-9_.@ -]{1,64}$')
@@ -64,6 +67,11 @@ def _body(raw, fields=ACTION_FIELDS):
     if to is not None and not NAME_RE.fullmatch(to):
         raise ApiError(400, 'field \'to\' must be a host name (got %s)'
                        % cut(to))
+    at = body.get('at')
+    if at is not None and (len(at) > MAX_AT or not at.isprintable()):
+        raise ApiError(400, 'field \'at\' must be a time or a snapshot'
+                       ' name, printable, at most %d characters (got %s)'
+                       % (MAX_AT, cut(at)))
     if by is not None and (len(by) > MAX_BY or not by.isprintable()):
         raise ApiError(400, 'field \'by\' must be printable, at most %d'
                        ' characters (got %s)' % (MAX_BY, cut(by)))

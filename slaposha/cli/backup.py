@@ -98,9 +98,11 @@ def snapshots(args):
     return 0
 
 
-@command('restore', 'restore a folder (a partition) of a service\'s btrfs'
-         ' data from a snapshot this host keeps, into a new folder next to'
-         ' the live data, without stopping the service', [
+@command('restore', 'bring a whole service back to a snapshot (a planned'
+         ' operation of its owner: stop, the data before kept aside, start),'
+         ' or, with --path and --to, restore one folder (a partition) from a'
+         ' snapshot this host keeps into a new folder next to the live data,'
+         ' without stopping the service', [
              (('service',), dict(help='service name or service file')),
              (('--at',), dict(required=True, metavar='TIME|SNAPSHOT',
                               help='a snapshot name, or the newest snapshot'
@@ -112,15 +114,26 @@ def snapshots(args):
                                 ' it)')),
              (('--to',), dict(metavar='DIR',
                               help='where the copy goes; must not exist')),
-             _timeout('copy'),
+             (('--yes',), dict(action='store_true',
+                               help='the whole service: do not ask for'
+                               ' confirmation')),
+             (('--no-wait',), dict(action='store_true',
+                                   help='the whole service: return once the'
+                                   ' request is recorded')),
+             (('--timeout',), dict(type=float, default=None, help='seconds'
+                                   ' the copy may take (default 3600; past'
+                                   ' them it is undone), or to wait for the'
+                                   ' whole service\'s restore (default'
+                                   ' 300)')),
          ])
 def restore(args):
     from slaposha.backup import (
         BackupError, choose, format_time, restore_path)
+    if not args.path and not args.to:
+        return _restore_service(args)
     if not args.path or not args.to:
-        raise UserError('restore: give --path P and --to DIR (the whole'
-                        ' service back to a snapshot, --at alone, is not'
-                        ' available yet)')
+        raise UserError('restore: give both --path P and --to DIR (one'
+                        ' folder), or neither (the whole service)')
     volumes = _volumes(args)
     path = args.path
     volume = volumes[0]
@@ -131,14 +144,65 @@ def restore(args):
                 break
     try:
         snap, created = choose(volume, args.at)
-        to, files, size, seconds = restore_path(volume, snap, path, args.to,
-                                                timeout=args.timeout)
+        to, files, size, seconds = restore_path(
+            volume, snap, path, args.to, timeout=args.timeout or 3600.0)
     except BackupError as e:
         raise UserError(str(e))
     print('restored %s as of snapshot %s (taken %s UTC) to %s: %d file(s),'
           ' %s in %s' % (path, snap.name, format_time(created), to, files,
                          human_bytes(size), human_seconds(seconds)))
     return 0
+
+
+def _restore_service(args):
+    """The whole service back to a snapshot, by its owner through the
+    agents (this host's, or --api): asked, then waited for like a switch."""
+    import sys
+    import time
+    main = main_module()
+    if os.sep in args.service or args.service.endswith('.cfg'):
+        raise UserError('restore %s: name a service of the cluster (its'
+                        ' owner restores it), not a file' % args.service)
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise UserError('restore %s: confirm with --yes (no terminal to'
+                            ' ask on)' % args.service)
+        answer = input('restore %s to %s: it stops, its data now is kept'
+                       ' aside on its owner, and it starts again from the'
+                       ' snapshot. Go on? [y/N] ' % (args.service, args.at))
+        if answer.strip().lower() not in ('y', 'yes'):
+            print('nothing done')
+            return 1
+    began, asked = time.monotonic(), time.time()
+    answer = main._agent_call(args, 'POST', '/services/%s/restore'
+                              % args.service, {'at': args.at})
+    print(answer['message'])
+    if args.no_wait:
+        return 0
+    timeout = 300.0 if args.timeout is None else args.timeout
+    while True:
+        status = main._agent_call(args, 'GET', '/status')
+        svc = (status.get('services') or {}).get(args.service) or {}
+        ended = svc.get('restored')
+        if not svc.get('restore') and ended and \
+                (ended.get('since') or 0) >= asked - 1:
+            if ended.get('outcome') == 'done':
+                print('%s: restored on %s after %.2f s: %s' % (
+                    args.service, ended.get('from'),
+                    time.monotonic() - began, ended.get('reason')))
+                return 0
+            raise UserError('%s: the restore was undone after %.1f s: %s;'
+                            ' %s' % (args.service, ended.get('duration') or 0,
+                                     ended.get('reason'),
+                                     'runs on %s' % svc['owner']
+                                     if svc.get('owner') else
+                                     'runs on no host yet'))
+        if time.monotonic() - began > timeout:
+            op = svc.get('operation') or {}
+            raise UserError('%s: the restore did not end within %gs%s' % (
+                args.service, timeout, ': %s' % op['stage']
+                if op.get('stage') else ''))
+        time.sleep(0.2)
 
 
 @command('export', 'write a snapshot of a service\'s btrfs data to a file:'

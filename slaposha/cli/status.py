@@ -102,6 +102,11 @@ def problems(status, etcd=True):
             found.append('%s: switch to %s in progress%s' % (
                 name, svc['switch'].get('to'), ': %s' % stage if stage
                 else ''))
+        if svc.get('restore'):
+            stage = (svc.get('operation') or {}).get('stage')
+            found.append('%s: restore to %s in progress%s' % (
+                name, svc['restore'].get('point'), ': %s' % stage if stage
+                else ''))
         for host in svc.get('hosts') or ():
             h = hosts.get(host) or {}
             if host == owner or not h.get('alive'):
@@ -236,6 +241,22 @@ def render(status, only=None):
                 text = '%s: %s' % (key, intent['unreadable'])
             if text:
                 lines.append('  ! %s' % text)
+        restore = svc.get('restore')
+        if restore:
+            op = svc.get('operation') or {}
+            lines.append('  ! restore to %s requested by %s%s%s' % (
+                restore.get('point'), restore.get('by'),
+                ': %s' % op['stage'] if op.get('stage') else '',
+                ', deadline %s' % time.strftime('%H:%M:%S', time.localtime(
+                    op['deadline'])) if isinstance(op.get('deadline'), (
+                        int, float)) else ''))
+        ended = svc.get('restored')
+        if ended and not restore:
+            lines.append('  %s restore to %s %s at %s after %.1f s: %s' % (
+                '!' if ended.get('outcome') != 'done' else ' ',
+                ended.get('to'), ended.get('outcome'), time.strftime(
+                    '%H:%M:%S', time.localtime(ended.get('running') or 0)),
+                ended.get('duration') or 0, ended.get('reason')))
         gone = svc.get('abandoned')
         if gone and not svc.get('switch'):
             lines.append('  ! switch to %s abandoned at %s after %.1f s: %s'
