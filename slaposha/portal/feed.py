@@ -295,13 +295,17 @@ class ClusterFeed(object):
                 order.append(url)
         return order
 
-    def act(self, service, verb, to=None, force=False, behalf=None):
+    def act(self, service, verb, to=None, force=False, behalf=None,
+            at=None):
         """(url, the agent's one-line message) of an action; raises
         ApiRefused when the agent refuses it, ApiUnreachable when none
         answers. A takeover goes to the agent of ``to`` (agents take a
         service over to themselves). ``behalf``: the portal's user, whom
-        the cluster's history names after the portal's certificate."""
+        the cluster's history names after the portal's certificate;
+        ``at``: a restore's time or snapshot."""
         body = {'force': True} if force else {}
+        if at:
+            body['at'] = at
         if behalf:
             body['for'] = re.sub(r'[^A-Za-z0-9_.@ -]', '-', behalf)[:64]
         if verb == 'takeover':

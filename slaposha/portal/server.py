@@ -51,7 +51,7 @@ PAGE_PATH = os.path.join(HERE, 'page.html')
 
 # An action's body: where to, past the eligibility checks, and the token the
 # operator saw when confirming (refused when the service moved since).
-ACTION_FIELDS = {'to': str, 'force': bool, 'token': int}
+ACTION_FIELDS = {'to': str, 'force': bool, 'token': int, 'at': str}
 FILTER_KEYS = ('cluster', 'site', 'state')
 EVENTS_MIN_INTERVAL = 0.2   # a burst of news makes one event
 DECISIONS_SHOWN = 100
@@ -419,7 +419,7 @@ class Portal(object):
                                   ' to %s' % to if to else '')
         try:
             url, message = feed.act(name, verb, to, bool(body.get('force')),
-                                    behalf=who.name)
+                                    behalf=who.name, at=body.get('at'))
         except ApiRefused as e:
             logger.info('portal: %s: %s: refused: %s', who, what, e.message)
             status = e.status if e.status in (400, 404, 409) else 502
