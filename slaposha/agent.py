@@ -591,11 +591,19 @@ class Agent(object):
                 lease.renewals > self._renewals:
             self._renewals = lease.renewals
             self.metrics.renewed(lease.latency)
+        # An agent that is stuck cannot suspend its services at the
+        # deadline: the watchdog kills them halfway between it and the
+        # kill deadline, keeping most of fence_margin for the kill (the
+        # agent's own suspension, at the deadline, comes first and arms it
+        # with the kill deadline: it is alive).
+        lease_conf = self.cluster.lease
+        self._arm_watchdog(kill_deadline - max(
+            0.0, lease_conf.fence_margin - lease_conf.kill_margin) / 2)
+
+    def _arm_watchdog(self, deadline):
         cgroups, addresses = self._fence_targets
         if self.watchdog is not None:
-            # The kill deadline: before etcd can expire the lease. The
-            # agent itself suspends the services at the deadline before.
-            self.watchdog.arm(kill_deadline, cgroups, addresses)
+            self.watchdog.arm(deadline, cgroups, addresses)
 
     def _on_suspended(self, reason):
         # In the renewal thread, at the deadline: a running service is
@@ -618,6 +626,11 @@ class Agent(object):
                     slot.fenced = True
                     logger.warning('service %s: fence: %s (it was not'
                                    ' running)', slot.service.name, reason)
+            # Frozen, addresses gone: the watchdog kills them at the kill
+            # deadline if no renewal resumes them (or if the agent sticks).
+            lease = self.lease
+            if lease is not None and lease.kill_deadline is not None:
+                self._arm_watchdog(lease.kill_deadline)
         self.write_status()  # the loop may be waiting for etcd meanwhile
 
     def _on_resumed(self, late):
@@ -659,8 +672,11 @@ class Agent(object):
         if (cgroups, addresses) == self._fence_targets:
             return
         self._fence_targets = (cgroups, addresses)
-        if self.lease is not None and self.lease.valid:
-            self._on_renewed(self.lease.kill_deadline)
+        lease = self.lease
+        if lease is not None and lease.valid:
+            self._on_renewed(lease.kill_deadline)
+        elif lease is not None and lease.state() == SUSPENDED:
+            self._arm_watchdog(lease.kill_deadline)
 
     def _etcd_down(self, problem):
         if problem != self.etcd_problem:

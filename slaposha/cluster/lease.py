@@ -76,7 +76,8 @@ class HostLease(object):
     and its kill deadline.
 
     ``on_renewed(kill_deadline)`` is called after each good renewal (the
-    agent pets its watchdog there, to kill at the kill deadline);
+    agent pets its watchdog there: to kill halfway between the deadline
+    and the kill deadline, or at the kill deadline once suspended);
     ``on_suspended(reason)`` when the deadline passed without a renewal,
     ``on_resumed(seconds)`` when a renewal is answered before the kill
     deadline after it;
