@@ -170,11 +170,23 @@ def test_restore_at_a_time_under_a_writer_keeps_the_rest_aside(make_lab):
                          founds(lab, 'hA')[-1], 30, interval=0.2,
                          what='the writer started again on hA')
         assert len(founds(lab, 'hA')) == 2, founds(lab, 'hA')
-        before = [n for word, n, t in writer_log(lab, 'hA')
-                  if word == 'ack' and t <= at - 1.5]
-        at_t = [n for word, n, t in writer_log(lab, 'hA')
-                if word == 'ack' and t <= at]
-        assert max(before) <= found <= max(at_t) + 1, (found, max(at_t))
+        # The snapshot restored is the newest taken at or before T: every
+        # record acknowledged before it was taken is there, and only those
+        # written while it was taken (btrfs snapshot: a few ms) besides.
+        taken = json.loads(lab['hA'].run(['cat', '%s/.meta/%s.json' % (
+            SNAPDIR, snapshot.group(1))]).stdout)['created']
+        assert taken <= at
+        later = [json.loads(lab['hA'].run(['cat', meta]).stdout)['created']
+                 for meta in lab['hA'].run(
+                     ['sh', '-c', 'ls %s/.meta/*.json' % SNAPDIR]).stdout
+                 .split()]
+        assert not [t for t in later if taken < t <= at], (taken, at)
+        kept = [n for word, n, t in writer_log(lab, 'hA')
+                if word == 'ack' and t < taken]
+        soon = [n for word, n, t in writer_log(lab, 'hA')
+                if word == 'ack' and t < taken + 0.5]
+        assert max(kept or [0]) <= found <= max(soon or [0]) + 1, (
+            found, kept[-1:], soon[-1:])
         wait_for(lambda: len(records(lab, 'hA')) > found + 20, 20,
                  what='the writer appending on the restored data')
         live = records(lab, 'hA')
