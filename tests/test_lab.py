@@ -244,3 +244,58 @@ def test_demo_runs_and_leaves_nothing():
     assert 'comp-lab   up       on hB' in p.stdout
     lab_id = p.stdout.split('lab ', 1)[1].split(':', 1)[0]
     assert leftovers(lab_id) == {}
+
+
+def test_observer_counts_only_what_ran_at_one_instant(make_lab):
+    """The safety tests' observer: two hosts running the service at once
+    is an overlap; a hand-over that happens between its looks at two hosts
+    (hA's process ended, then hB's started) is not."""
+    from slaposha.lab.cluster import Observer, check_no_overlap
+    lab = make_lab(['hA', 'hB'])
+    marker = str(86400 + int(lab.id, 16))
+    procs = []
+
+    def run(host):
+        proc = lab[host].spawn(['sleep', marker], name='marked')
+        procs.append(proc)
+        wait_for(lambda: Observer(lab, marker).running_on(lab[host]), 5,
+                 what='the marked process on %s' % host)
+        return proc
+
+    try:
+        # Both at once: counted.
+        run('hA')
+        run('hB')
+        observer = Observer(lab, marker, hosts=['hA', 'hB']).start()
+        wait_for(lambda: observer.samples > 3, 5, what='a few samples')
+        observer.stop()
+        assert observer.overlaps and observer.overlaps[0][1] == ['hA', 'hB']
+        with pytest.raises(LabError, match='ran on hA and hB at once'):
+            check_no_overlap(observer)
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        del procs[:]
+        # One after the other, between the looks at hA and at hB.
+        first = run('hA')
+        observer = Observer(lab, marker, hosts=['hA', 'hB'])
+        look, moved = observer._look, []
+
+        def hand_over_after_looking_at_ha(host):
+            found = look(host)
+            if host.name == 'hA' and found and not moved:
+                first.kill()
+                first.wait()
+                moved.append(run('hB'))
+            return found
+
+        observer._look = hand_over_after_looking_at_ha
+        observer.start()
+        wait_for(lambda: observer.samples > 5, 5, what='a few samples')
+        observer.stop()
+        assert observer.first.keys() == {'hA', 'hB'}
+        assert observer.overlaps == []
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()

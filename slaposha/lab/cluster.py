@@ -308,6 +308,13 @@ class Observer(object):
     default: a process whose command line contains ``marker``), and keeps
     the moments each host was first and last seen with it, and whether two
     hosts ever had it at once.
+
+    The hosts are looked at one after the other: seeing it on hA, then on
+    hB a moment later, does not prove both ran it at one instant (hA's may
+    have ended in between, and hB started after). An overlap is counted
+    when the hosts seen before the last one still have it after it was
+    seen there (with the default probe, the same processes: they ran
+    during the whole look, so at the moment the last host was seen).
     """
 
     def __init__(self, lab, marker=None, interval=0.02, probe=None,
@@ -327,6 +334,13 @@ class Observer(object):
     def running_on(self, host):
         return bool(marked_pids(host, self.marker))
 
+    def _look(self, host):
+        """What the probe finds on ``host``: its processes with the
+        default probe, else whether the probe says yes."""
+        if self.probe == self.running_on:
+            return set(marked_pids(host, self.marker))
+        return bool(self.probe(host))
+
     def _watched(self):
         return [h for h in self.lab if self.hosts is None or
                 h.name in self.hosts]
@@ -334,14 +348,25 @@ class Observer(object):
     def _run(self):
         while not self._stop.is_set():
             now = time.monotonic()
-            where = [h.name for h in self._watched() if self.probe(h)]
-            for name in where:
-                self.first.setdefault(name, now)
-                self.last[name] = now
-            if len(where) > 1:
-                self.overlaps.append((now, where))
+            seen = [(h, found) for h, found in
+                    ((h, self._look(h)) for h in self._watched()) if found]
+            for host, _ in seen:
+                self.first.setdefault(host.name, now)
+                self.last[host.name] = now
+            if len(seen) > 1:
+                # Still there after the last one was seen: both at once.
+                still = [host.name for host, found in seen[:-1]
+                         if self._still(host, found)]
+                if still:
+                    self.overlaps.append((now, still + [seen[-1][0].name]))
             self.samples += 1
             self._stop.wait(self.interval)
+
+    def _still(self, host, found):
+        again = self._look(host)
+        if isinstance(found, set):
+            return bool(found & again)
+        return again
 
     def start(self):
         self._thread.start()
