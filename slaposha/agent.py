@@ -176,6 +176,12 @@ class ServiceSlot(object):
         self.diverged = []         # the diverged copies kept on this host
         self.next_diverged = 0.0
 
+    def forget_key(self):
+        """The owner key is not ours (any more), or goes with the lease:
+        its token is forgotten here."""
+        self.ownership.forget()
+        self.token = None
+
 
 class Agent(object):
 
@@ -802,8 +808,7 @@ class Agent(object):
                                 ' fenced, cleaning up once its %s ended' % (
                                     reason, slot.worker.what))
                     slot.fenced = True
-                    slot.ownership.forget()
-                    slot.token = None
+                    slot.forget_key()
                 continue
             if slot.state != STOPPED or slot.token or slot.fenced:
                 self.decide(slot, 'stop', 'lease lost (%s): services'
@@ -1459,8 +1464,7 @@ class Agent(object):
             slot.fenced = True
             with self._lock:
                 slot.service.fence()
-            slot.ownership.forget()
-            slot.token = None
+            slot.forget_key()
             return
         target = getattr(slot, 'view', None) and slot.view.target or {}
         if slot.token and target.get('state') == 'stopped' and \
@@ -1640,8 +1644,7 @@ class Agent(object):
         stop_timeout. Without ``release``, the owner key is not ours any
         more (or goes with the lost lease): forgotten at once."""
         if not release:
-            slot.ownership.forget()
-            slot.token = None
+            slot.forget_key()
         self._spawn(slot, 'stop', STOPPING, lambda: self._stop_work(slot),
                     lambda worker: self._stopped(slot, worker, release,
                                                  lease_lost))
@@ -1710,8 +1713,7 @@ class Agent(object):
                 logger.warning('service %s: could not release the owner key'
                                ' (%s); it expires with the lease',
                                slot.service.name, e)
-        slot.ownership.forget()
-        slot.token = None
+        slot.forget_key()
         self._update_fence_targets()
 
     # -- operator actions (from the API) -----------------------------------------

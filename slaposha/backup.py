@@ -726,6 +726,20 @@ def _checked(path, timeout, form):
     return meta, path
 
 
+def _receive_lock(store, path, what, where):
+    """The lock a btrfs volume or an rsync tree holds while something comes
+    in (a file descriptor to close); BackupError, naming ``path``, when
+    another stream holds it or it cannot be taken."""
+    try:
+        lock = store._receiving()
+    except (ReplicationError, OSError) as e:
+        raise BackupError(str(e))
+    if lock is None:
+        raise BackupError('%s: %s is being received into %s; try again'
+                          % (path, what, where))
+    return lock
+
+
 def import_export(volume, path, timeout=3600):
     """Check ``path`` against its .sha256 and receive it among the
     snapshots of ``volume`` on this host. Returns (its description, one
@@ -743,13 +757,7 @@ def import_export(volume, path, timeout=3600):
         raise BackupError('%s is incremental after %s, which this host does'
                           ' not have: import that export first' % (
                               path, parent))
-    try:
-        lock = volume._receiving()
-    except (ReplicationError, OSError) as e:
-        raise BackupError(str(e))
-    if lock is None:
-        raise BackupError('%s: a stream is being received into %s; try'
-                          ' again' % (path, volume.snapdir))
+    lock = _receive_lock(volume, path, 'a stream', volume.snapdir)
     try:
         commands = [_COMPRESS[comp][1] + [path],
                     ['btrfs', 'receive', '-q', volume.snapdir]]
@@ -862,10 +870,7 @@ def export_tree(tree, to, label, timeout=3600):
                         tree.path, p.stdout.strip()[-200:]))
                 source, mode = snapshot, 'snapshot'
         else:
-            lock = tree._receiving()
-            if lock is None:
-                raise BackupError('%s: a copy is being received; try again'
-                                  % tree.store)
+            lock = _receive_lock(tree, tree.path, 'a copy', tree.store)
             name, record = tree.newest()
             if record is None:
                 raise BackupError('%s: no complete copy here' % tree.path)
@@ -954,13 +959,7 @@ def import_tree(tree, path, timeout=3600):
     from slaposha.replication.rsync import _syncfs
     started = time.monotonic()
     meta, path = _checked(path, timeout, 'tar')
-    try:
-        lock = tree._receiving()
-    except (ReplicationError, OSError) as e:
-        raise BackupError(str(e))
-    if lock is None:
-        raise BackupError('%s: a copy is being received into %s; try again'
-                          % (path, tree.store))
+    lock = _receive_lock(tree, path, 'a copy', tree.store)
     try:
         staging = _import_staging(tree, path)
         # What a cut transfer left there goes first: the archive is the

@@ -266,10 +266,7 @@ class Service(object):
         start under way is cancelled for good."""
         self.cancel.set()
         for res in reversed(self.resources):
-            try:
-                res.fence()
-            except Exception:  # the cgroup kill below still runs
-                pass
+            self._fence_one(res)  # the cgroup kill below still runs
         self.cgroup.kill()
 
     def tick(self):
