@@ -41,53 +41,37 @@ import json
 import logging
 import math
 import os
-import signal
-import socket
 import threading
 import time
 
-from slaposha import __version__, history, intents, placement
-from slaposha.cgroup import Cgroup, CgroupError, own_cgroup
-from slaposha.cluster.etcd import (
-    Client, Compare, EtcdError, LeaseNotFound, Op)
-from slaposha.cluster.lease import (
-    LOST, SUSPENDED, HostLease, Membership, Ownership, keys)
-from slaposha.cluster.member import EtcdMember
-from slaposha.cluster.view import EtcdView
-from slaposha.cluster.watch import ClusterWatch
-from slaposha.config import ConfigError, load_services
-from slaposha.metrics import Metrics
+from slaposha import history, intents, placement
+from slaposha.actions import Actions
 from slaposha.backup import BackupError
-from slaposha.replication import ReplicationError
+from slaposha.cgroup import Cgroup, CgroupError, own_cgroup
+from slaposha.cluster.etcd import Compare, EtcdError, LeaseNotFound, Op
+from slaposha.cluster.lease import LOST, SUSPENDED, HostLease, Ownership, keys
+from slaposha.config import load_services
+from slaposha.metrics import Metrics
 from slaposha.replication.diverged import copy_id
 from slaposha.resources import DOWN, NA
 from slaposha.service import Service, ServiceError
-from slaposha.watchdog import Watchdog
+from slaposha.slot import (
+    RUNNING, STARTING, STOP_FAILED, STOPPED, STOPPING, ServiceSlot, Worker)
+from slaposha.status import Status
 
-__all__ = ['Agent', 'ActionError', 'default_host', 'run_witness']
+__all__ = ['Agent']
 
 logger = logging.getLogger('slaposha.agent')
 
 # Decisions kept for the API's decision log.
 DECISIONS_KEPT = 500
-# Seconds an operator's action may wait for etcd (an election lasts ~1-2 s).
-ACTION_ETCD_TIMEOUT = 5.0
 
 # Seconds raft must have kept its term before an owner moves the leader.
 LEADER_SETTLE = 10.0
 
-# A service's state on this host. STARTING and STOPPING: its worker starts
-# (or restarts) it, or stops it.
-STOPPED, RUNNING, STOP_FAILED = 'stopped', 'running', 'stop failed'
-STARTING, STOPPING = 'starting', 'stopping'
-
 # Seconds the agent's shutdown waits for a service's stop to end beyond
 # its stop_timeout (the fence of what overran it, and its end).
 SHUTDOWN_MARGIN = 10.0
-
-
-class ActionError(Exception):
-    """An operator action that cannot be done, as one line."""
 
 
 def _changes(old, new):
@@ -102,120 +86,26 @@ def _changes(old, new):
     return '; '.join(parts)
 
 
-def default_host():
-    return socket.gethostname().split('.')[0]
+class Agent(Status, Actions):
+    """The decision engine of one host (see above); its status is
+    :mod:`slaposha.status`, its operators' actions :mod:`slaposha.actions`,
+    what it talks through :mod:`slaposha.daemon`."""
 
-
-class Worker(object):
-    """One start, restart or stop of a service, in a thread of its own
-    beside the decision loop (DESIGN.md 7): the loop goes on deciding for
-    the other services and watching its lease meanwhile, and carries on
-    with this service (``then(worker)``, in the loop) once it ended. At
-    most one per service: the decisions for it wait for it."""
-
-    def __init__(self, name, what, work, then, on_end):
-        self.what = what           # 'start', 'restart' or 'stop'
-        self.then = then
-        self.result = None         # what work() returned
-        self.error = None          # what it raised
-        self.began = time.time()
-        self._work = work
-        self._on_end = on_end
-        self.thread = threading.Thread(target=self._run, daemon=True,
-                                       name='%s %s' % (name, what))
-        self.thread.start()
-
-    def _run(self):
-        try:
-            self.result = self._work()
-        except Exception as e:
-            self.error = e
-        finally:
-            self._on_end()
-
-    def alive(self):
-        return self.thread.is_alive()
-
-
-class ServiceSlot(object):
-    """What the agent knows of one service on this host."""
-
-    def __init__(self, service, ownership):
-        self.service = service
-        self.conf = service.conf.service
-        self.ownership = ownership
-        self.state = STOPPED
-        self.owner = None          # host named by the owner key
-        self.token = None          # fencing token while owned here
-        self.decision = None       # (time, action, reason)
-        self.failures = 0
-        self.failed_until = 0.0
-        self.next_check = 0.0
-        self.fenced = False        # killed by a fence: clean up, no release
-        self.worker = None         # its start or stop under way (Worker)
-        self.lingering = None      # a fenced resource still going on
-        self.cancelled = None      # why its start was cancelled, the owner
-        #                            key still ours (an operator's stop)
-        self.suspended = None      # monotonic time it was suspended at
-        self.switching = None      # the switch its stop is for
-        self.seen_owner = False    # an owner was seen since the agent began
-        self.resources = []        # [(rid, state, message)] last checked
-        self.details = {}          # rid: more status lines (partitions)
-        self.published = None
-        self.facts = None          # what the owner last published of them
-        self.next_facts = 0.0      # when the owner computes them again
-        self.checked_facts = None  # the owner's facts this standby checked
-        self.report = {}           # rid: what this standby has, for the owner
-        self.lags = {}             # rid: age of this host's copy (standby)
-        self.owner_had_data = False  # an owner was seen: data exists there
-        self.ineligible = []       # why this host may not take it over
-        self.next_eligibility = 0.0
-        self.owner_token = None    # the owner's token, wherever it runs
-        self.last_owner = None     # (host, wall time) the owner key was
-        #                            last seen held: a takeover's "from"
-        self.diverged = []         # the diverged copies kept on this host
-        self.next_diverged = 0.0
-
-    def forget_key(self):
-        """The owner key is not ours (any more), or goes with the lease:
-        its token is forgotten here."""
-        self.ownership.forget()
-        self.token = None
-
-
-class Agent(object):
-
-    def __init__(self, cluster, host=None, services=None):
+    def __init__(self, cluster, host, client, lease_client, action_client,
+                 membership, world, etcd_view, tls=None, services=None):
+        """The etcd clients, the membership, the watch and the members'
+        view come from the daemon (:mod:`slaposha.daemon`), which also
+        gives the member and the watchdog once it started them."""
         self.cluster = cluster
-        self.host = host or default_host()
+        self.host = host
         self.keys = keys(cluster.etcd.prefix, cluster.name)
-        lease = cluster.lease
-        endpoints = cluster.etcd_endpoints()
-        if cluster.etcd.mode == 'embedded':
-            # Our own member answers fastest: try it first.
-            mine = endpoints[cluster.members.index(self.host)]
-            endpoints = [mine] + [e for e in endpoints if e != mine]
-        self.tls = cluster.tls_files(self.host)
-        client_options = dict(request_timeout=lease.request_timeout,
-                              retry_interval=lease.retry_interval,
-                              tls=self.tls)
-        self.client = Client(endpoints, timeout=lease.request_timeout * 2,
-                             **client_options)
-        # Renewals get their own connections: they never queue behind a read.
-        self.lease_client = Client(endpoints, **client_options)
-        # Operators' actions run in the API's threads, not in the loop: they
-        # may wait out an etcd election (a switch right after a heal).
-        self.action_client = Client(endpoints, timeout=ACTION_ETCD_TIMEOUT,
-                                    **client_options)
-        self.membership = Membership(self.client, self.keys, self.host)
-        # What the cycles read: hosts and services, followed by a watch. A
-        # change wakes the loop (DESIGN.md 8).
+        self.tls = tls
+        self.client = client
+        self.lease_client = lease_client
+        self.action_client = action_client
+        self.membership = membership
         self._wake = threading.Event()
-        self.world = ClusterWatch(
-            Client(endpoints, timeout=lease.request_timeout * 2,
-                   **client_options),
-            self.keys, cluster.agent.resync_interval,
-            on_change=self.wake)
+        self.world = world
         self.member = None
         self.lease = None
         self.watchdog = None
@@ -254,21 +144,11 @@ class Agent(object):
                 svc, Ownership(self.client, self.keys, conf.name, self.host,
                                placement.claims(self.keys, conf, self.host)))
         self.owners = {}           # {service: owner host}, as last read
-        self.api = None
-        self.https_api = None
-        self.health_api = None
-        self.receivers = []
         # Every decision, for the API's decision log (bounded).
         self.decision_log = collections.deque(maxlen=DECISIONS_KEPT)
         self.decisions = 0         # made since the agent began
         self.metrics = Metrics()
-        names = cluster.members if cluster.etcd.mode == 'embedded' else \
-            cluster.etcd_endpoints()
-        self.etcd_view = EtcdView(
-            Client(cluster.etcd_endpoints(), **client_options),
-            cluster.etcd_endpoints(), names,
-            interval=cluster.agent.monitor_interval,
-            timeout=lease.request_timeout)
+        self.etcd_view = etcd_view
 
     # -- decisions ----------------------------------------------------------
 
@@ -287,16 +167,10 @@ class Agent(object):
 
     # -- life cycle -----------------------------------------------------------
 
-    def start(self):
-        for d in (self.cluster.cluster.run_dir, self.cluster.cluster.state_dir,
-                  self.log_dir):
-            os.makedirs(d, exist_ok=True)
-        # First: a broken PKI or a busy port stops the agent before it has
-        # started anything that would then be left running.
-        from slaposha.api.https import HttpsApi
-        self.https_api = HttpsApi(self, self.cluster, self.host).start()
-        from slaposha.api.health import HealthApi
-        self.health_api = HealthApi(self, self.cluster, self.host).start()
+    def prepare(self):
+        """Before the receivers, the member and the watch start: whether
+        this host may run services, and the fence of what a previous agent
+        left."""
         self.cannot_run = self._cannot_run()
         if self.cannot_run:
             logger.warning('agent %s %s', self.host, self.cannot_run)
@@ -311,19 +185,10 @@ class Agent(object):
                 self.decide(slot, 'fence', 'left by a previous agent (%s),'
                             ' before any lease is held'
                             % (' '.join(left) or 'processes'))
-        self._start_receivers()
-        if self.cluster.etcd.mode == 'embedded':
-            self.member = EtcdMember(self.cluster, self.host,
-                                     tls=self.tls).start()
-        self.watchdog = Watchdog().start()
-        self.world.start()
-        from slaposha.api.local import LocalApi
-        from slaposha.api.server import limits_of
-        self.api = LocalApi(self, self.socket_path,
-                            limits_of(self.cluster.api)).start()
+
+    def begin(self):
+        """Everything it talks through runs: the startup grace begins."""
         self.started = time.monotonic()
-        logger.info('agent %s %s: %d service(s) here: %s', self.host,
-                    __version__, len(self.slots), ' '.join(self.slots) or '-')
 
     def _cannot_run(self):
         """Why this agent may run no service here, or None. Services need
@@ -339,26 +204,22 @@ class Agent(object):
             return 'cannot run services: %s' % e
         return None
 
-    def run(self):
-        """Run until stop() (or SIGTERM / SIGINT through the CLI)."""
-        self.start()
-        try:
-            while not self._stop.is_set():
-                # Cleared before the cycle: a change during it runs another.
-                self._wake.clear()
-                decided = self.decisions
-                try:
-                    self.tick()
-                except Exception:  # one bad cycle must not end the agent
-                    logger.exception('cycle failed')
-                self.write_status()
-                # A decision changes what the next cycle sees here (a
-                # service stopped, a start failed): look again soon.
-                busy = self.decisions != decided
-                self._wake.wait(self.cluster.agent.loop_interval if busy
-                                else self._next_cycle())
-        finally:
-            self.shutdown()
+    def loop(self):
+        """The decision loop, until stop()."""
+        while not self._stop.is_set():
+            # Cleared before the cycle: a change during it runs another.
+            self._wake.clear()
+            decided = self.decisions
+            try:
+                self.tick()
+            except Exception:  # one bad cycle must not end the agent
+                logger.exception('cycle failed')
+            self.write_status()
+            # A decision changes what the next cycle sees here (a
+            # service stopped, a start failed): look again soon.
+            busy = self.decisions != decided
+            self._wake.wait(self.cluster.agent.loop_interval if busy
+                            else self._next_cycle())
 
     def _next_cycle(self):
         """Seconds the loop may sleep when etcd shows no change: a change
@@ -403,17 +264,12 @@ class Agent(object):
         self._stop.set()
         self.wake()
 
-    def shutdown(self):
-        """Stop services here, hand ownership back, leave the cluster."""
-        self._stop.set()  # a start that ends now is not carried on
-        if self.api is not None:
-            self.api.stop()
-        if self.https_api is not None:
-            self.https_api.stop()
-        if self.health_api is not None:
-            self.health_api.stop()
-        self.etcd_view.stop()
-        self.world.stop()
+    def halt(self):
+        """No start that ends from now on is carried on: the agent stops."""
+        self._stop.set()
+
+    def stop_services(self):
+        """At shutdown: stop the services here and hand ownership back."""
         for slot in self.slots.values():
             if slot.worker is not None and slot.state == STARTING:
                 # Not left to its start_timeout: the agent stops now.
@@ -432,13 +288,6 @@ class Agent(object):
             self._wait_worker(slot)
         if self.lease is not None:
             self.lease.revoke()
-        for receiver in self.receivers:
-            receiver.stop()
-        if self.watchdog is not None:
-            self.watchdog.stop()
-        if self.member is not None:
-            self.member.stop()
-        self.write_status()
 
     def _wait_worker(self, slot):
         """At shutdown: the service's start or stop ended, and the loop's
@@ -459,39 +308,6 @@ class Agent(object):
         """The resources of a service whose data moves between hosts."""
         return [res for res in slot.service.resources
                 if getattr(res, 'configure', None) is not None]
-
-    def _start_receivers(self):
-        """Every host receives the data of the services it may run, owner
-        or not: one receiver per port, over TLS with the cluster's CA; it
-        serves btrfs volumes and rsync trees (and one-off copies)."""
-        volumes, trees = {}, {}
-        for slot in self.slots.values():
-            for res in self._replicated(slot):
-                volumes.setdefault(res.conf.port, [])
-                if getattr(res, 'tree', None) is not None:
-                    trees.setdefault(res.conf.port, []).append(res.tree)
-                else:
-                    # The volume itself: its retention applies to what
-                    # this host receives.
-                    volumes[res.conf.port].append(res.volume)
-        if not volumes:
-            return
-        if self.tls is None:
-            raise ConfigError(self.cluster.path, 'cluster', 'tls', 'btrfs'
-                              ' and rsync resources replicate over TLS: set'
-                              ' tls = true and give each host its'
-                              ' certificate')
-        from slaposha.replication.btrfs import Receiver
-        from slaposha.replication.rsync import TreeReceiver
-        address = self.cluster.hosts[self.host].address
-        for port, paths in sorted(volumes.items()):
-            self.receivers.append(Receiver(
-                address, port, self.tls, paths,
-                hosts=self.cluster.cluster.hosts,
-                handlers=TreeReceiver(trees.get(port, ())).handlers,
-                max_connections=self.cluster.replication.max_connections,
-                max_peer_connections=(
-                    self.cluster.replication.max_peer_connections)).start())
 
     def _configure_replication(self, slot):
         """Tell the data resources the owner's token and its standbys."""
@@ -730,51 +546,6 @@ class Agent(object):
         except EtcdError as e:
             self._etcd_down('cannot announce this host: %s' % e)
         self._place_leader(views)
-
-    def _health(self):
-        now = time.monotonic()
-        health = {
-            'address': self.cluster.hosts[self.host].address,
-            'pid': os.getpid(), 'version': __version__,
-            'failed': sorted(n for n, s in self.slots.items()
-                             if s.failed_until > now),
-            'ineligible': dict({n: s.ineligible[0] for n, s in
-                                self.slots.items() if s.ineligible}, **{
-                n: 'its service file does not load here: %s' % why
-                for n, why in self.broken.items()}),
-            'reports': {n: s.report for n, s in self.slots.items()
-                        if s.report and not s.token},
-            'services': {n: dict({'state': s.state, 'decision': s.decision},
-                                 **self._diverged(s))
-                         for n, s in self.slots.items()},
-        }
-        if self.cannot_run:
-            health['cannot_run'] = self.cannot_run
-        return health
-
-    def _diverged(self, slot):
-        """{'diverged': [...]} when this host keeps diverged copies of the
-        service's data (each data resource's retention applied), looked at
-        every monitor_interval; a resource that cannot tell is skipped."""
-        now = time.monotonic()
-        if now >= slot.next_diverged:
-            slot.next_diverged = now + self.cluster.agent.monitor_interval
-            found = []
-            for res in self._replicated(slot):
-                if getattr(res, 'diverged_copies', None) is None:
-                    continue  # e.g. drbd: one copy, nothing kept aside
-                try:
-                    copies = res.diverged_copies()
-                except (ReplicationError, OSError) as e:
-                    logger.warning('%s: %s: cannot list the diverged'
-                                   ' copies: %s', slot.service.name, res.rid,
-                                   e)
-                    continue
-                found += [{'rid': res.rid, 'id': d['id'], 'at': d['at'],
-                           'token': d.get('token'), 'size': d.get('size'),
-                           'reason': d.get('reason')} for d in copies]
-            slot.diverged = found
-        return {'diverged': slot.diverged} if slot.diverged else {}
 
     def _announce(self):
         health = self._health()
@@ -1344,10 +1115,6 @@ class Agent(object):
             logger.warning('service %s: %s not kept in the history: %s',
                            entry['service'], entry['kind'], e)
 
-    def history(self):
-        """The takeovers and switches kept in etcd, oldest first."""
-        return history.read(self.client, self.keys)
-
     def _check_eligibility(self, slot, view):
         """A standby compares itself with what the owner published (same
         paths, uids, software releases): a host that differs never takes
@@ -1715,298 +1482,3 @@ class Agent(object):
                                slot.service.name, e)
         slot.forget_key()
         self._update_fence_targets()
-
-    # -- operator actions (from the API) -----------------------------------------
-
-    def action(self, name, verb, params=None):
-        """Record an operator's intent; the cycles carry it out. Returns a
-        one-line message; raises ActionError for what cannot be done."""
-        params = params or {}
-        if name not in self.confs:
-            raise ActionError('no service %r (services: %s)' % (
-                name, ', '.join(sorted(self.confs)) or 'none'))
-        conf = self.confs[name].service
-        by = params.get('by') or 'operator on %s' % self.host
-        client = self.action_client
-        try:
-            views = intents.read(client, self.keys)
-            view = views.get(name) or intents.View(name)
-            if verb == 'freeze':
-                intents.set_frozen(client, self.keys, name, True, by=by)
-                return '%s frozen: the agents will neither start nor stop' \
-                    ' it' % name
-            if verb == 'thaw':
-                intents.set_frozen(client, self.keys, name, False, by=by)
-                return '%s thawed' % name
-            if verb == 'stop':
-                intents.set_target(client, self.keys, name, 'stopped',
-                                   by=by)
-                intents.clear(client, self.keys, name, 'switch')
-                return '%s: stopping%s' % (name, ' (frozen: nothing happens'
-                                           ' until thawed)' if view.frozen
-                                           else '')
-            if verb == 'restore':
-                return self._ask_restore(name, view, params, by, client)
-            if verb in ('start', 'switch', 'takeover'):
-                to = params.get('to')
-                if verb == 'takeover' or (verb == 'start' and to is None and
-                                          conf.orchestrate == 'manual'):
-                    # A manual service starts where the operator is.
-                    to = self.host
-                if verb == 'switch' and not to:
-                    raise ActionError('switch needs a host to move to (--to)')
-                if to is not None and to not in conf.hosts:
-                    raise ActionError('%s cannot run on %r: its hosts are %s'
-                                      % (name, to, ' '.join(conf.hosts)))
-                if view.frozen:
-                    raise ActionError('%s is frozen by %s: thaw it first'
-                                      % (name, intents.who(view.frozen)))
-                if to is not None:
-                    alive = self.membership.alive()
-                    if to not in alive:
-                        raise ActionError('%s is not alive (no agent holds a'
-                                          ' lease there)' % to)
-                    if alive[to].get('cannot_run'):
-                        # Not even with force: it would own what it
-                        # cannot run.
-                        raise ActionError('%s cannot run %s: its agent %s'
-                                          % (to, name,
-                                             alive[to]['cannot_run']))
-                    why = (alive[to].get('ineligible') or {}).get(name)
-                    if why and not params.get('force'):
-                        raise ActionError('%s may not run %s: %s'
-                                          % (to, name, why))
-                    # Not even with force: their paths collide there.
-                    why = placement.blocking(self.confs, {
-                        n: v.owner.value for n, v in views.items()
-                        if v.owner}, self.confs[name], to)
-                    if why:
-                        raise ActionError('%s cannot run %s: %s' % (
-                            to, name, why))
-                if verb == 'start':
-                    intents.set_target(client, self.keys, name,
-                                       'started', host=to, by=by)
-                    return '%s: starting%s' % (name, ' on %s' % to if to
-                                               else '')
-                if view.owner is not None and view.owner.value == to:
-                    intents.set_target(client, self.keys, name,
-                                       'started', by=by)
-                    return '%s already runs on %s' % (name, to)
-                intents.set_target(client, self.keys, name, 'started',
-                                   by=by)
-                intents.set_switch(client, self.keys, name, to, by=by,
-                                   force=bool(params.get('force')))
-                return '%s: moving to %s' % (name, to)
-        except EtcdError as e:
-            raise ActionError('etcd: %s' % e)
-        raise ActionError('unknown action %r' % verb)
-
-    def _ask_restore(self, name, view, params, by, client):
-        """Record a restore of the whole service for its owner to run: the
-        point is resolved here, when asked ("5m ago" is from now)."""
-        from slaposha.backup import BackupError, parse_time
-        from slaposha.replication.btrfs import NAME_RE as SNAPSHOT_RE
-        conf = self.confs[name]
-        point = (params.get('at') or '').strip()
-        if not point:
-            raise ActionError('restore needs a time or a snapshot name'
-                              ' (--at)')
-        kinds = [section.kind for section in conf.resources]
-        for section in conf.resources:
-            if section.kind in ('rsync', 'drbd'):
-                raise ActionError('%s: [%s] keeps no snapshots: restore'
-                                  ' --at is for btrfs data only' % (
-                                      name, section.rid))
-        if 'btrfs' not in kinds:
-            raise ActionError('%s has no [btrfs#...] resource: only btrfs'
-                              ' copies keep snapshots' % name)
-        snapshot, when = None, None
-        if SNAPSHOT_RE.match(point):
-            snapshot = point
-        else:
-            try:
-                when = parse_time(point)
-            except BackupError as e:
-                raise ActionError(str(e))
-        if view.frozen:
-            raise ActionError('%s is frozen by %s: thaw it first'
-                              % (name, intents.who(view.frozen)))
-        if view.restore:
-            raise ActionError('%s: a restore is in progress already (%s,'
-                              ' asked by %s)' % (
-                                  name, view.restore.get('point'),
-                                  intents.who(view.restore)))
-        if view.switch:
-            raise ActionError('%s: a switch to %s is in progress: restore'
-                              ' once it ended' % (name,
-                                                  view.switch.get('to')))
-        if view.owner is None:
-            raise ActionError('%s runs on no host: its owner restores it;'
-                              ' start it first' % name)
-        owner = view.owner.value
-        state = ((self.membership.alive().get(owner) or {}).get(
-            'services', {}).get(name) or {}).get('state')
-        if state != RUNNING:
-            raise ActionError('%s is not running on its owner %s (%s):'
-                              ' restore once it runs' % (
-                                  name, owner, state or 'no agent there'))
-        if not intents.set_restore(client, self.keys, name, point, when,
-                                   snapshot, owner, view.owner.create_revision,
-                                   by):
-            raise ActionError('%s: a restore is in progress already' % name)
-        return '%s: restoring on %s to %s' % (
-            name, owner, snapshot or 'the newest snapshot taken at or'
-            ' before %s UTC' % time.strftime('%Y-%m-%d %H:%M:%S',
-                                             time.gmtime(when)))
-
-    # -- status -----------------------------------------------------------------
-
-    def local_status(self):
-        """This agent's own view, readable without etcd."""
-        lease = self.lease
-        return {
-            'host': self.host, 'pid': os.getpid(), 'version': __version__,
-            'time': time.time(),
-            'lease': None if lease is None else {
-                'id': '%x' % lease.id, 'valid': lease.valid,
-                'time_left': round(lease.time_left(), 3),
-                'lost': lease.lost_reason,
-                # Seconds since the deadline suspended the services.
-                'suspended': None if lease.suspended_since is None else
-                round(time.monotonic() - lease.suspended_since, 1)},
-            'etcd': self.etcd_problem or 'ok',
-            'cannot_run': self.cannot_run,
-            'broken': dict(self.broken),
-            'services': {
-                name: {'state': 'suspended' if slot.suspended is not None
-                       else slot.state, 'owner': slot.owner,
-                       'token': slot.token, 'decision': slot.decision,
-                       'resources': slot.resources,
-                       'owner_token': slot.owner_token,
-                       'ineligible': slot.ineligible,
-                       'failed': slot.failed_until > time.monotonic(),
-                       'lags': {rid: None if lag is None else round(lag, 3)
-                                for rid, lag in slot.lags.items()}}
-                for name, slot in self.slots.items()},
-        }
-
-    def cluster_status(self):
-        """The whole cluster as etcd knows it, with this agent's view; when
-        etcd cannot be read, the local view and why."""
-        status = {'cluster': self.cluster.name, 'host': self.host,
-                  'local': self.local_status(), 'etcd': 'ok'}
-        try:
-            views = intents.read(self.client, self.keys)
-            alive = self.membership.alive()
-            last = {e['service']: e for e in history.read(self.client,
-                                                          self.keys)}
-        except EtcdError as e:
-            status['etcd'] = 'cannot read the cluster: %s' % e
-            return status
-        status['hosts'] = {
-            name: dict(alive.get(name) or {}, alive=name in alive,
-                       role='witness' if name in
-                       self.cluster.cluster.witnesses else 'host')
-            for name in self.cluster.members}
-        services = {}
-        for name, conf in sorted(self.confs.items()):
-            view = views.get(name) or intents.View(name)
-            published = view.state if view.owner and view.state and \
-                view.state.get('host') == view.owner.value else None
-            services[name] = {
-                'orchestrate': conf.service.orchestrate,
-                'exclusive': conf.service.exclusive,
-                'hosts': conf.service.hosts,
-                'owner': view.owner.value if view.owner else None,
-                'token': view.owner.create_revision if view.owner else None,
-                'frozen': view.frozen, 'target': view.target,
-                'switch': view.switch,
-                'operation': self._operation(conf.service, view, alive),
-                'abandoned': last.get(name) if (last.get(name) or {}).get(
-                    'kind') == 'abandoned' else None,
-                'restore': view.restore,
-                'restored': last.get(name) if (last.get(name) or {}).get(
-                    'kind') == 'restore' else None,
-                'resources': (published or {}).get('resources', []),
-                'details': (published or {}).get('details', {}),
-                'facts': view.facts,
-                'on': {h: (alive.get(h) or {}).get('services', {}).get(name)
-                       for h in conf.service.hosts},
-            }
-        status['services'] = services
-        status['etcd_members'] = self.etcd_view.read()
-        return status
-
-    def _operation(self, conf, view, alive):
-        """The switch or restore in progress, with its stage and deadline,
-        or None."""
-        restore = view.restore
-        if restore and 'unreadable' not in restore:
-            at = restore.get('at') if isinstance(restore.get('at'),
-                                                (int, float)) else None
-            owner = view.owner.value if view.owner else None
-            host = restore.get('host')
-            state = ((alive.get(host) or {}).get('services', {}).get(
-                view.name) or {}).get('state')
-            return {'kind': 'restore', 'to': restore.get('point'),
-                    'by': restore.get('by'), 'at': at,
-                    'stage': ('asked of %s' if state == RUNNING else
-                              'restoring on %s') % host if owner == host and
-                    view.owner.create_revision == restore.get('token') else
-                    'ending: %s no longer owns it' % host,
-                    'deadline': None if at is None else
-                    at + 2 * (conf.stop_timeout + conf.start_timeout)}
-        switch = view.switch
-        if not switch or not switch.get('to'):
-            return None
-        to, owner = switch['to'], view.owner.value if view.owner else None
-        at = switch.get('at') if isinstance(switch.get('at'),
-                                            (int, float)) else None
-        running = ((alive.get(owner) or {}).get('services', {}).get(
-            view.name) or {}).get('state') == 'running' if owner else False
-        if owner is None:
-            stage = 'waiting for %s to take it' % to
-        elif owner != to:
-            stage = 'stopping on %s' % owner
-        elif not running:
-            stage = 'starting on %s' % to
-        else:
-            stage = 'running on %s' % to
-        return {'kind': 'switch', 'to': to, 'by': switch.get('by'),
-                'at': at, 'stage': stage,
-                'deadline': None if at is None else
-                at + conf.stop_timeout + conf.start_timeout}
-
-    def write_status(self):
-        # The loop and the lease thread write it.
-        tmp = '%s.%d.tmp' % (self.status_path, threading.get_ident())
-        try:
-            with open(tmp, 'w') as f:
-                json.dump(self.local_status(), f)
-            os.rename(tmp, self.status_path)
-        except OSError:
-            pass
-
-
-def run_witness(cluster, host, stop_event):
-    """Run only the etcd member of a witness host until ``stop_event``."""
-    if cluster.etcd.mode != 'embedded':
-        raise ValueError('a witness runs an embedded etcd member: [etcd]'
-                         ' mode is external')
-    for d in (cluster.cluster.run_dir, cluster.cluster.state_dir):
-        os.makedirs(d, exist_ok=True)
-    member = EtcdMember(cluster, host, tls=cluster.tls_files(host)).start()
-    logger.info('witness %s: etcd member on %s', host, member.client_url)
-    try:
-        stop_event.wait()
-    finally:
-        member.stop()
-
-
-def install_stop_signals(stop):
-    """SIGTERM and SIGINT end the agent cleanly."""
-    def handler(signum, frame):
-        logger.info('signal %d: stopping', signum)
-        stop()
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
 from slaposha import config, pki
-from slaposha.agent import ActionError
+from slaposha.actions import ActionError
 from slaposha.api import ACTIONS, MAX_BODY
 from slaposha.api.client import ApiClient, ApiRefused, ApiUnreachable
 from slaposha.api.https import OPENAPI_PATH, ROUTES, HttpsApi

@@ -22,7 +22,7 @@ import pytest
 import requests
 
 from slaposha import config, pki
-from slaposha.agent import ActionError
+from slaposha.actions import ActionError
 from slaposha.api.https import HttpsApi
 from slaposha.cli.main import main
 from slaposha.lab import wait_for

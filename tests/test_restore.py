@@ -47,7 +47,7 @@ def test_what_cannot_be_restored_is_said_in_one_line(tmp_path):
     """Refused before anything is recorded: rsync or drbd data (no
     snapshots), no btrfs data, no time, a time that is none."""
     from types import SimpleNamespace
-    from slaposha.agent import ActionError, Agent
+    from slaposha.actions import ActionError, Actions
     from slaposha.config import load_service
     from slaposha.intents import View
     files = {'files': '[rsync#data]\npath = /srv/files\n',
@@ -68,8 +68,8 @@ def test_what_cannot_be_restored_is_said_in_one_line(tmp_path):
             ('db', '99999999999d ago', '--at 99999999999d ago: not a time'
              ' snapshots can have been taken at')]:
         with pytest.raises(ActionError) as e:
-            Agent._ask_restore(agent, name, View(name), {'at': at}, 'me',
-                               None)
+            Actions._ask_restore(agent, name, View(name), {'at': at}, 'me',
+                                 None)
         assert str(e.value).startswith(what) and '\n' not in str(e.value)
 
 

@@ -80,7 +80,7 @@ def _body(raw, fields=ACTION_FIELDS):
 
 def dispatch(agent, method, path, raw_body=b''):
     """(HTTP status, JSON-able answer) for one request."""
-    from slaposha.agent import ActionError
+    from slaposha.actions import ActionError
     try:
         if path == '/status' and method == 'GET':
             return 200, agent.cluster_status()

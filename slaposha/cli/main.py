@@ -69,7 +69,7 @@ def _setup_logging(host):
 
 
 def _local_host(args, cluster, allowed, what):
-    from slaposha.agent import default_host
+    from slaposha.daemon import default_host
     host = args.host or default_host()
     if host not in allowed:
         raise UserError('%s: this host is %r (--host, or the hostname), which'
@@ -84,14 +84,14 @@ _HOST_ARG = (('--host',), dict(help='name of this host in the cluster file'
 
 @command('agent', 'run the agent of this host in the foreground', [_HOST_ARG])
 def agent(args):
-    from slaposha.agent import Agent, install_stop_signals
+    from slaposha.daemon import Daemon, install_stop_signals
     from slaposha.cgroup import CgroupError
     from slaposha.cluster.member import MemberError
     cluster = _cluster(args)
     host = _local_host(args, cluster, cluster.cluster.hosts, 'hosts')
     _setup_logging(host)
     try:
-        daemon = Agent(cluster, host)
+        daemon = Daemon(cluster, host)
         install_stop_signals(daemon.stop)
         daemon.run()
     except (CgroupError, MemberError) as e:
@@ -103,7 +103,7 @@ def agent(args):
          [_HOST_ARG])
 def witness(args):
     import threading
-    from slaposha.agent import install_stop_signals, run_witness
+    from slaposha.daemon import install_stop_signals, run_witness
     from slaposha.cluster.member import MemberError
     cluster = _cluster(args)
     if cluster.etcd.mode != 'embedded':

@@ -40,7 +40,7 @@ def _cluster(args):
 
 
 def _host(args, cluster):
-    from slaposha.agent import default_host
+    from slaposha.daemon import default_host
     host = args.host or default_host()
     if host not in cluster.members:
         raise UserError('%s: this host is %r (--host, or the hostname), which'

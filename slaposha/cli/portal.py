@@ -18,7 +18,7 @@ _CONFIG = (('--config',), dict(metavar='FILE', help='the portal file'
          [_CONFIG])
 def portal_serve(args):
     import threading
-    from slaposha.agent import install_stop_signals
+    from slaposha.daemon import install_stop_signals
     from slaposha.portal.config import load_portal
     from slaposha.portal.server import Portal
     config = load_portal(args.config)
