@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
 from slaposha.lab import Lab, wait_for  # noqa: E402
 from slaposha.lab.cluster import (  # noqa: E402
     LabCluster, Observer, marked_pids)
-from slaposha.replication.lab import (  # noqa: E402
+from slaposha.lab.replication import (  # noqa: E402
     LAB_PATHS, VOL, ReplicationLab)
 
 PORT = 8097

@@ -3,7 +3,7 @@ replication).
 
 Two lab hosts, each with its own btrfs file system on a loop device, the
 volume /srv/slapgrid-fs/slapgrid, a receiver per host with TLS, as in
-slaposha.replication.lab. The measurements:
+slaposha.lab.replication. The measurements:
 
 1. Full copy of ``--size`` MB in ``--files`` files: a plain ``btrfs send |
    btrfs receive`` between the two hosts (a pipe: no network, no TLS, then
@@ -46,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
 
 from slaposha.lab import Lab, wait_for  # noqa: E402
-from slaposha.replication.lab import (  # noqa: E402
+from slaposha.lab.replication import (  # noqa: E402
     FS, LAB_PATHS, PORT, VOL, ReplicationLab, read_report,
     remove_mount_point)
 

@@ -1,6 +1,6 @@
 """The cost of keeping snapshots as backups (issue 17): cycle time and disk.
 
-Two lab hosts as in slaposha.replication.lab (btrfs on loop devices, a
+Two lab hosts as in slaposha.lab.replication (btrfs on loop devices, a
 receiver per host with TLS, the ``btrfs`` driver as the owner on hA). A
 writer overwrites random 64 KiB blocks of a ``--file`` MB file at
 ``--rate`` MB/s, each fsynced (a database rewriting its pages: the worst
@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
 
 from slaposha.lab import Lab, wait_for  # noqa: E402
-from slaposha.replication.lab import (  # noqa: E402
+from slaposha.lab.replication import (  # noqa: E402
     FS, LAB_PATHS, VOL, ReplicationLab, read_report, remove_mount_point)
 
 OVERWRITER = textwrap.dedent('''\

@@ -9,7 +9,7 @@ import pytest
 
 from slaposha.lab import wait_for
 from slaposha.lab.cluster import LabCluster, marked_pids
-from slaposha.replication.lab import (
+from slaposha.lab.replication import (
     LAB_PATHS, VOL, ReplicationLab, ask_switch, crash_during_handover,
     record_writer, stall_receive)
 

@@ -10,7 +10,7 @@ import pytest
 
 from slaposha.lab import wait_for
 from slaposha.lab.cluster import LabCluster
-from slaposha.replication.lab import crash_during_handover, record_writer
+from slaposha.lab.replication import crash_during_handover, record_writer
 
 pytestmark = pytest.mark.lab
 

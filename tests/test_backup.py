@@ -14,7 +14,7 @@ import pytest
 
 from slaposha.backup import BackupError, parse_time
 from slaposha.lab import wait_for
-from slaposha.replication.lab import (
+from slaposha.lab.replication import (
     FS, LAB_PATHS, SNAPDIR, VOL, ReplicationLab, read_report, record_writer,
     remove_mount_point)
 

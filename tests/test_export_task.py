@@ -14,7 +14,7 @@ from slaposha.backup import _chain, exports_in, prune_exports
 from slaposha.config import Section
 from slaposha.lab import wait_for
 from slaposha.lab.cluster import LabCluster
-from slaposha.replication.lab import (
+from slaposha.lab.replication import (
     LAB_PATHS, SNAPDIR, VOL, ReplicationLab, record_writer)
 from slaposha.resources import NA, WARN
 from slaposha.resources.export import Export

@@ -24,7 +24,7 @@ import pytest
 
 from slaposha import config
 from slaposha.lab.cluster import LabCluster, marked_pids
-from slaposha.replication.lab import LAB_PATHS, VOL, ReplicationLab
+from slaposha.lab.replication import LAB_PATHS, VOL, ReplicationLab
 from slaposha.cgroup import Cgroup, cgroup2_mount
 from slaposha.config import ConfigError
 from slaposha.lab import wait_for

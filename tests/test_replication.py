@@ -23,7 +23,7 @@ from slaposha.replication import Progress, ReplicationError
 from slaposha.replication.btrfs import Volume
 from slaposha.resources import ResourceError, driver
 from slaposha.service import Context
-from slaposha.replication.lab import (
+from slaposha.lab.replication import (
     LAB_PATHS, PORT, SNAPDIR, VOL, ReplicationLab, read_report,
     remove_mount_point)
 

@@ -14,7 +14,7 @@ import pytest
 
 from slaposha.lab import wait_for
 from slaposha.lab.cluster import LabCluster
-from slaposha.replication.lab import (
+from slaposha.lab.replication import (
     LAB_PATHS, SNAPDIR, VOL, ReplicationLab, record_writer,
     remove_mount_point)
 

@@ -10,7 +10,7 @@ import pytest
 from slaposha import config
 from slaposha.config import ConfigError
 from slaposha.replication.__main__ import main as replication_main
-from slaposha.replication.lab import (
+from slaposha.lab.replication import (
     LAB_PATHS, PORT, SNAPDIR, VOL, ReplicationLab, remove_mount_point)
 from slaposha.replication.retention import Clock, Retention
 

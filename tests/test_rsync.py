@@ -363,7 +363,7 @@ def test_copy_tree_for_software_releases(pair):
 
 @lab
 def test_from_a_btrfs_snapshot_and_the_copy_stays_a_subvolume(make_lab):
-    from slaposha.replication.lab import (
+    from slaposha.lab.replication import (
         LAB_PATHS, VOL, ReplicationLab, remove_mount_point)
     lab = make_lab(['hA', 'hB'], paths=LAB_PATHS)
     try:

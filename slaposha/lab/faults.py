@@ -88,7 +88,7 @@ import time
 from slaposha.cluster.lease import keys
 from slaposha.lab import LabError, wait_for
 from slaposha.lab.cluster import LabCluster, Observer
-from slaposha.replication.lab import (
+from slaposha.lab.replication import (
     FS, LAB_PATHS, SNAPDIR, VOL, record_writer)
 
 __all__ = ['FaultSuite', 'FAULTS', 'LAB_HOSTS', 'LAB_PATHS', 'RPO_BOUND']
