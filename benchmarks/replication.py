@@ -102,7 +102,7 @@ def engine_copy(rl, name):
     (seconds, bytes); hB's copy is deleted afterwards."""
     seconds, sent = rl.py('hA', '''
         from slaposha.replication import Peer
-        from slaposha.replication.btrfs import Sender
+        from slaposha.replication.sender import Sender
         sender = Sender(%r, 1, [Peer('hB', %r, %d)], %r, 'hA')
         snap = sender.volume.get(%r)
         t = sender.send(sender.peers[0], snap)
@@ -110,7 +110,7 @@ def engine_copy(rl, name):
         result = [t.seconds, t.bytes]
     ''' % (VOL, rl['hB'].address, PORT, rl.tls('hA'), name))
     rl.py('hB', '''
-        from slaposha.replication.btrfs import Volume
+        from slaposha.replication.volume import Volume
         volume = Volume(%r)
         volume._delete_subvolume(volume.get(%r).path, 'delete')
         volume._drop_meta(%r)
@@ -124,7 +124,7 @@ def incremental(rl, files, cycles):
     return rl.py('hA', '''
         import os, random, glob
         from slaposha.replication import Peer
-        from slaposha.replication.btrfs import Sender
+        from slaposha.replication.sender import Sender
         sender = Sender(%r, 1, [Peer('hB', %r, %d)], %r, 'hA')
         names = sorted(glob.glob(%r + '/data/*/*'))
         result = []
@@ -235,7 +235,7 @@ def rpo(rl, rate_mb, interval, min_interval, seconds, baseline):
 # and its children) to ``events``.
 TIMED = textwrap.dedent('''\
     import contextlib, resource, sys, time
-    from slaposha.replication import btrfs
+    from slaposha.replication import receiver, sender, volume
     events = []
     SAY = False  # a receiver says each step in its log
     def now():
@@ -263,7 +263,7 @@ TIMED = textwrap.dedent('''\
                        label or name, began)
         setattr(owner, name, wrapper)
     def timed_state():
-        inner = btrfs.locked_state
+        inner = volume.locked_state
         @contextlib.contextmanager
         def wrapper(*args, **kw):
             began = now()
@@ -272,7 +272,7 @@ TIMED = textwrap.dedent('''\
                 yield state
                 began = now()
             record('state: write, fsync', began)
-        btrfs.locked_state = wrapper
+        volume.locked_state = wrapper
     def run_label(self, args, *rest, **kw):
         return 'btrfs ' + ' '.join(args[:2])
 ''')
@@ -281,10 +281,10 @@ TIMED = textwrap.dedent('''\
 PROFILED_RECEIVER = TIMED + textwrap.dedent('''\
     from slaposha.replication.__main__ import main
     SAY = True
-    R, V = btrfs.Receiver, btrfs.Volume
+    R, V = receiver.Receiver, volume.Volume
     for owner, name in ((R, '_list'), (R, '_stream'), (V, '_partial'),
                         (V, '_follow'), (V, '_write_meta'), (V, 'prune'),
-                        (btrfs, '_syncfs')):
+                        (receiver, 'syncfs')):
         timed(owner, name)
     timed(V, '_run', run_label)
     timed_state()
@@ -294,7 +294,7 @@ PROFILED_RECEIVER = TIMED + textwrap.dedent('''\
 # (after TIMED) N cycles of a sender, each step timed.
 PROFILED_SENDER = textwrap.dedent('''\
     from slaposha.replication import Peer
-    S, V = btrfs.Sender, btrfs.Volume
+    S, V = sender.Sender, volume.Volume
     answers = []
     def answer_label(self, channel, peer, what):
         if what == 'list':
@@ -303,7 +303,7 @@ PROFILED_SENDER = textwrap.dedent('''\
         return 'wait: go' if len(answers) %% 2 else 'wait: received'
     for owner, name in ((S, 'cycle'), (V, 'snapshot'), (V, 'prune'),
                         (S, '_connect'), (S, '_estimate'), (S, '_stream'),
-                        (S, '_confirmed'), (btrfs, '_syncfs')):
+                        (S, '_confirmed'), (receiver, 'syncfs')):
         timed(owner, name)
     timed(S, '_answer', answer_label)
     timed(V, '_run', run_label)
@@ -460,11 +460,11 @@ def full_and_incremental(rl, args, increments):
     """Phases 1 and 2."""
     write_data(rl, args.size, args.files)
     name = rl.py('hA', '''
-        from slaposha.replication.btrfs import Volume
+        from slaposha.replication.volume import Volume
         result = Volume(%r).snapshot(1, 'hA').name
     ''' % VOL)
     snapshot = rl.py('hA', '''
-        from slaposha.replication.btrfs import Volume
+        from slaposha.replication.volume import Volume
         result = Volume(%r).get(%r).path
     ''' % (VOL, name))
     plain, ours = [], []
@@ -486,7 +486,7 @@ def full_and_incremental(rl, args, increments):
     # The standby needs the base again for the increments.
     rl.py('hA', '''
         from slaposha.replication import Peer
-        from slaposha.replication.btrfs import Sender
+        from slaposha.replication.sender import Sender
         sender = Sender(%r, 1, [Peer('hB', %r, %d)], %r, 'hA')
         sender.send(sender.peers[0], sender.volume.get(%r))
     ''' % (VOL, rl['hB'].address, PORT, rl.tls('hA'), name))

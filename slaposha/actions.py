@@ -10,7 +10,7 @@ import time
 from slaposha import intents, placement
 from slaposha.backup import BackupError, parse_time
 from slaposha.cluster.etcd import EtcdError
-from slaposha.replication.btrfs import NAME_RE as SNAPSHOT_RE
+from slaposha.replication.volume import NAME_RE as SNAPSHOT_RE
 from slaposha.slot import RUNNING
 
 __all__ = ['Actions', 'ActionError']

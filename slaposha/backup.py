@@ -56,7 +56,7 @@ import time
 from collections import namedtuple
 
 from slaposha.replication import ReplicationError
-from slaposha.replication.btrfs import NAME_RE, Volume, snapshot_name
+from slaposha.replication.volume import NAME_RE, Volume, snapshot_name
 from slaposha.replication.retention import Retention
 
 __all__ = ['BackupError', 'volumes_of', 'listing', 'choose', 'parse_time',
@@ -818,7 +818,7 @@ _TAR = ['tar', '--numeric-owner', '--acls', '--xattrs', '--xattrs-include=*']
 
 def trees_of(service):
     """The rsync trees of a ServiceConfig."""
-    from slaposha.replication.rsync import Tree
+    from slaposha.replication.tree import Tree
     return [Tree(section.path, section.store)
             for section in service.resources if section.kind == 'rsync']
 
@@ -833,7 +833,7 @@ def export_tree(tree, to, label, timeout=3600):
     newest complete copy, no transfer landing meanwhile. Returns the
     description."""
     import socket
-    from slaposha.replication.rsync import is_subvolume
+    from slaposha.replication.tree import is_subvolume
     to = os.path.abspath(to)
     folder, path = (to, None) if os.path.isdir(to) else \
         (os.path.dirname(to), to)
@@ -925,7 +925,7 @@ def export_tree(tree, to, label, timeout=3600):
 def _import_staging(tree, path):
     """The store's folder an import lands in (the one that is not the
     complete copy), once it is sure the import may go there."""
-    from slaposha.replication.rsync import _alive, _make_folder, fstype
+    from slaposha.replication.tree import _alive, fstype, make_folder
     try:
         with tree._locked() as state:
             if _alive(state['active']):
@@ -942,7 +942,7 @@ def _import_staging(tree, path):
             target = 'b' if complete == 'a' else 'a'
             state['records'][target] = None
             if not os.path.isdir(tree.buffer(target)):
-                _make_folder(tree.buffer(target),
+                make_folder(tree.buffer(target),
                              fstype(tree.store) == 'btrfs')
             return tree.buffer(target)
     except (ReplicationError, OSError) as e:
@@ -956,7 +956,7 @@ def import_tree(tree, path, timeout=3600):
     of token 0 (older than anything an owner sends: on a host whose folder
     is missing, the agent's start or a promote makes it the folder).
     Returns (its description, one line)."""
-    from slaposha.replication.rsync import _syncfs
+    from slaposha.replication.tree import syncfs
     started = time.monotonic()
     meta, path = _checked(path, timeout, 'tar')
     lock = _receive_lock(tree, path, 'a copy', tree.store)
@@ -976,7 +976,7 @@ def import_tree(tree, path, timeout=3600):
                 path, failed))
         files = sum(len(names) for _, _, names in os.walk(staging))
         try:
-            _syncfs(staging)
+            syncfs(staging)
             with tree._locked() as state:
                 name = os.path.basename(staging)
                 state['records'][name] = {

@@ -35,8 +35,7 @@ from slaposha.cluster.member import EtcdMember
 from slaposha.cluster.view import EtcdView
 from slaposha.cluster.watch import ClusterWatch
 from slaposha.config import ConfigError
-from slaposha.replication.btrfs import Receiver
-from slaposha.replication.rsync import TreeReceiver
+from slaposha.replication.receiver import Receiver, TreeReceiver
 from slaposha.watchdog import Watchdog
 
 __all__ = ['Daemon', 'default_host', 'run_witness', 'install_stop_signals']

@@ -192,7 +192,7 @@ def test_an_export_made_on_one_host_is_imported_on_a_fresh_one(
 
     def snapshot():
         return pair.py('hA', '''
-            from slaposha.replication.btrfs import Volume
+            from slaposha.replication.volume import Volume
             result = Volume(%r).snapshot(10, 'hA').name
         ''' % VOL)
     a.run('mkdir -p {v}/slappart0 && dd if=/dev/urandom of={v}/slappart0/db'
@@ -258,7 +258,7 @@ def test_an_export_made_on_one_host_is_imported_on_a_fresh_one(
     # token 10 the import outranked the owner's snapshot, and the takeover
     # promoted the import again: 'two', the owner's writes gone.
     taken, newest, said = pair.py('hB', """
-        from slaposha.replication.btrfs import Volume
+        from slaposha.replication.volume import Volume
         v = Volume(%r)
         v.activate(5, 'hB')
         with open(%r, 'w') as f:
@@ -317,7 +317,7 @@ def test_an_rsync_archive_made_on_one_host_is_imported_on_a_fresh_one(
     assert 'as its newest copy, token 0' in out, out
     assert b.run(['test', '-e', tree], check=False).returncode == 1
     said = pair.py('hB', '''
-        from slaposha.replication.rsync import Tree
+        from slaposha.replication.tree import Tree
         result = Tree(%r).promote()
     ''' % tree)
     assert 'promoted the copy of hA (token 0' in said, said

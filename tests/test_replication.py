@@ -20,7 +20,7 @@ from slaposha.cgroup import Cgroup
 from slaposha.config import ConfigError
 from slaposha.lab import LabError, wait_for
 from slaposha.replication import Progress, ReplicationError
-from slaposha.replication.btrfs import Volume
+from slaposha.replication.volume import Volume
 from slaposha.resources import ResourceError, driver
 from slaposha.service import Context
 from slaposha.lab.replication import (
@@ -137,7 +137,7 @@ def send_stream(*commands):
 
 
 def test_a_stream_says_whether_it_changes_anything():
-    from slaposha.replication.btrfs import _Changes
+    from slaposha.replication.volume import Changes
     snapshot, utimes, end, write = (2, b's' * 90), (20, b'u' * 50), \
         (21, b''), (15, b'w' * 5000)
     for commands, changed in (((snapshot, end), False),
@@ -148,7 +148,7 @@ def test_a_stream_says_whether_it_changes_anything():
         stream = send_stream(*commands)
         # Whole, and in pieces that cut headers anywhere.
         for size in (len(stream), 1, 3, 7, 11):
-            seen = _Changes()
+            seen = Changes()
             for at in range(0, len(stream), size):
                 seen.feed(stream[at:at + size])
             assert seen.changed is changed, (commands, size)
@@ -211,7 +211,7 @@ def test_crash_loses_only_writes_after_the_last_snapshot(pair):
     status = pair.status('hB')
     newest = status['newest']
     created = pair.py('hB', '''
-        from slaposha.replication.btrfs import Volume
+        from slaposha.replication.volume import Volume
         result = Volume(%r).meta(%r)['created']
     ''' % (VOL, newest))
     promoted = pair.promote('hB')
@@ -411,7 +411,7 @@ def test_a_stream_with_a_stale_token_is_refused(pair):
     answer = pair.py('hA', '''
         import subprocess
         from slaposha.replication import wire
-        from slaposha.replication.btrfs import Volume
+        from slaposha.replication.volume import Volume
         volume = Volume(%(vol)r)
         snap = volume.snapshot(10, 'hA')
         channel = wire.connect(%(address)r, %(port)d, 'hB', %(tls)r, 5)
@@ -483,13 +483,13 @@ def partial_on(pair, name):
     (being received), as {name: bytes used}."""
     return pair.py(name, '''
         import os, subprocess
-        from slaposha.replication.btrfs import Volume, _read_only
+        from slaposha.replication.volume import Volume, read_only
         volume = Volume(%r)
         result = {}
         for entry in os.listdir(volume.snapdir):
             path = os.path.join(volume.snapdir, entry)
             if os.path.isdir(path) and entry[0].isdigit() and \\
-                    not _read_only(path):
+                    not read_only(path):
                 out = subprocess.run(['du', '-sb', path],
                                      stdout=subprocess.PIPE).stdout
                 result[entry] = int(out.split()[0])
@@ -585,7 +585,7 @@ def test_progress_of_a_full_copy(pair):
     samples = pair.py('hA', '''
         import threading, time
         from slaposha.replication import Peer
-        from slaposha.replication.btrfs import Sender
+        from slaposha.replication.sender import Sender
         sender = Sender(%r, 10, [Peer('hB', %r, %d)], %r, 'hA')
         snap = sender.volume.snapshot(10, 'hA')
         done = []

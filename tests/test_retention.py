@@ -124,7 +124,8 @@ def test_receiver_retention_argument_is_one_line(capsys):
 # moved clock, each sent to the other host, then pruned as the driver does.
 # Each cycle writes its number into the volume first.
 OWNER_TURN = '''
-    from slaposha.replication.btrfs import Sender, Volume
+    from slaposha.replication.sender import Sender
+    from slaposha.replication.volume import Volume
     from slaposha.replication.retention import Clock, Retention
     volume = Volume(%(vol)r)
     volume.clock = Clock(%(start)r)

@@ -89,7 +89,8 @@ def test_live_copy_status_says_not_crash_consistent(tmp_path):
 
 def test_what_a_crash_left_half_deleted_is_deleted_when_the_receiver_starts(
         tmp_path):
-    from slaposha.replication.rsync import Tree, TreeReceiver
+    from slaposha.replication.receiver import TreeReceiver
+    from slaposha.replication.tree import Tree
     tree = Tree(str(tmp_path / 'data'), str(tmp_path / 'store'))
     trash = tmp_path / 'store' / 'trash-1764000000-a1b2c3'
     (trash / 'deep').mkdir(parents=True)
@@ -102,7 +103,7 @@ def test_what_a_crash_left_half_deleted_is_deleted_when_the_receiver_starts(
 
 
 def test_receiver_runs_only_a_checked_push():
-    from slaposha.replication.rsync import server_command
+    from slaposha.replication.receiver import server_command
     cmd = server_command(['rsync', '--server', '-logDtpre.iLsfxCIvu',
                           '--delete', '--stats', '--numeric-ids',
                           '--timeout=5', '.', '/etc/'], '/store/a', '/store/b')
@@ -161,7 +162,7 @@ class Pair(object):
     def push_code(self, token):
         return '''
             from slaposha.replication import Peer, ReplicationError
-            from slaposha.replication.rsync import push
+            from slaposha.replication.push import push
             tls = [%(ssl)r + '/ca.crt', %(ssl)r + '/hA.crt',
                    %(ssl)r + '/hA.key']
             try:
@@ -177,7 +178,7 @@ class Pair(object):
 
     def status(self):
         return self.py('hB', '''
-            from slaposha.replication.rsync import Tree
+            from slaposha.replication.tree import Tree
             result = Tree(%r).status()
         ''' % TREE)
 
@@ -186,7 +187,7 @@ class Pair(object):
         status = self.status()
         assert status['newest'], status
         state = self.py(name, '''
-            from slaposha.replication.rsync import Tree
+            from slaposha.replication.tree import Tree
             result = Tree(%r).state()['complete']
         ''' % TREE)
         with open(self.lab[name].path('%s/%s/%s' % (STORE, state, relative)),
@@ -341,7 +342,7 @@ def test_copy_tree_for_software_releases(pair):
           '/opt/slapgrid/abc/.completed && echo x > /opt/slapgrid/abc/bin/x')
     result = pair.py('hA', '''
         from slaposha.replication import Peer, ReplicationError
-        from slaposha.replication.rsync import copy_tree
+        from slaposha.replication.push import copy_tree
         tls = [%(ssl)r + '/ca.crt', %(ssl)r + '/hA.crt', %(ssl)r + '/hA.key']
         peer = Peer('hB', %(address)r, %(port)d)
         result = [copy_tree('/opt/slapgrid/abc', peer, '/opt/slapgrid/abc',
@@ -400,7 +401,7 @@ def test_from_a_btrfs_snapshot_and_the_copy_stays_a_subvolume(make_lab):
             result
         assert 'not crash-consistent' not in result[1][1]
         status = rl.py('hB', '''
-            from slaposha.replication.rsync import Tree, is_subvolume
+            from slaposha.replication.tree import Tree, is_subvolume
             tree = Tree(%r)
             result = tree.status()
             result['subvolume'] = is_subvolume(
@@ -422,7 +423,7 @@ def test_a_crashed_owners_tree_is_kept_aside_listed_and_dropped(pair):
     aside, listed with the token that wrote it and its size, and can be
     dropped by id; the retention keeps the newest."""
     b = pair.lab['hB']
-    tree = 'from slaposha.replication.rsync import Tree\n' \
+    tree = 'from slaposha.replication.tree import Tree\n' \
         'tree = Tree(%r)\n' % TREE
     for n, (mine, theirs) in enumerate(((5, 20), (30, 40), (50, 60))):
         pair.py('hB', tree + 'result = tree.activate(%d)' % mine)

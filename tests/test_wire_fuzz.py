@@ -3,7 +3,7 @@ API's schemathesis run (tests/test_api.py): whatever bytes a peer sends,
 the receivers answer a refusal in one line, log it once with the peer,
 never let an exception out of a connection's thread and keep serving.
 
-The receiver is the real one (slaposha.replication.btrfs.Receiver serving
+The receiver is the real one (slaposha.replication.receiver.Receiver serving
 the rsync engine's requests too, TLS with host certificates of a test CA)
 on 127.0.0.1, its client a host of the cluster. Its volume is not on btrfs
 (a btrfs stream needs the lab's loop devices): a valid ``receive`` request
@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 
 from slaposha.lab.cluster import make_test_pki
 from slaposha.replication import wire
-from slaposha.replication.btrfs import Receiver
-from slaposha.replication.rsync import MODES, TreeReceiver
+from slaposha.replication.receiver import Receiver, TreeReceiver
+from slaposha.replication.tree import MODES
 
 EXAMPLES = 300       # each a TLS connection: about 10 ms
 PUSH = ['rsync', '--server', '-logDtpre.iLsfxCIvu', '--delete', '.', 'x/']
@@ -399,7 +399,7 @@ def test_the_sender_reads_a_peers_answer_within_limits(site, answer, words):
     """The owner's side: a list answer whose fields are of another type is
     one ReplicationError (before: a TypeError in the sender's cycle)."""
     from slaposha.replication import ReplicationError
-    from slaposha.replication.btrfs import Sender
+    from slaposha.replication.sender import Sender
     context = wire.server_context(site.files('hB'))
     with socket.socket() as server:
         server.bind(('127.0.0.1', 0))

@@ -23,9 +23,9 @@ ENGINES = ('btrfs', 'rsync')
 
 def _engine(section):
     if section.kind == 'btrfs':
-        from slaposha.replication.btrfs import Volume
+        from slaposha.replication.volume import Volume
         return Volume(section.volume)
-    from slaposha.replication.rsync import Tree
+    from slaposha.replication.tree import Tree
     return Tree(section.path, section.store)
 
 

@@ -338,7 +338,7 @@ class ReplicationLab(object):
 
     def status(self, name):
         return self.py(name, '''
-            from slaposha.replication.btrfs import Volume
+            from slaposha.replication.volume import Volume
             result = Volume(%r).status()
         ''' % VOL)
 

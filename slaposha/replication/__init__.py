@@ -3,10 +3,13 @@ owner's epoch.
 
 A service's data must be on the host that takes it over. The engines differ
 in how (reference/replication.md): btrfs snapshots sent one after another
-(:mod:`slaposha.replication.btrfs`, crash-consistent, cheap increments, an
-RPO of a few tenths of a second while written, paced by
-:mod:`slaposha.replication.pacer`), rsync, or DRBD where the kernel has it.
-What they share lives here:
+(crash-consistent, cheap increments, an RPO of a few tenths of a second
+while written: :mod:`~slaposha.replication.volume`,
+:mod:`~slaposha.replication.sender`, paced by
+:mod:`~slaposha.replication.pacer`), rsync (:mod:`~slaposha.replication.tree`,
+:mod:`~slaposha.replication.push`, :mod:`~slaposha.replication.relay`), or
+DRBD where the kernel has it. Every host receives both engines' copies with
+:mod:`~slaposha.replication.receiver`. What they share lives here:
 
 - every copy is tagged with the fencing token (epoch) of the owner that
   sent it, and a standby refuses anything from an epoch older than the

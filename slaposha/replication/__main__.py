@@ -22,7 +22,9 @@ import signal
 import sys
 
 from slaposha.replication import Peer, ReplicationError
-from slaposha.replication.btrfs import DEFAULT_PORT, Receiver, Sender, Volume
+from slaposha.replication.receiver import DEFAULT_PORT, Receiver
+from slaposha.replication.sender import Sender
+from slaposha.replication.volume import Volume
 from slaposha.replication.retention import Retention
 
 
@@ -96,7 +98,7 @@ def main(argv=None):
                         format='%(asctime)s %(message)s')
     try:
         if args.command == 'receiver':
-            from slaposha.replication.rsync import COPY_ROOTS, TreeReceiver
+            from slaposha.replication.receiver import COPY_ROOTS, TreeReceiver
             trees = TreeReceiver(args.tree, args.copy_root or COPY_ROOTS,
                                  idle_timeout=args.idle_timeout)
             volumes = [Volume(path) for path in args.volumes]

@@ -1,6 +1,6 @@
 """When the owner takes a snapshot, and when each standby gets it.
 
-A :class:`~slaposha.replication.btrfs.Sender` knows how to take a snapshot
+A :class:`~slaposha.replication.sender.Sender` knows how to take a snapshot
 and send it to one standby; the :class:`Pacer` runs it without pause, from
 the service's start to its stop. Before it, a cycle (a snapshot sent to
 each standby in turn, then the pruning) began every ``interval``: a crash
@@ -32,7 +32,7 @@ import threading
 import time
 
 from slaposha.replication import ReplicationError
-from slaposha.replication.btrfs import Cycle
+from slaposha.replication.sender import Cycle
 
 __all__ = ['Pacer']
 
@@ -62,7 +62,7 @@ class Pacer(object):
     :meth:`abort`), with ``interval`` and ``min_interval`` as above.
 
     ``report(cycle)`` is called, in the pacer's threads, with a
-    :data:`~slaposha.replication.btrfs.Cycle` for each event: a snapshot
+    :data:`~slaposha.replication.sender.Cycle` for each event: a snapshot
     taken (no results, no errors); a send to a standby (its Transfer in
     ``results`` or its ReplicationError in ``errors``, under its name;
     ``started``: when the snapshot was taken, wall clock; ``seconds``: from

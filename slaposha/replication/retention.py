@@ -23,7 +23,7 @@ service stopped for a week still has its backups when it comes back.
 
 A snapshot whose time is unknown (no metadata) is never kept by the policy;
 retention never deletes anything by itself: :meth:`Volume.prune
-<slaposha.replication.btrfs.Volume.prune>` deletes what nobody keeps.
+<slaposha.replication.volume.Volume.prune>` deletes what nobody keeps.
 """
 
 import time

@@ -8,8 +8,9 @@ crash-consistent (what a power cut would leave). While the volume is
 written, a snapshot follows as soon as a standby has the one before (no
 sooner than ``min_interval``), and a crash loses the last few tenths of a
 second of writes; an untouched volume gets a snapshot every ``interval``
-(reference/replication.md; :mod:`slaposha.replication.btrfs` for the
-engine, :mod:`slaposha.replication.pacer` for the schedule)::
+(reference/replication.md; :mod:`slaposha.replication.volume`,
+:mod:`~slaposha.replication.sender` and :mod:`~slaposha.replication.receiver`
+for the engine, :mod:`slaposha.replication.pacer` for the schedule)::
 
     [btrfs#slapgrid]
     volume = /srv/slapgrid
@@ -32,7 +33,7 @@ What the agent does with it (the interface)
    resource of the services that may run there, started with the agent and
    kept running whether the host owns them or not::
 
-       from slaposha.replication.btrfs import Receiver
+       from slaposha.replication.receiver import Receiver
        receiver = Receiver(address, port, tls, volumes,
                            hosts=cluster.cluster.hosts).start()  # a thread
        ...
@@ -79,7 +80,9 @@ import time
 
 from slaposha.config import REQUIRED, Key
 from slaposha.replication import ReplicationError, human_bytes
-from slaposha.replication.btrfs import DEFAULT_PORT, Sender, Volume
+from slaposha.replication.receiver import DEFAULT_PORT
+from slaposha.replication.sender import Sender
+from slaposha.replication.volume import Volume
 from slaposha.replication.pacer import Pacer
 from slaposha.replication.retention import DEFAULTS, Retention
 from slaposha.units import human_seconds

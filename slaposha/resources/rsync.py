@@ -3,8 +3,9 @@
 For hosts without btrfs (the ``btrfs`` driver is the default, DESIGN.md 3):
 the owner pushes the folder to every standby of the service, with the real
 rsync binary, over the cluster's TLS channel and tagged with its fencing
-token (:mod:`slaposha.replication.rsync` for the engine, the standby's two
-copies and what makes a copy complete)::
+token (:mod:`slaposha.replication.push` for the engine,
+:mod:`slaposha.replication.tree` for the standby's two copies and what
+makes a copy complete)::
 
     [rsync#data]
     path = /srv/slapgrid/data
@@ -40,9 +41,10 @@ import time
 
 from slaposha.config import REQUIRED, Key
 from slaposha.replication import ReplicationError, StaleToken, trim
-from slaposha.replication.btrfs import DEFAULT_PORT
+from slaposha.replication.receiver import DEFAULT_PORT
 from slaposha.replication.pacer import LOST_POLL
-from slaposha.replication.rsync import Transfer, Tree, is_subvolume, push
+from slaposha.replication.push import Transfer, push
+from slaposha.replication.tree import Tree, is_subvolume
 from slaposha.resources import (
     DOWN, UP, WARN, ResourceError, Status, register)
 from slaposha.resources.data import DIVERGED_KEYS, DataResource

@@ -98,7 +98,7 @@ def data_state(path):
     that can become one where it is ('folder', the file system's mount
     point), or neither (why)."""
     from slaposha.replication import ReplicationError
-    from slaposha.replication.btrfs import Volume
+    from slaposha.replication.volume import Volume
     try:
         root = Volume(path).root
     except ReplicationError as e:

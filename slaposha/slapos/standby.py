@@ -211,7 +211,7 @@ class Preparation(object):
                                    root, detail, os.path.dirname(root)))
         elif detail == 'missing':
             from slaposha.replication import ReplicationError
-            from slaposha.replication.btrfs import Volume
+            from slaposha.replication.volume import Volume
             try:
                 Volume(root).root
             except ReplicationError as e:

@@ -8,7 +8,7 @@ own, never blocking the agent's cycle):
   (:meth:`Standbys.install_identity`);
 - every completed software release (``.completed``; it never changes
   after that) is copied to each standby that reports it lacks it, over the
-  cluster's channel (:func:`slaposha.replication.rsync.copy_tree`, under
+  cluster's channel (:func:`slaposha.replication.push.copy_tree`, under
   /opt/slapgrid), so a takeover never builds; which copies are due, and
   the retries of those that failed, are :class:`~slaposha.slapos.releases.
   Copies`'s business.
@@ -122,7 +122,7 @@ class Standbys(object):
 
     def _copy_software(self, node):
         from slaposha.replication import Peer, ReplicationError
-        from slaposha.replication.rsync import copy_tree
+        from slaposha.replication.push import copy_tree
         reports = {peer: has for peer, has in self.reports.items()
                    if peer in self.peers}
         broken = set()
