@@ -32,7 +32,7 @@ def test_a_fingerprint_file_is_read_within_limits(tmp_path):
     """`slapos check --reference` and `prepare-standby` read an owner's
     fingerprint: nested 5000 deep it is one line (before: a RecursionError
     traceback)."""
-    from slaposha.cli.main import UserError, read_reference
+    from slaposha.cli.commands import UserError, read_reference
     path = tmp_path / 'fingerprint.json'
     path.write_text('[' * 5000 + ']' * 5000)
     with pytest.raises(UserError) as e:

@@ -8,10 +8,9 @@ idempotent: a run cut short is run again.
 
 import sys
 
-from slaposha.cli import main_module
-
-main = main_module()
-command, UserError = main.command, main.UserError
+from slaposha.cli.commands import (
+    HOST_ARG, SLAPOS_CFG, UserError, agent_call, cluster_of, command,
+    local_host, read_reference)
 
 _APPLY = (('--apply',), dict(action='store_true',
                              help='do it (without: print what it would do)'))
@@ -29,7 +28,7 @@ def _say(lines):
 @command('slapos adopt', 'put this host\'s SlapOS node under the cluster\'s'
          ' care: print the plan (what moves, what each peer must have, what'
          ' changes here); --apply does it', [
-             main._SLAPOS_CFG, main._HOST_ARG, _APPLY, _CRON,
+             SLAPOS_CFG, HOST_ARG, _APPLY, _CRON,
              (('--service',), dict(metavar='NAME', help='the service\'s name'
                                    ' (default: the computer id, lower'
                                    ' case)')),
@@ -43,8 +42,8 @@ def _say(lines):
          ])
 def slapos_adopt(args):
     from slaposha.slapos.adopt import Adoption, AdoptError
-    cluster = main._cluster(args)
-    host = main._local_host(args, cluster, cluster.cluster.hosts, 'hosts')
+    cluster = cluster_of(args)
+    host = local_host(args, cluster, cluster.cluster.hosts, 'hosts')
     try:
         adoption = Adoption(args.slapos_cfg, cluster, host, args.service,
                             args.hosts, cron_dir=args.cron_dir)
@@ -69,7 +68,7 @@ def slapos_adopt(args):
 @command('slapos prepare-standby', 'make this host ready to take over the'
          ' node of a fingerprint (users and groups with the same ids,'
          ' paths, no slapgrid from cron); say what it cannot do itself', [
-             main._SLAPOS_CFG, _APPLY, _CRON,
+             SLAPOS_CFG, _APPLY, _CRON,
              (('--reference',), dict(metavar='FILE', required=True,
                                      help='the owner\'s fingerprint (`slaposha'
                                      ' slapos fingerprint` there), - for'
@@ -77,7 +76,7 @@ def slapos_adopt(args):
          ])
 def slapos_prepare_standby(args):
     from slaposha.slapos.standby import Preparation, PrepareError
-    ref = main.read_reference(args.reference)
+    ref = read_reference(args.reference)
     try:
         prep = Preparation(ref, args.slapos_cfg, cron_dir=args.cron_dir)
         if not args.apply:
@@ -109,7 +108,7 @@ def slapos_prepare_standby(args):
 @command('slapos release', 'give the adopted node back to SlapOS on this'
          ' host, the service stopped: frozen in the cluster, cron back,'
          ' started as SlapOS starts it, no data moved', [
-             main._SLAPOS_CFG, main._HOST_ARG, _APPLY, _CRON,
+             SLAPOS_CFG, HOST_ARG, _APPLY, _CRON,
              (('--no-start',), dict(action='store_true', help='leave the'
                                     ' node stopped')),
              (('--timeout',), dict(type=float, default=600.0, metavar='S',
@@ -120,11 +119,11 @@ def slapos_release(args):
     from slaposha.api.local import AgentUnreachable
     from slaposha.slapos.adopt import AdoptError
     from slaposha.slapos.release import release
-    cluster = main._cluster(args)
-    host = main._local_host(args, cluster, cluster.cluster.hosts, 'hosts')
+    cluster = cluster_of(args)
+    host = local_host(args, cluster, cluster.cluster.hosts, 'hosts')
 
     def ask(method, route, body):
-        return main._agent_call(args, method, route, body)
+        return agent_call(args, method, route, body)
     try:
         ask('GET', '/local', None)
     except (UserError, AgentUnreachable):

@@ -9,11 +9,8 @@ service file (on a host that is not set up yet).
 import json
 import os
 
-from slaposha.cli import main_module
+from slaposha.cli.commands import UserError, agent_call, command
 from slaposha.units import human_bytes, human_seconds
-
-command = main_module().command
-UserError = main_module().UserError
 
 
 def _service(args):
@@ -52,7 +49,7 @@ def _data(args):
     trees = trees_of(service)
     try:
         return volumes_of(service), trees
-    except BackupError as e:
+    except BackupError:
         if not trees:
             raise UserError('%s: service %s has neither [btrfs#...] nor'
                             ' [rsync#...] data' % (service.path,
@@ -159,7 +156,6 @@ def _restore_service(args):
     agents (this host's, or --api): asked, then waited for like a switch."""
     import sys
     import time
-    main = main_module()
     if os.sep in args.service or args.service.endswith('.cfg'):
         raise UserError('restore %s: name a service of the cluster (its'
                         ' owner restores it), not a file' % args.service)
@@ -174,14 +170,14 @@ def _restore_service(args):
             print('nothing done')
             return 1
     began, asked = time.monotonic(), time.time()
-    answer = main._agent_call(args, 'POST', '/services/%s/restore'
-                              % args.service, {'at': args.at})
+    answer = agent_call(args, 'POST', '/services/%s/restore'
+                        % args.service, {'at': args.at})
     print(answer['message'])
     if args.no_wait:
         return 0
     timeout = 300.0 if args.timeout is None else args.timeout
     while True:
-        status = main._agent_call(args, 'GET', '/status')
+        status = agent_call(args, 'GET', '/status')
         svc = (status.get('services') or {}).get(args.service) or {}
         ended = svc.get('restored')
         if not svc.get('restore') and ended and \

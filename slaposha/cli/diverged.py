@@ -10,11 +10,8 @@ import sys
 import time
 
 from slaposha import config
-from slaposha.cli import main_module
+from slaposha.cli.commands import UserError, cluster_of, command
 from slaposha.replication import ReplicationError, human_bytes
-
-main = main_module()
-command, UserError, _cluster = main.command, main.UserError, main._cluster
 
 __all__ = []
 
@@ -32,7 +29,7 @@ def _engine(section):
 def _data(args):
     """[(service name, resource id, engine)] of the services (or
     ``args.service``) whose data a driver copies between hosts."""
-    services = config.load_services(_cluster(args))
+    services = config.load_services(cluster_of(args))
     if args.service and args.service not in [s.name for s in services]:
         raise UserError('no service %r (the services: %s)' % (
             args.service, ' '.join(s.name for s in services) or 'none'))

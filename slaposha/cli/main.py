@@ -1,34 +1,20 @@
 """The ``slaposha`` command.
 
 Each subcommand is a function ``(args) -> exit code`` registered with
-:func:`command`. User mistakes (configuration, arguments) end as one line on
-stderr and exit code 2; nothing a user can type prints a traceback.
+:func:`slaposha.cli.commands.command`: those defined here, and those of the
+modules imported below (their place sets the order of ``--help``). User
+mistakes (configuration, arguments) end as one line on stderr and exit
+code 2; nothing a user can type prints a traceback.
 """
 
 import argparse
 import sys
 
 from slaposha import __version__, config
-
-EXIT_USAGE = 2
-
-_COMMANDS = []
-
-
-def command(name, help, arguments=()):
-    """Register a subcommand; ``arguments`` are (flags, kwargs) pairs."""
-    def register(func):
-        _COMMANDS.append((name, help, arguments, func))
-        return func
-    return register
-
-
-class UserError(Exception):
-    """A mistake of the user's, printed as one line (exit code 2)."""
-
-
-def _cluster(args):
-    return config.load_cluster(args.cluster)
+from slaposha.cli.commands import (
+    COMMANDS, EXIT_USAGE, HOST_ARG, SLAPOS_CFG, UserError, agent_call,
+    api_client, cluster_of, command, local_host, read_reference,
+    setup_logging)
 
 
 @command('config check', 'validate the cluster file and every service file', [
@@ -36,7 +22,7 @@ def _cluster(args):
                               help='check only these service files')),
 ])
 def config_check(args):
-    cluster = _cluster(args)
+    cluster = cluster_of(args)
     cluster.check_ssl_dir()
     if args.service_files:
         services = [config.load_service(p, cluster)
@@ -60,36 +46,14 @@ def config_keys(args):
     return 0
 
 
-def _setup_logging(host):
-    import logging
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr,
-        format='%(asctime)s ' + host + ' %(name)s: %(message)s')
-    logging.getLogger('urllib3').setLevel(logging.WARNING)
-
-
-def _local_host(args, cluster, allowed, what):
-    from slaposha.daemon import default_host
-    host = args.host or default_host()
-    if host not in allowed:
-        raise UserError('%s: this host is %r (--host, or the hostname), which'
-                        ' is not one of the %s of [cluster] (%s)' % (
-                            cluster.path, host, what, ' '.join(allowed)))
-    return host
-
-
-_HOST_ARG = (('--host',), dict(help='name of this host in the cluster file'
-                                    ' (default: the short hostname)'))
-
-
-@command('agent', 'run the agent of this host in the foreground', [_HOST_ARG])
+@command('agent', 'run the agent of this host in the foreground', [HOST_ARG])
 def agent(args):
     from slaposha.daemon import Daemon, install_stop_signals
     from slaposha.cgroup import CgroupError
     from slaposha.cluster.member import MemberError
-    cluster = _cluster(args)
-    host = _local_host(args, cluster, cluster.cluster.hosts, 'hosts')
-    _setup_logging(host)
+    cluster = cluster_of(args)
+    host = local_host(args, cluster, cluster.cluster.hosts, 'hosts')
+    setup_logging(host)
     try:
         daemon = Daemon(cluster, host)
         install_stop_signals(daemon.stop)
@@ -100,18 +64,18 @@ def agent(args):
 
 
 @command('witness', 'run only an etcd member, as a witness host',
-         [_HOST_ARG])
+         [HOST_ARG])
 def witness(args):
     import threading
     from slaposha.daemon import install_stop_signals, run_witness
     from slaposha.cluster.member import MemberError
-    cluster = _cluster(args)
+    cluster = cluster_of(args)
     if cluster.etcd.mode != 'embedded':
         raise UserError('%s: [etcd] mode = external: a witness runs an'
                         ' embedded member, it has nothing to do'
                         % cluster.path)
-    host = _local_host(args, cluster, cluster.members, 'hosts or witnesses')
-    _setup_logging(host)
+    host = local_host(args, cluster, cluster.members, 'hosts or witnesses')
+    setup_logging(host)
     stop = threading.Event()
     install_stop_signals(stop.set)
     try:
@@ -119,59 +83,6 @@ def witness(args):
     except MemberError as e:
         raise UserError(str(e))
     return 0
-
-
-def _agent_call(args, method, route, body=None):
-    """Ask an agent; one line and exit 2 when it cannot. With --api (or
-    $SLAPOSHA_API), over HTTPS with the operator's certificate; else the
-    agent of this host over its unix socket (root only)."""
-    import os
-    from slaposha.api.local import AgentUnreachable, call
-    api = getattr(args, 'api', None) or os.environ.get('SLAPOSHA_API')
-    if api:
-        return _api_call(args, api, method, route, body)
-    cluster = _cluster(args)
-    path = os.path.join(cluster.cluster.run_dir, 'agent.sock')
-    try:
-        status, answer = call(path, method, route, body)
-    except AgentUnreachable as e:
-        raise UserError(str(e))
-    if status >= 400:
-        raise UserError(answer.get('error', 'agent answered %d' % status))
-    return answer
-
-
-def _api_url(args, api):
-    from slaposha.api.client import url_for
-    if '://' not in api:
-        # A host name of the cluster: its address, as its certificate says.
-        cluster = _cluster(args)
-        if api not in cluster.hosts:
-            raise UserError('--api %s: neither a URL nor a host of the'
-                            ' cluster (%s)' % (api, ' '.join(cluster.hosts)))
-        api = url_for(cluster, api)
-    return api
-
-
-def _api_client(args, api):
-    from slaposha.api.client import ApiClient, ApiError
-    api = _api_url(args, api)
-    try:
-        client = getattr(args, '_api_client', None)
-        if client is None:
-            client = args._api_client = ApiClient(api)
-        return client
-    except ApiError as e:
-        raise UserError('%s: %s' % (api, e))
-
-
-def _api_call(args, api, method, route, body):
-    from slaposha.api.client import ApiError
-    client = _api_client(args, api)
-    try:
-        return client.request(method, route, body)
-    except ApiError as e:
-        raise UserError('%s: %s' % (client.url, e))
 
 
 @command('status', 'the cluster as a tree: hosts, services, owners, each'
@@ -183,7 +94,7 @@ def _api_call(args, api, method, route, body):
 def status(args):
     import json
     from slaposha.cli.status import render
-    answer = _agent_call(args, 'GET', '/status')
+    answer = agent_call(args, 'GET', '/status')
     if args.service and args.service not in answer.get('services', {}) \
             and answer.get('services') is not None:
         raise UserError('no service %r' % args.service)
@@ -208,21 +119,21 @@ def mon(args):
 
     def history():
         try:
-            return _agent_call(args, 'GET', '/history').get('history')
+            return agent_call(args, 'GET', '/history').get('history')
         except UserError:
             return None  # etcd out of reach: the frame says so already
     if args.once:
-        status = _agent_call(args, 'GET', '/status')
+        status = agent_call(args, 'GET', '/status')
         from slaposha.cli.mon import frame
         print('\n'.join(frame(status, history())))
         return 0
     if api:
-        client = _api_client(args, api)
+        client = api_client(args, api)
         statuses = client.events
     else:
         statuses = None
     from slaposha.api.client import ApiError
-    return main_loop(lambda: _agent_call(args, 'GET', '/status'), history,
+    return main_loop(lambda: agent_call(args, 'GET', '/status'), history,
                      statuses, (UserError, ApiError))
 
 
@@ -232,7 +143,7 @@ def mon(args):
 def log(args):
     import json
     import time
-    answer = _agent_call(args, 'GET', '/decisions')
+    answer = agent_call(args, 'GET', '/decisions')
     if args.json:
         print(json.dumps(answer, indent=2, sort_keys=True))
         return 0
@@ -284,14 +195,14 @@ def _action(verb, with_to=False, help=''):
         body = {'to': args.to} if with_to and args.to else {}
         if getattr(args, 'force', False):
             body['force'] = True
-        answer = _agent_call(args, 'POST', '/services/%s/%s'
+        answer = agent_call(args, 'POST', '/services/%s/%s'
                              % (args.service, verb), body)
         print(answer['message'])
         if args.no_wait or verb in ('freeze', 'thaw'):
             return 0
         here = None
         while True:
-            status = _agent_call(args, 'GET', '/status')
+            status = agent_call(args, 'GET', '/status')
             here = status.get('host')
             if _done(status, args.service, verb, getattr(args, 'to', None),
                      here):
@@ -347,34 +258,15 @@ def _node(args):
         raise UserError(str(e))
 
 
-_SLAPOS_CFG = (('--slapos-cfg',), dict(
-    metavar='FILE', help='the node\'s slapos.cfg (default'
-    ' /etc/opt/slapos/slapos.cfg or $SLAPOS_CONFIGURATION)'))
-
-
 @command('slapos fingerprint', 'print, as JSON, what a standby of this node'
          ' must have the same (paths, uids, software releases, interfaces)'
          ' and what preparing one needs (accounts, slapos.cfg, SlapOS'
-         ' install)', [_SLAPOS_CFG])
+         ' install)', [SLAPOS_CFG])
 def slapos_fingerprint(args):
     import json
     from slaposha.slapos.standby import reference
     print(json.dumps(reference(_node(args)), indent=2, sort_keys=True))
     return 0
-
-
-def read_reference(path):
-    """An owner's fingerprint, from a file or - (stdin)."""
-    from slaposha.inputs import MAX_VALUE, loads
-    try:
-        if path == '-':
-            text = sys.stdin.read(MAX_VALUE + 1)
-        else:
-            with open(path) as f:
-                text = f.read(MAX_VALUE + 1)
-        return loads(text, MAX_VALUE, 'the fingerprint', require=None)
-    except (OSError, ValueError) as e:
-        raise UserError('%s: cannot read the fingerprint: %s' % (path, e))
 
 
 def _published_fingerprint(args):
@@ -383,7 +275,7 @@ def _published_fingerprint(args):
     the service named by args.service, or the only one with a slapos
     resource."""
     try:
-        answer = _agent_call(args, 'GET', '/status')
+        answer = agent_call(args, 'GET', '/status')
     except UserError as e:
         raise UserError('%s; or compare with a fingerprint: --reference'
                         ' FILE' % e)
@@ -416,7 +308,7 @@ def _published_fingerprint(args):
              (('service',), dict(nargs='?', help='the service of the node'
                                  ' (default: the only one with a slapos'
                                  ' resource)')),
-             _SLAPOS_CFG,
+             SLAPOS_CFG,
              (('--reference',), dict(metavar='FILE', help='compare with this'
                                      ' fingerprint (JSON, from `slaposha'
                                      ' slapos fingerprint` on the owner; -'
@@ -441,7 +333,7 @@ def slapos_check(args):
         if not args.slapos_cfg:
             # The node's slapos.cfg as the service file names it.
             args.slapos_cfg = next((
-                r.cfg for c in config.load_services(_cluster(args))
+                r.cfg for c in config.load_services(cluster_of(args))
                 if c.name == service for r in c.resources if r.rid == rid),
                 None)
         node = _node(args)
@@ -461,7 +353,7 @@ def slapos_check(args):
 
 @command('slapos save-parameters', 'save each partition\'s instance'
          ' parameters from the master into the node\'s data (run by the'
-         ' owner, e.g. as a task)', [_SLAPOS_CFG])
+         ' owner, e.g. as a task)', [SLAPOS_CFG])
 def slapos_save_parameters(args):
     from slaposha.slapos.parameters import ParametersError, fetch, save
     node = _node(args)
@@ -477,7 +369,7 @@ def slapos_save_parameters(args):
          ' state, programs (where supervisord runs), what is wrong,'
          ' addresses, software release and the parameters it was deployed'
          ' with; free and destroyed partitions are left out', [
-             _SLAPOS_CFG,
+             SLAPOS_CFG,
              (('--json',), dict(action='store_true', help='print JSON')),
          ])
 def slapos_partitions(args):
@@ -565,7 +457,7 @@ def build_parser():
                         ' its unix socket)')
     sub = parser.add_subparsers(dest='command', metavar='COMMAND')
     groups = {}
-    for name, help, arguments, func in _COMMANDS:
+    for name, help, arguments, func in COMMANDS:
         words = name.split()
         target = sub
         for depth, word in enumerate(words[:-1]):
@@ -586,7 +478,7 @@ def build_parser():
 def find_command(name):
     """(help, arguments, func) of the subcommand ``name`` (e.g. 'slapos
     check'); `slapos ha` builds its commands from these."""
-    for cname, help, arguments, func in _COMMANDS:
+    for cname, help, arguments, func in COMMANDS:
         if cname == name:
             return help, arguments, func
     raise KeyError(name)

@@ -10,10 +10,7 @@ CA key is (``cert sign``), the certificate comes back (``cert install``).
 import json
 import os
 
-from slaposha.cli import main_module
-
-command = main_module().command
-UserError = main_module().UserError
+from slaposha.cli.commands import UserError, cluster_of, command
 
 
 def _pki():
@@ -32,11 +29,6 @@ def _run(func):
     wrapper.__name__ = func.__name__
     wrapper.__doc__ = func.__doc__
     return wrapper
-
-
-def _cluster(args):
-    from slaposha import config
-    return config.load_cluster(args.cluster)
 
 
 def _host(args, cluster):
@@ -67,7 +59,7 @@ def _ca(args, pki):
     """(CA key, CA certificate, ssl_dir or None) for the signing commands."""
     ssl_dir = None
     if not (args.ca_cert and args.ca_key):
-        ssl_dir = _cluster(args).ssl_dir
+        ssl_dir = cluster_of(args).ssl_dir
     ca_cert_path = args.ca_cert or os.path.join(ssl_dir, 'ca.crt')
     ca_key_path = args.ca_key or os.path.join(ssl_dir, 'ca.key')
     if not os.path.exists(ca_key_path):
@@ -116,7 +108,7 @@ def _host_files(ssl_dir, host):
          ])
 @_run
 def cluster_init(args, pki):
-    cluster = _cluster(args)
+    cluster = cluster_of(args)
     host = _host(args, cluster)
     days = _days(args)
     ssl_dir = _ensure_dir(cluster.ssl_dir)
@@ -158,7 +150,7 @@ def cluster_init(args, pki):
          ])
 @_run
 def cluster_join(args, pki):
-    cluster = _cluster(args)
+    cluster = cluster_of(args)
     host = _host(args, cluster)
     days = _days(args)
     ssl_dir = cluster.ssl_dir
@@ -222,7 +214,7 @@ def cert_request(args, pki):
         if args.dir:
             raise UserError('--dir is for --operator; a host\'s files go to'
                             ' the cluster ssl_dir')
-        cluster = _cluster(args)
+        cluster = cluster_of(args)
         name = _host(args, cluster)
         folder = _ensure_dir(cluster.ssl_dir)
         key_path, _, csr_path = _host_files(folder, name)
@@ -256,7 +248,7 @@ def cert_sign(args, pki):
     name = pki.csr_name(csr)
     address = None
     if args.role == pki.HOST_ROLE:
-        cluster = _cluster(args)
+        cluster = cluster_of(args)
         if name not in cluster.members:
             raise UserError('%s: the request is for %r, not a host of the'
                             ' cluster (%s)' % (args.csr, name,
@@ -294,7 +286,7 @@ def cert_install(args, pki):
             raise UserError('%s is a host certificate: it goes to the cluster'
                             ' ssl_dir, with its ca.crt (no --dir, --ca)'
                             % args.cert)
-        cluster = _cluster(args)
+        cluster = cluster_of(args)
         if name not in cluster.members:
             raise UserError('%s: for %r, not a host of the cluster (%s)' % (
                 args.cert, name, ' '.join(cluster.members)))

@@ -3,10 +3,7 @@
 
 import os
 
-from slaposha.cli import main_module
-
-command = main_module().command
-UserError = main_module().UserError
+from slaposha.cli.commands import UserError, command, setup_logging
 
 _CONFIG = (('--config',), dict(metavar='FILE', help='the portal file'
                                ' (default /etc/opt/slaposha/portal.cfg or'
@@ -22,7 +19,7 @@ def portal_serve(args):
     from slaposha.portal.config import load_portal
     from slaposha.portal.server import Portal
     config = load_portal(args.config)
-    main_module()._setup_logging('portal')
+    setup_logging('portal')
     stop = threading.Event()
     install_stop_signals(stop.set)
     portal = Portal(config).start()
