@@ -2,9 +2,11 @@
 run from it) and the cluster's PKI (``slaposha cluster init|join``,
 ``slaposha cert ...``).
 
-The API runs on 127.0.0.1 with a stand-in agent (FakeAgent): the real agent
-needs etcd, and what is tested here is the API in front of it; the agent's
-own actions and status are tested with real etcd in test_agent.py.
+The API runs on 127.0.0.1 with a stand-in agent (FakeAgent, with the
+names the API calls on the real one): the real agent needs etcd, and what
+is tested here is the API in front of it; the agent's own actions and
+status are tested with real etcd in test_agent.py. The unix socket serves
+the same routes to root.
 """
 
 import datetime
@@ -29,7 +31,10 @@ from slaposha import config, pki
 from slaposha.actions import ActionError
 from slaposha.api import ACTIONS, MAX_BODY
 from slaposha.api.client import ApiClient, ApiRefused, ApiUnreachable
-from slaposha.api.https import OPENAPI_PATH, ROUTES, HttpsApi
+from slaposha.api.https import HttpsApi
+from slaposha.api.local import LocalApi, call
+from slaposha.api.routes import OPENAPI_PATH, ROUTES
+from slaposha.api.server import limits_of
 from slaposha.cli.main import main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -42,17 +47,26 @@ class FakeAgent(object):
     """What the API asks of an agent, without etcd: two services whose
     owner and last decision the tests change."""
 
-    def __init__(self):
+    def __init__(self, cluster=None):
+        self.cluster = cluster
+        self.host = 'hA'
+        self.confs = {}
         self.lock = threading.Lock()
         self.calls = []
         self.owner = {'web': 'hA', 'db': None}
         self.decision = {'web': [time.time(), 'start', 'preferred host'],
                          'db': None}
+        self.decision_log = []
 
     def set(self, name, owner, action, reason):
         with self.lock:
             self.owner[name] = owner
             self.decision[name] = [time.time(), action, reason]
+            self.decision_log.append({'service': name, 'time': time.time(),
+                                      'action': action, 'reason': reason})
+
+    def history(self):
+        return []
 
     def _service(self, name):
         return {'state': 'running' if self.owner[name] == 'hA'
@@ -201,7 +215,7 @@ class Env(object):
         other_key, other_ca = pki.create_ca('test')  # same name, other key
         self.certs['other-ca'] = make_pair(clients, 'other', other_key,
                                            other_ca, 'alice-root', 'root')
-        self.agent = FakeAgent()
+        self.agent = FakeAgent(self.cluster)
         self.api = HttpsApi(self.agent, self.cluster, 'hA', port=0).start()
         self.url = self.api.url
 
@@ -563,27 +577,62 @@ def test_event_stream_sends_each_change_and_ends_when_the_client_leaves(env):
     events.close()
     client.close()
     deadline = time.monotonic() + 5
-    while env.api._subscribers and time.monotonic() < deadline:
+    while env.api.feed.subscribers and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert env.api._subscribers == 0
+    assert env.api.feed.subscribers == 0
     still_serving(env)
 
 
-def test_decision_log_keeps_each_new_decision(env):
+def test_decisions_are_the_agents_own_log_oldest_first(env):
     env.agent.set('web', 'hA', 'keep', 'still the preferred host (1)')
-    time.sleep(1.2)
     env.agent.set('web', 'hA', 'keep', 'still the preferred host (2)')
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        decisions = env.request('guest', 'GET', '/decisions').json()
-        reasons = [d['reason'] for d in decisions['decisions']
-                   if d['service'] == 'web']
-        if 'still the preferred host (2)' in reasons:
-            break
-        time.sleep(0.1)
+    decisions = env.request('guest', 'GET', '/decisions').json()
+    reasons = [d['reason'] for d in decisions['decisions']
+               if d['service'] == 'web']
     assert reasons[-2:] == ['still the preferred host (1)',
                             'still the preferred host (2)']
+    assert decisions['decisions'] == env.agent.decision_log
     assert decisions['host'] == 'hA'
+
+
+def test_unix_socket_serves_the_same_routes_to_root(env, tmp_path):
+    agent = FakeAgent(env.cluster)
+    sock = str(tmp_path / 'agent.sock')
+    api = LocalApi(agent, sock, limits_of(env.cluster.api)).start()
+    try:
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+        status, whoami = call(sock, 'GET', '/whoami')
+        assert status == 200, whoami
+        assert whoami['role'] == 'root' and \
+            set(whoami['may']) == {'read', 'act', 'config'}
+        for route in READS + ['/config', '/history']:
+            status, answer = call(sock, 'GET', route)
+            assert status == 200, (route, answer)
+        agent.set('web', 'hA', 'keep', 'still the preferred host')
+        assert call(sock, 'GET', '/decisions')[1]['decisions'] == \
+            agent.decision_log
+        # Who acts is who the request says (slaposha slapos release does),
+        # else the agent names this host's operator.
+        by = 'slaposha slapos release on hA'
+        status, answer = call(sock, 'POST', '/services/web/freeze',
+                              {'by': by})
+        assert status == 200, answer
+        assert agent.calls[-1] == ('web', 'freeze', {'by': by})
+        status, answer = call(sock, 'POST', '/services/web/thaw', {})
+        assert status == 200 and agent.calls[-1] == ('web', 'thaw', {})
+        for method, route, body, code, words in [
+                ('POST', '/services/web/explode', {}, 404, 'unknown action'),
+                ('POST', '/services/nothing/start', {}, 404, 'no service'),
+                ('POST', '/services/web/switch', {}, 409, 'needs a host'),
+                ('POST', '/services/web/start', {'to': 5}, 400, 'string'),
+                ('GET', '/services/web/start', None, 405, 'use POST'),
+                ('GET', '/nowhere', None, 404, 'no such route')]:
+            status, answer = call(sock, method, route, body)
+            assert status == code and words in answer['error'], \
+                (route, answer)
+    finally:
+        api.stop()
+    assert not os.path.exists(sock)
 
 
 # -- the OpenAPI description --------------------------------------------------

@@ -204,7 +204,8 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     @property
     def logger(self):
-        return logging.getLogger(type(self).__module__)
+        """The server's: its module names the log lines of its requests."""
+        return logging.getLogger(type(self.server).__module__)
 
     def setup(self):
         super().setup()

@@ -2,8 +2,9 @@
 beside this file) and the actions it relays.
 
 It is the agents' API server (:mod:`slaposha.api.https`: TLS handshake in
-each connection's thread, bounded connections, one-line JSON errors, the
-same roles) with the portal's own routes, trust and data:
+each connection's thread, bounded connections; :mod:`slaposha.api.routes`:
+one-line JSON errors, the same roles) with the portal's own routes, trust
+and data:
 
 - clients show a certificate of the portal CA (``ca.crt`` in the portal's
   ``ssl_dir``; ``crl.pem`` beside it revokes); ``guest`` reads, ``operator``,
@@ -29,11 +30,12 @@ from collections import OrderedDict
 from urllib.parse import parse_qs, urlsplit
 
 from slaposha import pki
-from slaposha.api import ACTIONS, ApiError, _body
+from slaposha.api import ACTIONS, ApiError, parse_body
 from slaposha.api.client import ApiRefused, ApiUnreachable
-from slaposha.api.https import (PERMISSIONS, UI_PATH, Route, _Handler as
-                                _ApiHandler, _Server as _ApiServer, _Text,
-                                identify_peer, server_context)
+from slaposha.api.https import (_Server as _ApiServer, identify_peer,
+                                server_context)
+from slaposha.api.routes import (PERMISSIONS, UI_PATH, Route, RouteHandler,
+                                 Text)
 from slaposha.api.server import Limits
 from slaposha.config import ConfigError
 from slaposha.inputs import cut, one_line
@@ -95,7 +97,7 @@ def load_page():
     return page, policy
 
 
-class _Handler(_ApiHandler):
+class _Handler(RouteHandler):
     routes = ROUTES
 
     def end_headers(self):
@@ -133,7 +135,7 @@ class _Handler(_ApiHandler):
     # -- routes ---------------------------------------------------------------
 
     def _route_page(self, who, params, raw):
-        return 200, _Text(self.server.api.page, 'text/html; charset=utf-8')
+        return 200, Text(self.server.api.page, 'text/html; charset=utf-8')
 
     # /openapi.json and /api/whoami: the agents' API's own handlers.
 
@@ -157,7 +159,7 @@ class _Handler(_ApiHandler):
         if params['action'] not in ACTIONS:
             raise ApiError(404, 'unknown action %s (actions: %s)' % (
                 cut(params['action']), ', '.join(ACTIONS)))
-        body = _body(raw, ACTION_FIELDS)
+        body = parse_body(raw, ACTION_FIELDS)
         return 200, self.server.api.act(who, params['cluster'],
                                         params['name'], params['action'],
                                         body)
