@@ -14,26 +14,21 @@ and the key, and says what is expected.
 """
 
 import configparser
-import ipaddress
 import math
 import os
-import re
 from collections import OrderedDict
 
-from slaposha.inputs import cut, one_line
+from slaposha.inputs import one_line
+from slaposha.resources import check_section, driver_classes
+from slaposha.schema import REQUIRED, Key, Section, key_table, parse_name
 
 __all__ = [
     'ConfigError', 'Key', 'load_cluster', 'load_service', 'load_services',
-    'register_resource_kind', 'resource_kinds', 'DEFAULT_CLUSTER_FILE',
+    'resource_kinds', 'DEFAULT_CLUSTER_FILE',
     'CLUSTER_SCHEMA', 'SERVICE_SCHEMA', 'describe_sections',
 ]
 
 DEFAULT_CLUSTER_FILE = '/etc/opt/slaposha/cluster.cfg'
-
-NAME_RE = re.compile(r'^[a-z0-9][a-z0-9_.-]{0,62}$', re.IGNORECASE)
-# Characters of a value, unless its key says otherwise: any path fits
-# (PATH_MAX); a megabyte-long value is a mistake, said as such.
-MAX_VALUE = 4096
 
 
 class ConfigError(Exception):
@@ -62,210 +57,6 @@ class ConfigError(Exception):
                          if where else [self.path, message])
 
 
-# -- value types -------------------------------------------------------------
-# Each parser takes the raw string and returns the value, or raises ValueError
-# whose text says what was expected.
-
-def _string(raw):
-    return raw.strip()
-
-
-def _name(raw):
-    raw = raw.strip()
-    if not NAME_RE.match(raw):
-        raise ValueError('expected a name of letters, digits, "-", "_" or "."'
-                         ' (got %s)' % cut(raw))
-    return raw
-
-
-def _integer(raw):
-    try:
-        return int(raw.strip())
-    except ValueError:
-        raise ValueError('expected a whole number (got %s)'
-                         % cut(raw.strip()))
-
-
-_DURATION_RE = re.compile(r'^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h|d)?\s*$')
-_DURATION_UNITS = {None: 1.0, 's': 1.0, 'ms': 0.001, 'm': 60.0, 'h': 3600.0,
-                   'd': 86400.0}
-
-
-def _duration(raw):
-    """Seconds, as ``3``, ``0.5``, ``500ms``, ``2s``, ``5m``, ``1h`` or
-    ``1d``."""
-    m = _DURATION_RE.match(raw)
-    if not m:
-        raise ValueError('expected a duration such as 3, 0.5, 500ms, 2s or 5m'
-                         ' (got %s)' % cut(raw.strip()))
-    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-
-
-_SIZE_RE = re.compile(r'^\s*([0-9]+)\s*([kmgt]i?b?|b)?\s*$', re.IGNORECASE)
-
-
-def _size(raw):
-    """Bytes, as ``4096``, ``512M``, ``2G`` (powers of 1024)."""
-    m = _SIZE_RE.match(raw)
-    if not m:
-        raise ValueError('expected a size such as 4096, 512M or 2G'
-                         ' (got %s)' % cut(raw.strip()))
-    unit = (m.group(2) or 'b')[0].lower()
-    return int(m.group(1)) * 1024 ** 'bkmgt'.index(unit)
-
-
-_TRUE = ('true', 'yes', 'on', '1')
-_FALSE = ('false', 'no', 'off', '0')
-
-
-def _boolean(raw):
-    value = raw.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ValueError('expected true or false (got %s)' % cut(raw.strip()))
-
-
-def _words(raw):
-    """A list of words separated by spaces, commas or new lines."""
-    return [w for w in re.split(r'[\s,]+', raw) if w]
-
-
-def _names(raw):
-    return [_name(w) for w in _words(raw)]
-
-
-def _path(raw):
-    raw = raw.strip()
-    if not os.path.isabs(raw):
-        raise ValueError('expected an absolute path (got %s)' % cut(raw))
-    return os.path.normpath(raw)
-
-
-def _address(raw):
-    try:
-        return str(ipaddress.ip_address(raw.strip()))
-    except ValueError:
-        raise ValueError('expected an IPv4 or IPv6 address (got %s)'
-                         % cut(raw.strip()))
-
-
-def _url(raw):
-    raw = raw.strip()
-    if not re.match(r'^https?://[^/\s]+', raw):
-        raise ValueError('expected an http:// or https:// URL (got %s)'
-                         % cut(raw))
-    return raw.rstrip('/')
-
-
-def _urls(raw):
-    return [_url(w) for w in _words(raw)]
-
-
-def _prefix(raw):
-    raw = raw.strip()
-    if not raw.isprintable() or re.search(r'\s', raw):
-        raise ValueError('expected a key prefix with no white space or'
-                         ' control character (got %s)' % cut(raw))
-    return raw
-
-
-TYPES = {
-    'string': _string, 'name': _name, 'integer': _integer,
-    'duration': _duration, 'size': _size, 'boolean': _boolean,
-    'words': _words, 'names': _names, 'path': _path, 'address': _address,
-    'url': _url, 'urls': _urls, 'choice': _string, 'prefix': _prefix,
-}
-
-REQUIRED = object()
-
-
-class Key(object):
-    """One configuration key: its type, default, limits and documentation.
-
-    ``default`` may be REQUIRED, a value, or None (optional, no value);
-    ``minimum``/``maximum`` bound numbers; ``choices`` lists allowed strings;
-    ``max_length`` bounds the characters of the value (MAX_VALUE).
-    """
-
-    def __init__(self, name, type='string', default=None, doc='',
-                 choices=None, minimum=None, maximum=None,
-                 max_length=MAX_VALUE):
-        if type not in TYPES:
-            raise ValueError('unknown key type %r' % type)
-        self.name = name
-        self.type = type
-        self.default = default
-        self.doc = doc
-        self.choices = choices
-        self.minimum = minimum
-        self.maximum = maximum
-        self.max_length = max_length
-
-    @property
-    def required(self):
-        return self.default is REQUIRED
-
-    def parse(self, raw):
-        if len(raw) > self.max_length:
-            raise ValueError('%d characters, more than the %d allowed'
-                             ' (got %s)' % (len(raw), self.max_length,
-                                            cut(raw.strip())))
-        value = TYPES[self.type](raw)
-        if self.choices is not None and value not in self.choices:
-            raise ValueError('expected one of %s (got %s)'
-                             % (', '.join(self.choices), cut(value)))
-        if self.minimum is not None and value < self.minimum:
-            raise ValueError('must be at least %s (got %s)'
-                             % (self.minimum, one_line(raw, 40)))
-        if self.maximum is not None and value > self.maximum:
-            raise ValueError('must be at most %s (got %s)'
-                             % (self.maximum, one_line(raw, 40)))
-        return value
-
-    def describe(self):
-        if self.required:
-            default = 'required'
-        elif self.default is None:
-            default = 'optional'
-        else:
-            default = 'default %s' % _show(self.default)
-        kind = self.type
-        if self.choices:
-            kind = '|'.join(self.choices)
-        return '%s (%s, %s): %s' % (self.name, kind, default, self.doc)
-
-
-def _show(value):
-    if isinstance(value, bool):
-        return 'true' if value else 'false'
-    if isinstance(value, list):
-        return ' '.join(value) or '(empty)'
-    return str(value)
-
-
-class Section(object):
-    """The parsed values of one ini section, as attributes."""
-
-    def __init__(self, name, values):
-        self._name = name
-        self.__dict__.update(values)
-
-    def __repr__(self):
-        items = ', '.join('%s=%r' % kv for kv in sorted(self.__dict__.items())
-                          if not kv[0].startswith('_'))
-        return '<[%s] %s>' % (self._name, items)
-
-    def as_dict(self):
-        return {k: v for k, v in self.__dict__.items()
-                if not k.startswith('_')}
-
-
-def _keys(*keys):
-    return OrderedDict((k.name, k) for k in keys)
-
-
 # -- the cluster file --------------------------------------------------------
 
 # [lease] profile: the values its keys take when the file does not give
@@ -279,7 +70,7 @@ LEASE_PROFILES = {
 }
 
 CLUSTER_SCHEMA = OrderedDict([
-    ('cluster', _keys(
+    ('cluster', key_table(
         Key('name', 'name', REQUIRED, 'name of the cluster; prefixes its keys'
             ' in etcd, so several clusters can share one etcd'),
         Key('hosts', 'names', REQUIRED, 'hosts that may run services, each'
@@ -299,11 +90,11 @@ CLUSTER_SCHEMA = OrderedDict([
             ' and each host\'s certificate and key (<host>.crt, <host>.key);'
             ' default: ssl/ beside this file'),
     )),
-    ('host', _keys(
+    ('host', key_table(
         Key('address', 'address', REQUIRED, 'address peers and etcd use to'
             ' reach this host'),
     )),
-    ('etcd', _keys(
+    ('etcd', key_table(
         Key('mode', 'choice', 'embedded', 'embedded: each host and witness'
             ' runs one member, supervised by its agent; external: use the'
             ' members listed in endpoints', choices=['embedded', 'external']),
@@ -330,7 +121,7 @@ CLUSTER_SCHEMA = OrderedDict([
             ' takeover); any: leave it where raft puts it',
             choices=['away', 'any']),
     )),
-    ('lease', _keys(
+    ('lease', key_table(
         Key('profile', 'choice', 'default', 'a set of the timings below:'
             ' default (ttl 3, renew_interval 500ms, retry_interval 200ms,'
             ' request_timeout 500ms, fence_margin 500ms, kill_margin 200ms)'
@@ -359,7 +150,7 @@ CLUSTER_SCHEMA = OrderedDict([
             ' expire in etcd: covers killing the frozen processes and'
             ' clock-rate drift; at most fence_margin', minimum=0.05),
     )),
-    ('agent', _keys(
+    ('agent', key_table(
         Key('loop_interval', 'duration', 0.1, 'how often the agent decides'
             ' what to start or stop while it must look often (no lease yet,'
             ' etcd out of reach, a service here with work on a schedule:'
@@ -382,7 +173,7 @@ CLUSTER_SCHEMA = OrderedDict([
             ' service kept in etcd for the status page and `slaposha mon`',
             minimum=1, maximum=10000),
     )),
-    ('api', _keys(
+    ('api', key_table(
         Key('port', 'integer', 1215, 'HTTPS port of the agent API',
             minimum=1, maximum=65535),
         Key('listen', 'address', None, 'address the API listens on'
@@ -406,7 +197,7 @@ CLUSTER_SCHEMA = OrderedDict([
             ' body), however it trickles; past it, 408 and the connection'
             ' is closed', minimum=0.1, maximum=3600),
     )),
-    ('replication', _keys(
+    ('replication', key_table(
         Key('max_connections', 'integer', 128, 'connections a host\'s'
             ' replication receivers (btrfs, rsync, copies) serve at once;'
             ' beyond, a new one is closed at once', minimum=1,
@@ -554,7 +345,7 @@ def load_cluster(path=None):
         name = name.strip()
         if kind in _NAMED_SECTIONS:
             try:
-                name = _name(name)
+                name = parse_name(name)
             except ValueError as e:
                 raise ConfigError(path, section, message='section name: %s'
                                   % e)
@@ -694,7 +485,7 @@ def _check_lease(config):
 
 # -- service files -----------------------------------------------------------
 
-SERVICE_SCHEMA = _keys(
+SERVICE_SCHEMA = key_table(
     Key('hosts', 'names', None, 'hosts the service may run on, most'
         ' preferred first (default: every host of the cluster)'),
     Key('orchestrate', 'choice', 'ha', 'ha: the agents start it on the'
@@ -722,25 +513,22 @@ SERVICE_SCHEMA = _keys(
 )
 
 # Keys every resource section has, whatever its kind.
-RESOURCE_COMMON = _keys(
+RESOURCE_COMMON = key_table(
     Key('disable', 'boolean', False, 'skip this resource'),
     Key('optional', 'boolean', False, 'a failure of this resource does not'
         ' fail the service; status shows it as warn'),
 )
 
-_RESOURCE_KINDS = OrderedDict()
-
-
-def register_resource_kind(kind, keys, doc=''):
-    """Declare the keys of a resource driver (its module calls this)."""
-    merged = OrderedDict(RESOURCE_COMMON)
-    for key in keys:
-        merged[key.name] = key
-    _RESOURCE_KINDS[kind] = (merged, doc)
-
 
 def resource_kinds():
-    return OrderedDict((k, v[0]) for k, v in _RESOURCE_KINDS.items())
+    """{kind: {name: Key}}: the keys every resource section has, then
+    those its driver declares (:mod:`slaposha.resources`)."""
+    kinds = OrderedDict()
+    for kind, cls in driver_classes().items():
+        kinds[kind] = merged = OrderedDict(RESOURCE_COMMON)
+        for key in cls.keys:
+            merged[key.name] = key
+    return kinds
 
 
 class ServiceConfig(object):
@@ -761,13 +549,12 @@ def service_name(path):
 def load_service(path, cluster=None):
     """Parse and validate one service file; its name is the file's stem."""
     try:
-        name = _name(service_name(path))
+        name = parse_name(service_name(path))
     except ValueError as e:
         raise ConfigError(path, message='service name from the file name: %s'
                           % e)
     # The drivers declare their keys and check their sections.
-    from slaposha import resources as resources_module
-    resources_module.load_drivers()
+    kinds = resource_kinds()
     parser = _parse_ini(path)
     service = None
     resources = []
@@ -781,20 +568,19 @@ def load_service(path, cluster=None):
             raise ConfigError(path, section, message='unknown section'
                               ' (expected [service] or [<kind>#<name>],'
                               ' e.g. [ip#public])')
-        kinds = resource_kinds()
         if kind not in kinds:
             raise ConfigError(path, section, message='unknown resource kind'
                               ' %r (known: %s)' % (
                                   kind, ', '.join(kinds) or 'none'))
         try:
-            _name(rname)
+            parse_name(rname)
         except ValueError as e:
             raise ConfigError(path, section, message='resource name: %s' % e)
         res = _parse_section(path, section, raw, kinds[kind])
         res.kind = kind
         res.rid = section
         res._service_file = path  # an export task runs `slaposha export` on it
-        problem = resources_module.check_section(res)
+        problem = check_section(res)
         if problem:
             raise ConfigError(path, section, message=problem)
         resources.append(res)
@@ -870,14 +656,14 @@ def describe_sections(schema, named=()):
 def describe_schema():
     """Every key of both files, one per line, for ``slaposha config keys``:
     the cluster file's, the service file's and every resource kind's."""
-    from slaposha import resources as resources_module
-    resources_module.load_drivers()  # each kind declares its keys
     lines = ['# cluster file'] + describe_sections(CLUSTER_SCHEMA,
                                                    _NAMED_SECTIONS)
     lines.append('# service file')
     lines.append('[service]')
     lines.extend('  ' + k.describe() for k in SERVICE_SCHEMA.values())
-    for kind, (keys, doc) in _RESOURCE_KINDS.items():
+    classes = driver_classes()
+    for kind, keys in resource_kinds().items():
+        doc = (classes[kind].__doc__ or '').split('\n')[0]
         lines.append('[%s#<name>]%s' % (kind, '  ' + doc if doc else ''))
         lines.extend('  ' + k.describe() for k in keys.values())
     return '\n'.join(lines)

@@ -7,8 +7,9 @@ import textwrap
 
 import pytest
 
-from slaposha import config
-from slaposha.config import ConfigError, Key
+from slaposha import config, resources
+from slaposha.config import ConfigError
+from slaposha.schema import REQUIRED, Key
 
 from conftest import EXAMPLES
 
@@ -214,9 +215,12 @@ def test_service_files(tmp_path):
 
 
 def test_resource_kinds_declare_their_keys(tmp_path):
-    config.register_resource_kind('testkind', [
-        Key('command', 'string', config.REQUIRED, 'what to run'),
-        Key('every', 'duration', 60.0, 'how often')])
+    @resources.register
+    class TestKind(resources.Resource):
+        """a kind of the test's"""
+        kind = 'testkind'
+        keys = (Key('command', 'string', REQUIRED, 'what to run'),
+                Key('every', 'duration', 60.0, 'how often'))
     try:
         cluster = config.load_cluster(write(tmp_path, GOOD))
         path = write(tmp_path, '[testkind#one]\ncommand = true\nevery = 5s\n'
@@ -229,8 +233,10 @@ def test_resource_kinds_declare_their_keys(tmp_path):
         bad = write(tmp_path, '[testkind#x]\nevery = 5s\n', 'services/u.cfg')
         assert '[testkind#x] command: required key is missing' in \
             error_of(bad, lambda p: config.load_service(p, cluster))
+        assert '[testkind#<name>]  a kind of the test\'s' in \
+            config.describe_schema()
     finally:
-        config._RESOURCE_KINDS.pop('testkind')
+        resources._CLASSES.pop('testkind')
 
 
 def run(cmd, *args, env=None):

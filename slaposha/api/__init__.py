@@ -12,8 +12,8 @@ request.
 
 import re
 
-from slaposha.config import NAME_RE
 from slaposha.inputs import InputError, cut, loads
+from slaposha.schema import NAME_RE
 
 __all__ = ['ApiError', 'ACTIONS', 'ACTION_FIELDS', 'MAX_BODY', 'parse_body']
 

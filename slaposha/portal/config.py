@@ -22,8 +22,9 @@ import os
 from collections import OrderedDict
 
 from slaposha import pki
-from slaposha.config import (REQUIRED, ConfigError, Key, _keys, _name,
-                             _parse_ini, _parse_section, describe_sections)
+from slaposha.config import (ConfigError, _parse_ini, _parse_section,
+                             describe_sections)
+from slaposha.schema import REQUIRED, Key, key_table, parse_name
 
 __all__ = ['PORTAL_SCHEMA', 'PortalConfig', 'load_portal', 'describe',
            'DEFAULT_PORTAL_FILE', 'CLUSTER_FILES', 'PORTAL_FILES']
@@ -37,7 +38,7 @@ CLUSTER_FILES = ('operator.crt', 'operator.key', 'ca.crt')
 PORTAL_FILES = ('ca.crt', 'portal.crt', 'portal.key', 'crl.pem')
 
 PORTAL_SCHEMA = OrderedDict([
-    ('portal', _keys(
+    ('portal', key_table(
         Key('name', 'string', 'slaposha portal', 'title of the portal\'s'
             ' page'),
         Key('listen', 'address', '127.0.0.1', 'address the portal serves'
@@ -77,7 +78,7 @@ PORTAL_SCHEMA = OrderedDict([
             ' its whole request (TLS handshake included), however it'
             ' trickles; past it, 408', minimum=0.1, maximum=3600),
     )),
-    ('cluster', _keys(
+    ('cluster', key_table(
         Key('site', 'string', None, 'where the cluster is, to filter by'),
         Key('endpoints', 'urls', REQUIRED, 'HTTPS API URLs of its agents'
             ' (https://<host address>:1215), tried in this order'),
@@ -128,7 +129,7 @@ def load_portal(path=None, check_files=True):
                                     PORTAL_SCHEMA['portal'])
         elif kind == 'cluster' and label:
             try:
-                label = _name(label)
+                label = parse_name(label)
             except ValueError as e:
                 raise ConfigError(path, section, message='section name: %s'
                                   % e)

@@ -4,9 +4,9 @@ Every driver has the same verbs (OpenSVC's taxonomy): ``start``, ``stop``,
 ``status`` and optionally ``provision``, plus ``fence``: the fast, blocking-
 free kill that self-fencing uses at the lease's kill deadline, and
 ``suspend`` / ``resume`` for a lease renewal that is late (DESIGN.md 2). A
-driver declares its configuration keys with
-:func:`slaposha.config.register_resource_kind`, so that service files are
-validated in one place.
+driver declares its configuration keys (``keys``, :mod:`slaposha.schema`)
+and registers its class (:func:`register`), so that service files are
+validated in one place (:mod:`slaposha.config`).
 """
 
 import contextlib
@@ -16,8 +16,6 @@ import subprocess
 import threading
 import time
 from collections import namedtuple
-
-from slaposha import config
 
 __all__ = ['Resource', 'ResourceError', 'Status', 'UP', 'DOWN', 'WARN', 'NA',
            'Cancel', 'driver', 'DRIVERS', 'copy_folder']
@@ -145,9 +143,7 @@ _CLASSES = {}
 
 
 def register(cls):
-    """Class decorator of a driver: declares its kind and its keys."""
-    config.register_resource_kind(cls.kind, cls.keys, cls.__doc__.split(
-        '\n')[0] if cls.__doc__ else '')
+    """Class decorator of a driver: declares its kind, its keys with it."""
     _CLASSES[cls.kind] = cls
     return cls
 
@@ -160,6 +156,12 @@ def load_drivers():
         except ImportError as e:
             if e.name != module:  # a driver not written yet is skipped
                 raise
+
+
+def driver_classes():
+    """{kind: driver class} of every driver, in the order they load."""
+    load_drivers()
+    return dict(_CLASSES)
 
 
 def check_section(section):

@@ -21,7 +21,7 @@ import signal
 import subprocess
 import time
 
-from slaposha.config import Key
+from slaposha.schema import Key
 from slaposha.inputs import cut
 from slaposha.resources import (
     DOWN, UP, Resource, ResourceError, Status, register)

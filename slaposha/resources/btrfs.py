@@ -78,7 +78,7 @@ import subprocess
 import threading
 import time
 
-from slaposha.config import REQUIRED, Key
+from slaposha.schema import REQUIRED, Key
 from slaposha.replication import ReplicationError, human_bytes
 from slaposha.replication.receiver import DEFAULT_PORT
 from slaposha.replication.sender import Sender

@@ -6,7 +6,7 @@ and the problems they log once."""
 import logging
 import time
 
-from slaposha.config import Key
+from slaposha.schema import Key
 from slaposha.replication import Peer, ReplicationError
 from slaposha.resources import UP, WARN, Resource, ResourceError, Status
 from slaposha.units import human_seconds

@@ -43,7 +43,7 @@ import os
 import subprocess
 import threading
 
-from slaposha.config import REQUIRED, Key
+from slaposha.schema import REQUIRED, Key
 from slaposha.replication import trim
 from slaposha.resources import (
     DOWN, UP, WARN, Resource, ResourceError, Status, register)

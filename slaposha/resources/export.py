@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 
-from slaposha.config import REQUIRED, Key
+from slaposha.schema import REQUIRED, Key
 from slaposha.resources import NA, WARN, Status, register
 from slaposha.resources.task import Task
 from slaposha.units import human_age, human_bytes, human_seconds

@@ -30,7 +30,7 @@ just before, and nothing may wait.
 import os
 import subprocess
 
-from slaposha.config import REQUIRED, Key
+from slaposha.schema import REQUIRED, Key
 from slaposha.inputs import one_line
 from slaposha.proc import mounts_at
 from slaposha.resources import (

@@ -42,7 +42,7 @@ import ipaddress
 import json
 import subprocess
 
-from slaposha.config import REQUIRED, Key
+from slaposha.schema import REQUIRED, Key
 from slaposha.inputs import one_line
 from slaposha.resources import (
     DOWN, UP, WARN, Resource, ResourceError, Status, announce, register)

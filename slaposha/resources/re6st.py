@@ -63,7 +63,7 @@ import threading
 import time
 
 from slaposha.cgroup import CgroupError
-from slaposha.config import Key, Section
+from slaposha.schema import Key, Section
 from slaposha.resources import (
     DOWN, UP, WARN, ResourceError, Status, copy_folder, register)
 from slaposha.resources.app import App

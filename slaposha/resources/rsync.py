@@ -39,7 +39,7 @@ import subprocess
 import threading
 import time
 
-from slaposha.config import REQUIRED, Key
+from slaposha.schema import REQUIRED, Key
 from slaposha.replication import ReplicationError, StaleToken, trim
 from slaposha.replication.receiver import DEFAULT_PORT
 from slaposha.replication.pacer import LOST_POLL

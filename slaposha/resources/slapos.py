@@ -57,7 +57,7 @@ import threading
 import time
 import xmlrpc.client
 
-from slaposha.config import Key
+from slaposha.schema import Key
 from slaposha.resources import (
     DOWN, UP, WARN, Resource, ResourceError, Status, announce, register)
 from slaposha.slapos.node import (

@@ -36,7 +36,7 @@ import time
 from collections import namedtuple
 
 from slaposha.cgroup import CgroupError
-from slaposha.config import REQUIRED, Key
+from slaposha.schema import REQUIRED, Key
 from slaposha.resources import (
     NA, WARN, Resource, ResourceError, Status, register)
 from slaposha.units import human_seconds

@@ -48,7 +48,7 @@ import sys
 import time
 import xmlrpc.client
 
-from slaposha.config import NAME_RE
+from slaposha.schema import NAME_RE
 from slaposha.slapos import cron, identity
 from slaposha.slapos.files import read_ini, set_key, write_atomic
 from slaposha.slapos.node import NodeError, load_node
