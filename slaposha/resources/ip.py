@@ -51,6 +51,26 @@ ANNOUNCE_INTERVAL = 0.1  # seconds between two rounds of announcements
 CONFLICT_TIMEOUT = 0.2   # seconds to wait for an answer to a probe
 
 
+class IpError(Exception):
+    """``ip`` could not run or did not answer in time, as one line."""
+
+
+def run_ip(args, commands=None, timeout=10):
+    """``ip ARGS`` within ``timeout`` seconds, ``commands`` on its stdin
+    (for ``-batch -``): the CompletedProcess (text), whatever its exit
+    code; IpError when ip cannot run or does not answer in time."""
+    try:
+        return subprocess.run(
+            ['ip'] + args, input=commands, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, universal_newlines=True,
+            stdin=subprocess.DEVNULL if commands is None else None,
+            timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise IpError('ip did not answer within %g s' % timeout)
+    except OSError as e:
+        raise IpError('cannot run ip: %s' % (e.strerror or e))
+
+
 def parse_routes(text):
     """``DEST via GW`` entries, one per line or comma-separated, as a list
     of (network or 'default', gateway address); ValueError names the bad
@@ -132,18 +152,11 @@ class Ip(Resource):
 
     # -- commands ------------------------------------------------------------
 
-    def _run(self, args, what, timeout=10):
+    def _run(self, args, what):
         try:
-            return subprocess.run(['ip'] + args, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE,
-                                  stdin=subprocess.DEVNULL,
-                                  universal_newlines=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise ResourceError('%s: cannot %s: ip did not answer within %ds'
-                                % (self.rid, what, timeout))
-        except OSError as e:
-            raise ResourceError('%s: cannot %s: cannot run ip: %s'
-                                % (self.rid, what, e.strerror or e))
+            return run_ip(args)
+        except IpError as e:
+            raise ResourceError('%s: cannot %s: %s' % (self.rid, what, e))
 
     def _ip(self, args, what, ok=()):
         """Run ``ip ARGS``; ResourceError with its stderr on failure, unless

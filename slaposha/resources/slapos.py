@@ -60,6 +60,7 @@ import xmlrpc.client
 from slaposha.schema import Key
 from slaposha.resources import (
     DOWN, UP, WARN, Resource, ResourceError, Status, announce, register)
+from slaposha.resources.ip import IpError, run_ip
 from slaposha.slapos.node import (
     NodeError, compare, fingerprint, load_node, local_facts)
 from slaposha.slapos.partitions import (
@@ -171,8 +172,7 @@ class Slapos(Resource):
             lines.append(line)
         if not lines:
             return
-        failed = _ip_batch(['ip', '-force', '-batch', '-'],
-                           '\n'.join(lines) + '\n')
+        failed = _ip_batch([], '\n'.join(lines) + '\n')
         if failed and verb == 'replace':
             raise ResourceError('%s: cannot add partition addresses: %s'
                                 % (self.rid, failed))
@@ -191,7 +191,7 @@ class Slapos(Resource):
                 raise ResourceError('%s: cannot allow binding the partitions\''
                                     ' IPv6 ranges (net.ipv6.ip_nonlocal_bind):'
                                     ' %s' % (self.rid, e.strerror or e))
-        failed = _ip_batch(['ip', '-6', '-force', '-batch', '-'], ''.join(
+        failed = _ip_batch(['-6'], ''.join(
             'route %s local %s dev lo\n' % (verb, net) for net in networks))
         if failed and verb == 'replace':
             raise ResourceError('%s: cannot route the partitions\' IPv6 ranges:'
@@ -584,16 +584,12 @@ def _start_group(server, pid):
     return 'its programs did not start: %s' % why
 
 
-def _ip_batch(argv, commands, timeout=30):
-    """Run ``ip -batch``; what went wrong in one line, or None."""
+def _ip_batch(args, commands):
+    """Run ``ip ARGS -batch -``; what went wrong in one line, or None."""
     try:
-        p = subprocess.run(argv, input=commands, universal_newlines=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return 'ip did not answer within %d s' % timeout
-    except OSError as e:
-        return 'ip: %s' % (e.strerror or e)
+        p = run_ip(args + ['-force', '-batch', '-'], commands, timeout=30)
+    except IpError as e:
+        return str(e)
     if p.returncode:
         return p.stderr.strip()[-300:] or 'ip: exit code %d' % p.returncode
     return None
