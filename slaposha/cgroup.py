@@ -95,16 +95,6 @@ class Cgroup(object):
                 continue
         return pids
 
-    def populated(self):
-        try:
-            with open(os.path.join(self.path, 'cgroup.events')) as f:
-                for line in f:
-                    if line.startswith('populated '):
-                        return line.split()[1] == '1'
-        except OSError:
-            return False
-        return bool(self.pids())
-
     def kill(self, timeout=5.0):
         """SIGKILL everything in the cgroup (and below); wait until empty.
         Returns how many processes were there."""

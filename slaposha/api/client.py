@@ -89,11 +89,6 @@ class ApiClient(object):
         self.session.verify = self.ca
 
     @classmethod
-    def for_cluster(cls, cluster, host, **kwargs):
-        """The API of ``host`` with the operator's certificate."""
-        return cls(url_for(cluster, host), **kwargs)
-
-    @classmethod
     def for_host(cls, cluster, host, target=None, **kwargs):
         """The API of ``target`` (default: ``host`` itself) with the
         certificate of ``host``."""

@@ -143,15 +143,6 @@ class Partition(object):
         return self.started or os.path.islink(
             os.path.join(self.path, 'software_release'))
 
-    @property
-    def certificate_files(self):
-        repo = self.node.certificate_repository_path
-        if not repo:
-            return []
-        return [p for p in (os.path.join(repo, self.id + '.crt'),
-                            os.path.join(repo, self.id + '.key'))
-                if os.path.exists(p)]
-
 
 def _prefix(addr, mask):
     """Prefix length of a netmask as format writes it: a length, or a
