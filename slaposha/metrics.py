@@ -110,8 +110,8 @@ class _Page(object):
 
 def exposition(agent):
     """The /metrics page of ``agent``: what it owns and runs (from
-    ``local_status()``), and, when it has them, its :class:`Metrics` and the
-    replication of its data resources."""
+    ``local_status()``), its :class:`Metrics` (``metrics``), and the
+    replication, snapshots and exports of its services (``slots``)."""
     local = agent.local_status()
     host = local.get('host')
     services = local.get('services') or {}
@@ -151,36 +151,35 @@ def exposition(agent):
                  for n, s in sorted(services.items())
                  for r in s.get('resources') or []
                  for state in RESOURCE_STATES])
-    metrics = getattr(agent, 'metrics', None)
-    if metrics is not None:
-        decisions, moves, last_move, buckets, total, count = \
-            metrics.snapshot()
-        names = sorted(services)
-        page.family('slaposha_takeovers_total', 'counter', 'Services this'
-                    ' host took over after their owner was lost.',
-                    [({'service': n}, moves.get((n, 'takeover'), 0))
-                     for n in names])
-        page.family('slaposha_switches_total', 'counter', 'Planned switches'
-                    ' that ended with the service running on this host.',
-                    [({'service': n}, moves.get((n, 'switch'), 0))
-                     for n in names])
-        page.family('slaposha_move_duration_seconds', 'gauge', 'Duration of'
-                    ' the last takeover or switch to this host (see'
-                    ' docs/metrics.rst for where it is measured from).',
-                    [({'service': n, 'kind': k}, v)
-                     for (n, k), v in sorted(last_move.items())])
-        page.family('slaposha_decisions_total', 'counter', 'Decisions of'
-                    ' this agent, by service and action (start, stop,'
-                    ' standby, wait, fence, ...).',
-                    [({'service': n, 'action': a}, v)
-                     for (n, a), v in sorted(decisions.items())])
-        samples = [('_bucket', {'le': repr(b)}, c)
-                   for b, c in zip(RENEW_BUCKETS, buckets)]
-        samples += [('_bucket', {'le': '+Inf'}, count),
-                    ('_sum', {}, total), ('_count', {}, count)]
-        page.family('slaposha_lease_renew_seconds', 'histogram', 'Time one'
-                    ' lease renewal (keepalive) took to be answered.',
-                    samples)
+    metrics = agent.metrics
+    decisions, moves, last_move, buckets, total, count = \
+        metrics.snapshot()
+    names = sorted(services)
+    page.family('slaposha_takeovers_total', 'counter', 'Services this'
+                ' host took over after their owner was lost.',
+                [({'service': n}, moves.get((n, 'takeover'), 0))
+                 for n in names])
+    page.family('slaposha_switches_total', 'counter', 'Planned switches'
+                ' that ended with the service running on this host.',
+                [({'service': n}, moves.get((n, 'switch'), 0))
+                 for n in names])
+    page.family('slaposha_move_duration_seconds', 'gauge', 'Duration of'
+                ' the last takeover or switch to this host (see'
+                ' docs/metrics.rst for where it is measured from).',
+                [({'service': n, 'kind': k}, v)
+                 for (n, k), v in sorted(last_move.items())])
+    page.family('slaposha_decisions_total', 'counter', 'Decisions of'
+                ' this agent, by service and action (start, stop,'
+                ' standby, wait, fence, ...).',
+                [({'service': n, 'action': a}, v)
+                 for (n, a), v in sorted(decisions.items())])
+    samples = [('_bucket', {'le': repr(b)}, c)
+               for b, c in zip(RENEW_BUCKETS, buckets)]
+    samples += [('_bucket', {'le': '+Inf'}, count),
+                ('_sum', {}, total), ('_count', {}, count)]
+    page.family('slaposha_lease_renew_seconds', 'histogram', 'Time one'
+                ' lease renewal (keepalive) took to be answered.',
+                samples)
     _replication(agent, page)
     _backups(agent, page)
     _exports(agent, page)
@@ -191,7 +190,7 @@ def _replication(agent, page):
     """Per data resource and peer: on the owner, how old each standby's
     copy is and what was sent; on a standby, how old its own copy is."""
     lags, sent, seconds, transfers, rates, ages = [], [], [], [], [], []
-    for name, slot in sorted((getattr(agent, 'slots', None) or {}).items()):
+    for name, slot in sorted(agent.slots.items()):
         for res in slot.service.resources:
             if getattr(res, 'configure', None) is None:
                 continue  # not a data resource
@@ -240,7 +239,7 @@ def _backups(agent, page):
     kept here and how old the oldest is (how far back a restore can go)."""
     counts, oldest = [], []
     now = time.time()
-    for name, slot in sorted((getattr(agent, 'slots', None) or {}).items()):
+    for name, slot in sorted(agent.slots.items()):
         for res in slot.service.resources:
             volume = getattr(res, 'volume', None)
             if not hasattr(volume, 'retention'):
@@ -269,7 +268,7 @@ def _exports(agent, page):
     newest export in its folder was made, its size, and whether the last
     run failed."""
     when, size, failed = [], [], []
-    for name, slot in sorted((getattr(agent, 'slots', None) or {}).items()):
+    for name, slot in sorted(agent.slots.items()):
         for res in slot.service.resources:
             if getattr(res, 'kind', None) != 'export' or not res.enabled:
                 continue

@@ -36,6 +36,7 @@ from slaposha.api.local import LocalApi, call
 from slaposha.api.routes import OPENAPI_PATH, ROUTES
 from slaposha.api.server import limits_of
 from slaposha.cli.main import main
+from slaposha.metrics import Metrics
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOP = os.path.dirname(HERE)
@@ -51,6 +52,8 @@ class FakeAgent(object):
         self.cluster = cluster
         self.host = 'hA'
         self.confs = {}
+        self.slots = {}
+        self.metrics = Metrics()
         self.lock = threading.Lock()
         self.calls = []
         self.owner = {'web': 'hA', 'db': None}

@@ -39,6 +39,7 @@ class StandIn(object):
     def __init__(self, host='hA', owner='hA', token=12, valid=True):
         self.host = host
         self.metrics = Metrics()
+        self.slots = {}
         self.owner, self.token, self.valid = owner, token, valid
         self.ineligible = []
 
