@@ -56,8 +56,9 @@ import time
 from collections import namedtuple
 
 from slaposha.replication import ReplicationError
-from slaposha.replication.volume import NAME_RE, Volume, snapshot_name
 from slaposha.replication.retention import Retention
+from slaposha.replication.store import alive
+from slaposha.replication.volume import NAME_RE, Volume, snapshot_name
 
 __all__ = ['BackupError', 'volumes_of', 'listing', 'choose', 'parse_time',
            'restore_path', 'restore_live', 'undo_restore', 'Restored',
@@ -280,7 +281,7 @@ def restore_live(volume, snap, token, host, reason):
     done, everything as it was."""
     try:
         with volume._locked() as state:
-            if volume._alive(state['active']):
+            if alive(state['active']):
                 raise BackupError('%s: the service runs here (token %d):'
                                   ' it must be stopped first' % (
                                       volume.path, state['active']['token']))
@@ -328,7 +329,7 @@ def undo_restore(restored, reason):
     volume = restored.volume
     try:
         with volume._locked() as state:
-            if volume._alive(state['active']):
+            if alive(state['active']):
                 raise BackupError('%s: the service runs here: it must be'
                                   ' stopped first' % volume.path)
             live = volume.get(restored.live)
@@ -925,10 +926,10 @@ def export_tree(tree, to, label, timeout=3600):
 def _import_staging(tree, path):
     """The store's folder an import lands in (the one that is not the
     complete copy), once it is sure the import may go there."""
-    from slaposha.replication.tree import _alive, fstype, make_folder
+    from slaposha.replication.tree import fstype, make_folder
     try:
         with tree._locked() as state:
-            if _alive(state['active']):
+            if alive(state['active']):
                 raise BackupError('%s: the service runs on this host: an'
                                   ' import goes into the copies of a host'
                                   ' where it does not run' % path)
@@ -943,7 +944,7 @@ def _import_staging(tree, path):
             state['records'][target] = None
             if not os.path.isdir(tree.buffer(target)):
                 make_folder(tree.buffer(target),
-                             fstype(tree.store) == 'btrfs')
+                            fstype(tree.store) == 'btrfs')
             return tree.buffer(target)
     except (ReplicationError, OSError) as e:
         raise BackupError('%s: %s' % (path, getattr(e, 'strerror', None)

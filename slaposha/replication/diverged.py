@@ -2,15 +2,16 @@
 replaced it while it held writes that copy does not have (an old owner
 that wrote after its last copy was sent, then lost the service).
 
-Both engines (:mod:`.btrfs`, :mod:`.rsync`) keep them the same way: set
+Both engines (:mod:`.volume`, :mod:`.tree`) keep them the same way: set
 aside, never deleted by a takeover, each recorded in the engine's state as
 ``{path, at, reason, token}``. This module gives them what operators need
 on top: an id (the name it was kept under), the size it holds, a retention
 that bounds them (``diverged_keep`` copies, ``diverged_max_age`` seconds,
-never the newest) and a drop by id. An engine mixes in
-:class:`DivergedCopies` and provides ``_locked()`` (its state, locked) and
-``_remove_copy(path, wait)`` (``wait``: done when it returns, else it
-may finish in the background).
+never the newest) and a drop by id. An engine's
+:class:`~slaposha.replication.store.Store` is a :class:`DivergedCopies`
+and provides ``_locked()`` (its state, locked) and ``_remove_copy(path,
+wait)`` (``wait``: done when it returns, else it may finish in the
+background).
 """
 
 import os
@@ -62,12 +63,24 @@ def to_drop(entries, keep=None, max_age=None, now=None):
 class DivergedCopies(object):
     """What an engine's volume or tree offers on its diverged copies."""
 
+    @staticmethod
+    def _record_diverged(state, path, reason, token):
+        """``path`` now holds data kept aside (``reason``; ``token``: the
+        epoch that wrote it, when known)."""
+        state['diverged'].append({'path': path, 'at': time.time(),
+                                  'reason': reason, 'token': token})
+
+    @staticmethod
+    def _present_diverged(state):
+        """The entries whose copy is still there (one removed by hand is
+        not)."""
+        return [d for d in state['diverged'] if os.path.lexists(d['path'])]
+
     def diverged(self):
         """The copies kept aside and still there, oldest first: [{id,
         path, at, reason, token, size}] (size in bytes, measured once)."""
         with self._locked() as state:
-            present = [d for d in state['diverged']
-                       if os.path.lexists(d['path'])]
+            present = self._present_diverged(state)
             if len(present) != len(state['diverged']):
                 state['diverged'] = present  # removed by hand: forgotten
             for entry in present:
@@ -88,8 +101,8 @@ class DivergedCopies(object):
                     state['diverged'] = [d for d in state['diverged']
                                          if d is not entry]
                     return dict(entry, id=wanted)
-            ids = [copy_id(d['path']) for d in state['diverged']
-                   if os.path.lexists(d['path'])]
+            ids = [copy_id(d['path'])
+                   for d in self._present_diverged(state)]
         raise ReplicationError(self.path, 'no diverged copy %s here (%s)' % (
             wanted, 'there are: %s' % ', '.join(ids) if ids else
             'there is none'))
@@ -102,8 +115,7 @@ class DivergedCopies(object):
             return []
         dropped = []
         with self._locked() as state:
-            present = [d for d in state['diverged']
-                       if os.path.lexists(d['path'])]
+            present = self._present_diverged(state)
             for entry in to_drop(present, keep, max_age):
                 self._remove_copy(entry['path'])
                 state['diverged'] = [d for d in state['diverged']

@@ -328,13 +328,7 @@ class Receiver(object):
             for path in volume._partial():
                 volume._drop_partial(path)
             with volume._locked() as state:
-                if token < state['token']:
-                    return refuse('token %d is stale: token %d was seen here'
-                                  % (token, state['token']), stale=True)
-                if volume._alive(state['active']):
-                    return refuse('the service runs on this host (token %d):'
-                                  ' it receives nothing' %
-                                  state['active']['token'])
+                volume._may_receive(state, token, sender)
                 if volume.get(name) is not None:
                     channel.send_json({'ok': True, 'have': True})
                     return True
@@ -344,6 +338,8 @@ class Receiver(object):
                                   % parent_name)
                 state['token'] = token
                 notes = volume._follow(state, parent, sender, token)
+        except StaleToken as e:
+            return refuse(e.message, stale=True)
         except ReplicationError as e:
             return refuse(e.message)
         except OSError as e:

@@ -24,8 +24,6 @@ copy reached every standby): then it becomes this host's next staging copy.
 """
 
 import ctypes
-import errno
-import fcntl
 import logging
 import os
 import shutil
@@ -33,10 +31,9 @@ import subprocess
 import threading
 import time
 
-from slaposha.replication import (
-    ReplicationError, StaleToken, locked_state)
-from slaposha.proc import boot_id, mount_holding, start_time
-from slaposha.replication.diverged import DivergedCopies
+from slaposha.replication import ReplicationError, StaleToken
+from slaposha.proc import mount_holding
+from slaposha.replication.store import Store, alive
 from slaposha.units import human_seconds
 
 __all__ = ['Tree', 'STORE_DIR', 'MODES', 'fstype', 'is_subvolume',
@@ -121,22 +118,11 @@ def make_folder(path, subvolume):
 
 # -- the tree and its store ----------------------------------------------------
 
-def _tree_defaults():
-    return {
-        'token': 0,
-        'complete': None,   # the buffer of the newest copy
-        'records': {},      # buffer: record of a copy
-        'live': None,       # what the path holds
-        'clean': False,     # the path is in the peers' copies
-        'active': None,     # the service runs here
-        'peers': {},        # owner: peer: last record acked
-        'diverged': [],
-    }
-
-
-class Tree(DivergedCopies):
+class Tree(Store):
     """A folder that follows its service, and its store on this host (the
     copies received, their records, the newest token seen)."""
+
+    MODE = 0o700
 
     def __init__(self, path, store=None):
         path = os.path.normpath(path)
@@ -150,11 +136,8 @@ class Tree(DivergedCopies):
     def __repr__(self):
         return '<Tree %s>' % self.path
 
-    def __str__(self):
-        return self.path
-
-    def error(self, message, peer=None, incoming=False):
-        return ReplicationError(self.path, message, peer, incoming)
+    def home(self):
+        return self.store
 
     def buffer(self, name):
         return os.path.join(self.store, name)
@@ -197,15 +180,18 @@ class Tree(DivergedCopies):
 
     # -- state ----------------------------------------------------------------
 
-    def _locked(self):
-        """The store's state, locked against the receiver and the agent;
-        written back (atomically) if changed."""
-        return locked_state(os.path.join(self.store, 'state.json'),
-                            _tree_defaults, self.error, mode=0o700)
-
-    def state(self):
-        with self._locked() as state:
-            return dict(state)
+    @staticmethod
+    def _defaults():
+        return {
+            'token': 0,
+            'complete': None,   # the buffer of the newest copy
+            'records': {},      # buffer: record of a copy
+            'live': None,       # what the path holds
+            'clean': False,     # the path is in the peers' copies
+            'active': None,     # the service runs here
+            'peers': {},        # owner: peer: last record acked
+            'diverged': [],
+        }
 
     def _newest(self, state):
         name = state['complete']
@@ -234,34 +220,12 @@ class Tree(DivergedCopies):
 
     # -- receiving ------------------------------------------------------------
 
-    def _receiving(self):
-        """A lock held while a transfer lands (a file descriptor to close),
-        or None when another transfer holds it."""
-        os.makedirs(self.store, mode=0o700, exist_ok=True)
-        fd = os.open(os.path.join(self.store, '.receiving'),
-                     os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                return None
-            raise
-        return fd
-
     def begin(self, token, sender):
         """Admit a transfer of epoch ``token``: StaleToken when a newer
         epoch was seen here, ReplicationError when the service runs here.
         Returns (staging folder, the complete copy's folder or None)."""
         with self._locked() as state:
-            if token < state['token']:
-                raise StaleToken(self.path, 'token %d is stale: token %d was'
-                                 ' seen here' % (token, state['token']),
-                                 sender, True)
-            if _alive(state['active']):
-                raise self.error('the service runs on this host (token %d):'
-                                 ' it receives nothing'
-                                 % state['active']['token'], sender, True)
+            self._may_receive(state, token, sender)
             state['token'] = token
             complete, _ = self._newest(state)
             target = 'b' if complete == 'a' else 'a'
@@ -285,7 +249,7 @@ class Tree(DivergedCopies):
                 raise StaleToken(self.path, 'dropped: a newer owner (token'
                                  ' %d) was admitted during the transfer'
                                  % state['token'], record.get('host'), True)
-            if _alive(state['active']):
+            if alive(state['active']):
                 raise self.error('dropped: the service started here during'
                                  ' the transfer', record.get('host'), True)
             state['records'][name] = record
@@ -302,17 +266,11 @@ class Tree(DivergedCopies):
         if problem:
             raise self.error(problem)
         with self._locked() as state:
-            if token < state['token']:
-                raise StaleToken(self.path, 'token %d is stale: a newer owner'
-                                 ' (token %d) sent data here' % (
-                                     token, state['token']))
-            state['token'] = token
+            self._take_token(state, token)
             done = self._promote(state, token)
             # Whatever the path held, it is this epoch's data from now on.
             state['live'] = dict(state['live'] or {}, token=token)
-            pid = os.getpid()
-            state['active'] = {'pid': pid, 'start': start_time(pid),
-                               'boot': boot_id(), 'token': token}
+            self._mark_active(state, token)
             state['clean'] = False
             return done
 
@@ -322,10 +280,6 @@ class Tree(DivergedCopies):
         with self._locked() as state:
             state['active'] = None
             state['clean'] = bool(clean)
-
-    def active(self):
-        state = self.state()
-        return state['active']['token'] if _alive(state['active']) else None
 
     def promote(self, token=None):
         """Make the newest complete copy the tree, by hand (no lease)."""
@@ -393,9 +347,8 @@ class Tree(DivergedCopies):
         os.rename(self.path, target)
         reason = 'it may hold writes the copy of token %s does not have' % (
             state['records'][promoted]['token'])
-        state['diverged'].append({'path': target, 'at': time.time(),
-                                  'reason': reason, 'token': (
-                                      state['live'] or {}).get('token')})
+        self._record_diverged(state, target, reason,
+                              (state['live'] or {}).get('token'))
         logger.warning('%s: diverged: kept aside as %s (%s)', self.path,
                        target, reason)
         return 'kept the former %s aside as %s (%s)' % (self.path, target,
@@ -424,13 +377,6 @@ class Tree(DivergedCopies):
         return {'tree': self.path, 'store': self.store,
                 'exists': self.exists(), 'newest': record, 'lag': lag,
                 'token': state['token'], 'live': state['live'],
-                'active': state['active']['token'] if _alive(
-                    state['active']) else None,
+                'active': self._active_token(state),
                 'peers': state['peers'],
-                'diverged': [d for d in state['diverged']
-                             if os.path.lexists(d['path'])]}
-
-
-def _alive(active):
-    return bool(active) and active.get('boot') == boot_id() and \
-        start_time(active.get('pid', -1)) == active.get('start')
+                'diverged': self._present_diverged(state)}

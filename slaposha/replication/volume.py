@@ -51,7 +51,6 @@ sent), they are set aside (renamed as above), never deleted, and
 """
 
 import ctypes
-import errno
 import fcntl
 import json
 import logging
@@ -65,10 +64,9 @@ import tempfile
 import time
 from collections import namedtuple
 
-from slaposha.replication import (
-    ReplicationError, StaleToken, locked_state, trim)
-from slaposha.proc import boot_id, mount_holding, start_time
-from slaposha.replication.diverged import DivergedCopies
+from slaposha.replication import ReplicationError, trim
+from slaposha.proc import mount_holding
+from slaposha.replication.store import Store, alive
 
 __all__ = ['Volume', 'Snapshot', 'NAME_RE', 'snapshot_name', 'Changes']
 
@@ -152,15 +150,12 @@ def stderr_text(f):
 
 # -- the volume ---------------------------------------------------------------
 
-def _volume_defaults():
-    return {'token': 0, 'seq': 0, 'live': None, 'peers': {}, 'diverged': [],
-            'active': None}
-
-
-class Volume(DivergedCopies):
+class Volume(Store):
     """A btrfs subvolume that slaposha protects, and its snapshots on the
     same file system. Every step runs in the caller's mount namespace (the
     host's)."""
+
+    STATE_FILE = '.state.json'
 
     def __init__(self, path):
         path = os.path.normpath(path)
@@ -178,12 +173,6 @@ class Volume(DivergedCopies):
 
     def __repr__(self):
         return '<Volume %s>' % self.path
-
-    def __str__(self):
-        return self.path
-
-    def error(self, message, peer=None, incoming=False):
-        return ReplicationError(self.path, message, peer, incoming)
 
     # -- where things are -----------------------------------------------------
 
@@ -207,6 +196,9 @@ class Volume(DivergedCopies):
     @property
     def snapdir(self):
         return os.path.join(self.root, '.slaposha', 'snapshots', self.name)
+
+    def home(self):
+        return self.snapdir
 
     @property
     def diverged_dir(self):
@@ -245,15 +237,10 @@ class Volume(DivergedCopies):
 
     # -- state ----------------------------------------------------------------
 
-    def _locked(self):
-        """The state, locked against the other processes and threads of
-        the host (a receiver and the agent); written back if changed."""
-        return locked_state(os.path.join(self.snapdir, '.state.json'),
-                            _volume_defaults, self.error)
-
-    def state(self):
-        with self._locked() as state:
-            return dict(state)
+    @staticmethod
+    def _defaults():
+        return {'token': 0, 'seq': 0, 'live': None, 'peers': {},
+                'diverged': [], 'active': None}
 
     # -- snapshots ------------------------------------------------------------
 
@@ -286,21 +273,6 @@ class Volume(DivergedCopies):
                  if NAME_RE.match(n)]
         return [p for p in paths if is_subvolume(p) and
                 read_only(p) is False]
-
-    def _receiving(self):
-        """A lock held while a stream comes in (a file descriptor to close),
-        or None when another stream holds it."""
-        os.makedirs(self.snapdir, exist_ok=True)
-        fd = os.open(os.path.join(self.snapdir, '.receiving'),
-                     os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                return None
-            raise
-        return fd
 
     def _drop_partial(self, path):
         self._delete_subvolume(path, 'cannot delete the partial snapshot'
@@ -429,24 +401,10 @@ class Volume(DivergedCopies):
     def raise_token(self, token):
         """Remember ``token`` as seen; StaleToken when a newer one was."""
         with self._locked() as state:
-            if token < state['token']:
-                raise StaleToken(self.path, 'token %d is stale: token %d was'
-                                 ' seen here' % (token, state['token']))
+            self._check_token(state, token)
             state['token'] = token
 
     # -- where the service runs -----------------------------------------------
-
-    @staticmethod
-    def _alive(active):
-        return bool(active) and active.get('boot') == boot_id() and \
-            start_time(active.get('pid', -1)) == active.get('start')
-
-    def active(self):
-        """The token of the owner running the service here, or None. A
-        marker left by a process that died (a crash) does not count."""
-        state = self.state()
-        return state['active']['token'] if self._alive(state['active']) \
-            else None
 
     def activate(self, token, host=None):
         """The service starts here as owner of epoch ``token``: remember the
@@ -456,14 +414,8 @@ class Volume(DivergedCopies):
         volume descends from; create an empty volume the very first time).
         Returns one line saying what was done."""
         with self._locked() as state:
-            if token < state['token']:
-                raise StaleToken(self.path, 'token %d is stale: a newer owner'
-                                 ' (token %d) sent data here' % (
-                                     token, state['token']))
-            state['token'] = token
-            pid = os.getpid()
-            state['active'] = {'pid': pid, 'start': start_time(pid),
-                               'boot': boot_id(), 'token': token}
+            self._take_token(state, token)
+            self._mark_active(state, token)
             return self._promote(state, create=True)
 
     def deactivate(self):
@@ -574,8 +526,7 @@ class Volume(DivergedCopies):
         except OSError as e:
             raise self.error('cannot set %s aside to %s: %s' % (
                 path, target, e.strerror or e))
-        state['diverged'].append({'path': target, 'at': time.time(),
-                                  'reason': reason, 'token': token})
+        self._record_diverged(state, target, reason, token)
         logger.warning('%s: diverged: %s kept aside as %s (%s)',
                        self.path, what, target, reason)
         return 'kept %s aside as %s (%s)' % (what, target, reason)
@@ -587,7 +538,7 @@ class Volume(DivergedCopies):
         forgets which snapshot the live volume follows only once it is gone:
         a step that fails leaves it as it was, for the next try."""
         base = self.get(state['live']) if state['live'] else None
-        if state['active'] is not None and not self._alive(state['active']):
+        if state['active'] is not None and not alive(state['active']):
             state['active'] = None
         # The epoch that wrote it: the owner's whose snapshot it follows.
         token = base.token if base is not None else None
@@ -664,10 +615,8 @@ class Volume(DivergedCopies):
             'snapshots': [s.name for s in self.snapshots()],
             'newest': newest, 'lag': lag, 'token': state['token'],
             'live': state['live'], 'peers': state['peers'],
-            'active': state['active']['token'] if self._alive(
-                state['active']) else None,
-            'diverged': [d for d in state['diverged']
-                         if os.path.lexists(d['path'])],
+            'active': self._active_token(state),
+            'diverged': self._present_diverged(state),
         }
 
 
