@@ -23,10 +23,9 @@ setup(
     package_dir={'slaposha.recipes': 'recipes'},
     include_package_data=True,
     # What the HTTPS API and the portal serve (their OpenAPI descriptions,
-    # their pages) and the lab's software releases.
+    # their pages).
     package_data={'slaposha.api': ['openapi.json', 'ui.html'],
-                  'slaposha.portal': ['openapi.json', 'page.html'],
-                  'slaposha.lab': ['sr/*/*']},
+                  'slaposha.portal': ['openapi.json', 'page.html']},
     install_requires=[
         'requests',
         'lxml',

@@ -3,7 +3,7 @@
 The real slapproxy master, the real `slapos node format`, `slapos node
 software` and `slapos node instance` (buildout running as the partition's
 user) deploy recordstore, a small software release whose partition stores
-what it is sent (slaposha/lab/sr). instance_root is a btrfs subvolume that
+what it is sent (tests/sr). instance_root is a btrfs subvolume that
 the ``btrfs`` driver replicates; the agents move the node between two hosts
 (a witness makes the quorum) and the partition must answer on the same
 address from the peer with every record it had acknowledged, without any

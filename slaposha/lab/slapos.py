@@ -56,7 +56,9 @@ NODE_REQUIREMENTS = ('slapos.core==1.24.1', 'setuptools<81',
                      'slapos.libnetworkcache==0.30', 'zc.buildout==4.2.0',
                      'slapos.recipe.template==5.1', 'zc.recipe.egg==3.0.0',
                      'cryptography==50.0.2')
-SR_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'sr')
+# The lab's software releases are test fixtures of this checkout: the
+# wheel does not carry them.
+SR_SOURCE = os.path.join(TOP, 'tests', 'sr')
 SR_URL = NODE + '/sr/recordstore/software.cfg'
 # A second software release (another URL, so another folder of
 # /opt/slapgrid; the same recordstore), for a node that gains one.
