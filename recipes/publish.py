@@ -30,7 +30,7 @@ OWN_OPTIONS = ('recipe', 'url', 'computer', 'partition', 'key', 'cert',
 def summary(status):
     """One line for a /status answer: where each service runs, and why
     this agent runs none if it cannot."""
-    from slaposha.cli.status import service_state
+    from slaposha.verdict import service_state
     services = status.get('services')
     head = 'cluster %s seen from %s' % (status.get('cluster'),
                                         status.get('host'))

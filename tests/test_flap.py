@@ -15,10 +15,10 @@ import time
 import pytest
 
 from slaposha.cgroup import Cgroup, own_cgroup
-from slaposha.cli.status import problems
 from slaposha.lab import wait_for
 from slaposha.lab.cluster import (
     LabCluster, Observer, check_no_overlap, marked_pids)
+from slaposha.verdict import problems
 
 pytestmark = pytest.mark.lab
 

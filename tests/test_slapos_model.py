@@ -301,7 +301,8 @@ def test_check_without_an_agent_says_how_in_one_line(tmp_path, slaposha_cmd):
 
 
 def test_the_first_line_of_status_says_what_is_wrong_and_where():
-    from slaposha.cli.status import problems, render
+    from slaposha.cli.status import render
+    from slaposha.verdict import problems
     node = {'owner': 'hB', 'token': 7, 'orchestrate': 'ha',
             'hosts': ['hA', 'hB', 'hC'],
             'resources': [['btrfs#slapgrid', 'up', 'hA: 0.3 s old'],

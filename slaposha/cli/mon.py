@@ -11,9 +11,9 @@ the stream. Plain ANSI (cursor home, erase line), no curses.
 
 import time
 
-from slaposha.cli.status import service_state, verdict
 from slaposha.inputs import one_line
 from slaposha.units import human_seconds
+from slaposha.verdict import service_state, verdict
 
 __all__ = ['frame', 'REFRESH', 'HISTORY_LINES']
 

@@ -9,8 +9,8 @@ or ``ok``. A service is ``up``, ``warn``, ``down`` or ``starting`` (as
 ``slaposha status`` says), and may be frozen.
 """
 
-from slaposha.cli.status import problems as status_problems, service_state
 from slaposha.portal.feed import certificate_may_act
+from slaposha.verdict import problems as status_problems, service_state
 
 __all__ = ['cluster_view', 'service_view', 'select', 'Filters',
            'CLUSTER_STATES', 'SERVICE_STATES']
