@@ -11,7 +11,9 @@ which no caller expects), and what strict JSON is not (``NaN``,
 
 What a peer sends over a socket may have to come whole by a deadline
 (:class:`DeadlineReader`): a socket timeout alone starts again at each
-byte, and a peer that trickles would hold the connection for good.
+byte, and a peer that trickles would hold the connection for good. A
+server counts the connections each client holds (:class:`Clients`), so
+that one client never takes every slot from the others.
 
 Whatever a user or a peer sent that an error line repeats goes through
 :func:`cut` (a value) or :func:`one_line` (a message, a command's output):
@@ -22,10 +24,11 @@ value or an escape sequence never reaches a terminal or a log whole.
 import io
 import json
 import socket
+import threading
 import time
 
 __all__ = ['InputError', 'loads', 'check_fields', 'cut', 'one_line',
-           'MAX_DEPTH', 'MAX_VALUE', 'NUMBER', 'DeadlineReader']
+           'MAX_DEPTH', 'MAX_VALUE', 'NUMBER', 'DeadlineReader', 'Clients']
 
 # Deep enough for anything slaposha writes (status and facts nest about
 # five levels), far below Python's recursion limit.
@@ -199,3 +202,27 @@ class DeadlineReader(io.RawIOBase):
             return self.sock.recv_into(buffer)
         finally:
             self.sock.settimeout(self.timeout)
+
+
+class Clients(object):
+    """How many connections each client holds, each at most ``limit`` (the
+    API's servers and the replication receivers)."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._counts = {}
+
+    def take(self, key):
+        with self._lock:
+            count = self._counts.get(key, 0)
+            if count >= self.limit:
+                return False
+            self._counts[key] = count + 1
+            return True
+
+    def give(self, key):
+        with self._lock:
+            count = self._counts.pop(key) - 1
+            if count:
+                self._counts[key] = count

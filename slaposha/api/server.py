@@ -33,10 +33,9 @@ from collections import namedtuple
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 from slaposha.api import ApiError
-from slaposha.inputs import DeadlineReader, cut, one_line
+from slaposha.inputs import Clients, DeadlineReader, cut, one_line
 
-__all__ = ['BoundedServer', 'Clients', 'RequestHandler', 'Limits',
-           'limits_of']
+__all__ = ['BoundedServer', 'RequestHandler', 'Limits', 'limits_of']
 
 MAX_LINE = 65536               # the request line, as http.server reads it
 DRAIN_LIMIT = 4 * 1024 * 1024  # read (and drop) an oversized body up to this
@@ -49,30 +48,6 @@ def limits_of(api):
     """The Limits of an ``[api]`` section."""
     return Limits(api.max_connections, api.max_client_connections,
                   api.request_timeout)
-
-
-class Clients(object):
-    """How many connections each client holds, each at most ``limit`` (the
-    API's servers and the replication receivers)."""
-
-    def __init__(self, limit):
-        self.limit = limit
-        self._lock = threading.Lock()
-        self._counts = {}
-
-    def take(self, key):
-        with self._lock:
-            count = self._counts.get(key, 0)
-            if count >= self.limit:
-                return False
-            self._counts[key] = count + 1
-            return True
-
-    def give(self, key):
-        with self._lock:
-            count = self._counts.pop(key) - 1
-            if count:
-                self._counts[key] = count
 
 
 class Slot(object):

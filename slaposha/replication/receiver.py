@@ -26,10 +26,9 @@ import tempfile
 import threading
 import time
 
-from slaposha.api.server import Clients
 from slaposha.replication import (
     ReplicationError, StaleToken, human_bytes, trim)
-from slaposha.inputs import cut, one_line
+from slaposha.inputs import Clients, cut, one_line
 from slaposha.replication import wire
 from slaposha.replication.relay import Relay, rsync_binary
 from slaposha.replication.tree import MODES, Tree, exchange
