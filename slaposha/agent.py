@@ -56,7 +56,7 @@ from slaposha.replication.diverged import copy_id
 from slaposha.resources import DOWN, NA
 from slaposha.service import Service, ServiceError
 from slaposha.slot import (
-    RUNNING, STARTING, STOP_FAILED, STOPPED, STOPPING, ServiceSlot, Worker)
+    RUNNING, STARTING, STOP_FAILED, STOPPED, STOPPING, ServiceSlot)
 from slaposha.status import Status
 
 __all__ = ['Agent']
@@ -142,7 +142,8 @@ class Agent(Status, Actions):
             svc = Service(conf, self.cgroup_root, self.log_dir)
             self.slots[conf.name] = ServiceSlot(
                 svc, Ownership(self.client, self.keys, conf.name, self.host,
-                               placement.claims(self.keys, conf, self.host)))
+                               placement.claims(self.keys, conf, self.host)),
+                on_end=self.wake)
         self.owners = {}           # {service: owner host}, as last read
         # Every decision, for the API's decision log (bounded).
         self.decision_log = collections.deque(maxlen=DECISIONS_KEPT)
@@ -236,9 +237,7 @@ class Agent(Status, Actions):
         due = [self._next_leader_check if self._owns_any() else None,
                now + self.cluster.agent.monitor_interval]
         for slot in self.slots.values():
-            if slot.state == RUNNING and any(
-                    getattr(res, 'tick', None) is not None
-                    for res in slot.service.resources):
+            if slot.state == RUNNING and slot.service.ticks():
                 return interval
             due.append(slot.next_check if slot.token else
                        slot.next_eligibility)
@@ -300,25 +299,17 @@ class Agent(Status, Actions):
                             ' its %s still goes on' % slot.worker.what)
                 with self._lock:
                     slot.service.fence()
-            self._carry_on(slot)
+            slot.carry_on()
 
     # -- replicated data ---------------------------------------------------------
-
-    def _replicated(self, slot):
-        """The resources of a service whose data moves between hosts."""
-        return [res for res in slot.service.resources
-                if getattr(res, 'configure', None) is not None]
 
     def _configure_replication(self, slot):
         """Tell the data resources the owner's token and its standbys."""
         peers = {h: self.cluster.hosts[h].address for h in slot.conf.hosts
                  if h != self.host}
-        for res in self._replicated(slot):
-            res.configure(slot.token, peers, self.tls, self.host)
+        slot.service.configure(slot.token, peers, self.tls, self.host)
+        for res in slot.service.data():
             res.peer_lost = self._peer_lost
-        for res in slot.service.resources:
-            if getattr(res, 'configure_peers', None) is not None:
-                res.configure_peers(slot.token, peers, self.tls, self.host)
 
     def _peer_lost(self, host):
         """Whether ``host`` is known lost: the watch holds no lease of it.
@@ -350,12 +341,12 @@ class Agent(Status, Actions):
         if owner_alive:
             slot.owner_had_data = True
         problems = []
-        for res in self._replicated(slot):
+        for res in slot.service.data():
             if owner_alive or res.rid not in slot.lags:
                 seconds, snapshot = res.lag()
                 slot.lags[res.rid] = seconds
             seconds = slot.lags[res.rid]
-            if seconds is None and res.volume.exists():
+            if seconds is None and res.exists():
                 # The data itself, never a copy: a first start may use it;
                 # once an owner ran the service elsewhere, its age is
                 # unknown, which max_lag does not allow.
@@ -363,18 +354,18 @@ class Agent(Status, Actions):
                     problems.append('%s: %s here is no copy of the owner\'s'
                                     ' data: its age is unknown (max_lag'
                                     ' %gs); `slaposha takeover --force`'
-                                    ' overrides' % (res.rid, res.volume.path,
+                                    ' overrides' % (res.rid, res.path,
                                                     max_lag))
             elif seconds is None:
                 if max_lag is not None or slot.owner_had_data:
                     problems.append('%s: no copy of %s here yet; `slaposha'
                                     ' takeover --force` overrides' % (
-                                        res.rid, res.volume.path))
+                                        res.rid, res.path))
             elif max_lag is not None and seconds > max_lag:
                 problems.append('%s: data too stale: the copy of %s here was'
                                 ' %.1f s old (max_lag %gs); `slaposha takeover'
                                 ' --force` overrides' % (
-                                    res.rid, res.volume.path, seconds,
+                                    res.rid, res.path, seconds,
                                     max_lag))
         return problems
 
@@ -570,7 +561,7 @@ class Agent(Status, Actions):
             slot.suspended = None
             reason = (self.lease.lost_reason or 'its self-fence deadline'
                       ' passed') if self.lease else 'no lease'
-            self._carry_on(slot)
+            slot.carry_on()
             if slot.worker is not None:
                 # Fenced with the rest: cleaned up once its worker ended
                 # (never released: the owner key goes with the lease).
@@ -720,7 +711,7 @@ class Agent(Status, Actions):
         elif (view.target or {}).get('state') == 'stopped':
             slot.last_owner = None  # stopped: a later start moves nothing
         slot.seen_owner = slot.seen_owner or owner_kv is not None
-        self._carry_on(slot)
+        slot.carry_on()
         if slot.worker is not None:
             self._while_busy(slot, owner_kv)
             return
@@ -855,9 +846,8 @@ class Agent(Status, Actions):
         """Why the switch's target did not get the service's data at this
         stop (the last copy of a data resource), or None."""
         to = switch.get('to')
-        for res in self._replicated(slot):
-            problem = getattr(res, 'handover_problem', None)
-            why = problem(to) if problem is not None else None
+        for res in slot.service.data():
+            why = res.handover_problem(to)
             if why:
                 return '%s did not get the last copy of %s: %s' % (
                     to, res.rid, why)
@@ -906,7 +896,7 @@ class Agent(Status, Actions):
         point = intent.get('snapshot') or datetime.datetime.fromtimestamp(
             intent.get('when') or 0, datetime.timezone.utc).isoformat()
         chosen = []
-        for res in self._replicated(slot):
+        for res in slot.service.data():
             if res.kind != 'btrfs':
                 self._end_restore(slot, intent, 'undone', '%s keeps no'
                                   ' snapshots: restore is for btrfs data'
@@ -923,7 +913,7 @@ class Agent(Status, Actions):
         self.decide(slot, 'restore', 'stopping it to bring its data back to'
                     ' %s, as %s asked (deadline in %.0f s)' % (
                         names, intents.who(intent), deadline - time.time()))
-        may_go_on = self._may_go_on(slot)
+        may_go_on = slot.may_go_on(self.lease)
         conf = slot.conf
 
         def work():
@@ -960,8 +950,8 @@ class Agent(Status, Actions):
                 return 'start', '%s; %s' % (failed, self._undo(
                     done, failed)), [], []
             return None, None, [], done
-        self._spawn(slot, 'restore', STARTING, work,
-                    lambda worker: self._restored(slot, worker, intent,
+        slot.spawn('restore', STARTING, work,
+                   lambda worker: self._restored(slot, worker, intent,
                                                   names, token))
 
     def _undo(self, done, failed):
@@ -1196,28 +1186,10 @@ class Agent(Status, Actions):
         self.decide(slot, 'start', reason)
         self._update_fence_targets()
         self._configure_replication(slot)
-        may_go_on = self._may_go_on(slot)
-        self._spawn(slot, 'start', STARTING, lambda: slot.service.start(
+        may_go_on = slot.may_go_on(self.lease)
+        slot.spawn('start', STARTING, lambda: slot.service.start(
             may_go_on=may_go_on, timeout=slot.conf.start_timeout),
             lambda worker: self._started(slot, worker, moved))
-
-    def _may_go_on(self, slot):
-        """Whether a start under way may go on: this lease (not a later
-        one) and this token still hold, and no fence came."""
-        lease, token = self.lease, slot.token
-        return lambda: lease.valid and slot.token == token and \
-            not slot.fenced
-
-    def _spawn(self, slot, what, state, work, then):
-        slot.state = state
-        slot.worker = Worker(slot.service.name, what, work, then, self.wake)
-
-    def _carry_on(self, slot):
-        """The loop's part after a worker that ended: its ``then``."""
-        worker = slot.worker
-        if worker is not None and not worker.alive():
-            slot.worker = None
-            worker.then(worker)
 
     def _while_busy(self, slot, owner_kv):
         """The decisions for a service whose start or stop goes on wait for
@@ -1358,16 +1330,16 @@ class Agent(Status, Actions):
         if slot.failures <= slot.conf.restart:
             self.decide(slot, 'restart', '%s is down (%s): restart %d of %d'
                         % (rid, message, slot.failures, slot.conf.restart))
-            may_go_on = self._may_go_on(slot)
+            may_go_on = slot.may_go_on(self.lease)
 
             def restart():
                 slot.service.stop(timeout=slot.conf.stop_timeout)
                 slot.service.start(may_go_on=may_go_on,
                                    timeout=slot.conf.start_timeout)
             failures = slot.failures
-            self._spawn(slot, 'restart', STARTING, restart,
-                        lambda worker: self._restarted(slot, worker,
-                                                       failures))
+            slot.spawn('restart', STARTING, restart,
+                       lambda worker: self._restarted(slot, worker,
+                                                      failures))
             return
         self._failed(slot, '%s is down (%s) after %d restart(s)'
                      % (rid, message, slot.conf.restart))
@@ -1412,9 +1384,9 @@ class Agent(Status, Actions):
         more (or goes with the lost lease): forgotten at once."""
         if not release:
             slot.forget_key()
-        self._spawn(slot, 'stop', STOPPING, lambda: self._stop_work(slot),
-                    lambda worker: self._stopped(slot, worker, release,
-                                                 lease_lost))
+        slot.spawn('stop', STOPPING, lambda: self._stop_work(slot),
+                   lambda worker: self._stopped(slot, worker, release,
+                                                lease_lost))
 
     def _stop_work(self, slot):
         """In the worker: (error, [(rid, status) still not down]). A stop

@@ -163,14 +163,10 @@ class Daemon(object):
         serves btrfs volumes and rsync trees (and one-off copies)."""
         volumes, trees = {}, {}
         for slot in self.agent.slots.values():
-            for res in self.agent._replicated(slot):
-                volumes.setdefault(res.conf.port, [])
-                if getattr(res, 'tree', None) is not None:
-                    trees.setdefault(res.conf.port, []).append(res.tree)
-                else:
-                    # The volume itself: its retention applies to what
-                    # this host receives.
-                    volumes[res.conf.port].append(res.volume)
+            for res in slot.service.data():
+                port, its_volumes, its_trees = res.receiver()
+                volumes.setdefault(port, []).extend(its_volumes)
+                trees.setdefault(port, []).extend(its_trees)
         if not volumes:
             return
         if self.tls is None:

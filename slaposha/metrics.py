@@ -191,9 +191,7 @@ def _replication(agent, page):
     copy is and what was sent; on a standby, how old its own copy is."""
     lags, sent, seconds, transfers, rates, ages = [], [], [], [], [], []
     for name, slot in sorted(agent.slots.items()):
-        for res in slot.service.resources:
-            if getattr(res, 'configure', None) is None:
-                continue  # not a data resource
+        for res in slot.service.data():
             labels = {'service': name, 'resource': res.rid}
             try:
                 sender = res.sender if res.running else None

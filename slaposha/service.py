@@ -8,6 +8,7 @@ from collections import namedtuple
 
 from slaposha.cgroup import CgroupError
 from slaposha.resources import Cancel, ResourceError, driver
+from slaposha.resources.data import DataResource
 
 logger = logging.getLogger(__name__)
 
@@ -272,9 +273,22 @@ class Service(object):
     def tick(self):
         """Every agent cycle, for drivers that work on a schedule (task)."""
         for res in self.resources:
-            tick = getattr(res, 'tick', None)
-            if tick is not None:
-                tick()
+            res.tick()
+
+    def ticks(self):
+        """Whether a resource has work on a schedule (Resource.ticks)."""
+        return any(res.ticks for res in self.resources)
+
+    def data(self):
+        """The resources whose data moves between hosts (btrfs, rsync)."""
+        return [res for res in self.resources
+                if isinstance(res, DataResource)]
+
+    def configure(self, token, peers, tls, host):
+        """On the owner, before a start: what each resource sends to the
+        standbys needs (Resource.configure)."""
+        for res in self.resources:
+            res.configure(token, peers, tls, host)
 
     def status(self):
         """[(rid, Status)] of every resource."""
@@ -282,15 +296,19 @@ class Service(object):
 
     def facts(self):
         """{rid: what the resource publishes} for resources that do."""
-        return {res.rid: res.publish() for res in self.resources
-                if res.publish is not None}
+        facts = {}
+        for res in self.resources:
+            published = res.publish()
+            if published is not None:
+                facts[res.rid] = published
+        return facts
 
     def problems(self, facts):
         """Why this host cannot take the service over: one line per
         problem, each naming its resource."""
         lines = []
         for res in self.resources:
-            if res.publish is not None and res.rid in (facts or {}):
+            if res.rid in (facts or {}):
                 lines += ['%s: %s' % (res.rid, p)
                           for p in res.problems(facts[res.rid])]
         return lines
@@ -300,8 +318,6 @@ class Service(object):
         this standby has."""
         found = {}
         for res in self.resources:
-            if res.report is None:
-                continue
             try:
                 report = res.report()
             except Exception as e:  # a driver's bad day is not the loop's
@@ -316,9 +332,8 @@ class Service(object):
         """On the owner: {host: {rid: report} or None} from the standbys,
         handed to each resource as {host: its report or None}."""
         for res in self.resources:
-            if res.report is not None:
-                res.reported({host: (by_rid or {}).get(res.rid)
-                              for host, by_rid in reports.items()})
+            res.reported({host: (by_rid or {}).get(res.rid)
+                          for host, by_rid in reports.items()})
 
     def fence_targets(self):
         cgroups, addresses = [self.cgroup.path], []

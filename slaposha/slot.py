@@ -50,8 +50,9 @@ class Worker(object):
 class ServiceSlot(object):
     """What the agent knows of one service on this host."""
 
-    def __init__(self, service, ownership):
+    def __init__(self, service, ownership, on_end):
         self.service = service
+        self._on_end = on_end      # wakes the loop once a worker ended
         self.conf = service.conf.service
         self.ownership = ownership
         self.state = STOPPED
@@ -91,3 +92,24 @@ class ServiceSlot(object):
         its token is forgotten here."""
         self.ownership.forget()
         self.token = None
+
+    def may_go_on(self, lease):
+        """Whether a start under way may go on: ``lease`` (not a later
+        one) and this token still hold, and no fence came."""
+        token = self.token
+        return lambda: lease.valid and self.token == token and \
+            not self.fenced
+
+    def spawn(self, what, state, work, then):
+        """Its ``what`` ('start', 'restart', 'stop', 'restore') in a Worker,
+        in ``state`` meanwhile: the agent's loop is woken once it ended."""
+        self.state = state
+        self.worker = Worker(self.service.name, what, work, then,
+                             self._on_end)
+
+    def carry_on(self):
+        """The loop's part after a worker that ended: its ``then``."""
+        worker = self.worker
+        if worker is not None and not worker.alive():
+            self.worker = None
+            worker.then(worker)

@@ -190,9 +190,7 @@ class Status(object):
         if now >= slot.next_diverged:
             slot.next_diverged = now + self.cluster.agent.monitor_interval
             found = []
-            for res in self._replicated(slot):
-                if getattr(res, 'diverged_copies', None) is None:
-                    continue  # e.g. drbd: one copy, nothing kept aside
+            for res in slot.service.data():
                 try:
                     copies = res.diverged_copies()
                 except (ReplicationError, OSError) as e:

@@ -152,7 +152,8 @@ def test_backup_metrics_on_every_host_that_holds_a_copy():
         '000007-12': now - 7200, '000009-12': now - 60,
         '000010-12': None})})
     app = type('Res', (), {'rid': 'app#main', 'volume': None})
-    service = type('Service', (), {'resources': [app, res]})
+    service = type('Service', (), {'resources': [app, res],
+                                   'data': staticmethod(lambda: [])})
     agent.slots = {'web': type('Slot', (), {'service': service})}
     samples = parse(exposition(agent))
     assert value(samples, 'slaposha_backup_snapshots', service='web',

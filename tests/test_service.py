@@ -62,7 +62,6 @@ class _Data(object):
     def __init__(self, lag, live=False):
         self.rid = 'btrfs#data'
         self._lag = lag
-        self.volume = self
         self.path = '/srv/slapgrid'
         self.live = live
 
@@ -78,8 +77,8 @@ def _problems(res, owner_alive, max_lag=None, slot=None):
     from slaposha.agent import Agent
     slot = slot or SimpleNamespace(conf=SimpleNamespace(max_lag=max_lag),
                                    lags={}, owner_had_data=False)
-    agent = SimpleNamespace(_replicated=lambda s: [res])
-    return Agent._data_problems(agent, slot, owner_alive), slot
+    slot.service = SimpleNamespace(data=lambda: [res])
+    return Agent._data_problems(None, slot, owner_alive), slot
 
 
 def test_a_standby_without_any_copy_never_takes_over_by_itself():

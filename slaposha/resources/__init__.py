@@ -3,9 +3,13 @@
 Every driver has the same verbs (OpenSVC's taxonomy): ``start``, ``stop``,
 ``status`` and optionally ``provision``, plus ``fence``: the fast, blocking-
 free kill that self-fencing uses at the lease's kill deadline, and
-``suspend`` / ``resume`` for a lease renewal that is late (DESIGN.md 2). A
-driver declares its configuration keys (``keys``, :mod:`slaposha.schema`)
-and registers its class (:func:`register`), so that service files are
+``suspend`` / ``resume`` for a lease renewal that is late (DESIGN.md 2).
+Every verb the agent calls is declared on :class:`Resource`, those a
+driver may leave out as documented no-ops (``configure``, ``tick``,
+``publish`` / ``problems``, ``report`` / ``reported``); the data drivers'
+contract is :class:`slaposha.resources.data.DataResource`. A driver
+declares its configuration keys (``keys``, :mod:`slaposha.schema`) and
+registers its class (:func:`register`), so that service files are
 validated in one place (:mod:`slaposha.config`).
 """
 
@@ -250,9 +254,28 @@ class Resource(object):
         """The lease was renewed before the kill deadline: undo suspend()
         (the processes are thawed already)."""
 
+    def configure(self, token, peers, tls, host):
+        """On the owner, before start (again when the standbys change):
+        the owner key's fencing ``token``, the standbys ``{name:
+        address}``, this host's TLS files (ca, cert, key) and name. For
+        drivers that send something to the standbys (the data, a node's
+        software releases)."""
+
+    # Whether tick() has work on a schedule: while the service runs here,
+    # the agent's loop then comes round every loop_interval.
+    ticks = False
+
+    def tick(self):
+        """On the owner, every agent cycle while the service runs: work on
+        a schedule (a task's runs, a copy to the standbys), never
+        blocking the cycle."""
+
     # Drivers whose standbys must match the owner (same paths, same uids)
     # define both: publish() on the owner, problems() on each standby.
-    publish = None
+    def publish(self):
+        """On the owner: what a standby must have the same (JSON-able),
+        published again whenever it changes; None: nothing."""
+        return None
 
     def problems(self, published):
         """Lines saying why this host cannot take over, given what the
@@ -263,7 +286,9 @@ class Resource(object):
     # software releases it still lacks) define both: report() on each
     # standby (JSON-able, announced with its host's health), reported() on
     # the owner, every agent cycle, with {host: report or None}.
-    report = None
+    def report(self):
+        """On a standby: what it has, for the owner; None: nothing."""
+        return None
 
     def reported(self, reports):
         """What each standby last reported (None: no report: not alive)."""

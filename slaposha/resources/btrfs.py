@@ -26,50 +26,11 @@ for the engine, :mod:`slaposha.replication.pacer` for the schedule)::
 Put it first in the service, so that it starts (promotes) before the
 resources that use the data and stops (sends a last snapshot) after them.
 
-What the agent does with it (the interface)
--------------------------------------------
-
-1. **On every host**, one receiver for the volumes of every ``btrfs``
-   resource of the services that may run there, started with the agent and
-   kept running whether the host owns them or not::
-
-       from slaposha.replication.receiver import Receiver
-       receiver = Receiver(address, port, tls, volumes,
-                           hosts=cluster.cluster.hosts).start()  # a thread
-       ...
-       receiver.stop()
-
-   ``address``: the host's address; ``port``: the resources' ``port``
-   (1216 by default); ``tls``: ``cluster.tls_files(host)`` = (ca, cert,
-   key), required (``crl.pem`` beside ``ca.crt`` is honoured); ``volumes``:
-   their ``volume`` paths; ``hosts``: the only senders served (host
-   certificates only, in any case). (Or as a process: ``python -m
-   slaposha.replication receiver --host H --listen A --ssl-dir D
-   VOLUME...``.) A receiver refuses streams of an epoch older than the
-   newest it has seen, and streams into a volume whose service runs here.
-
-2. **On the owner, before** ``start()``: ``res.configure(token, peers,
-   tls, host)``: the owner key's fencing token, the standbys as ``{name:
-   (address, port)}`` (or ``{name: address}``: the ``port`` key), the TLS
-   files, this host's name. Call it again when the peers change; a new
-   token needs a stop and a start.
-
-3. From ``start()`` to ``stop()`` (or ``fence()``), replication runs in
-   threads of its own (one takes the snapshots, one per standby sends
-   them), whatever the agent's loop does.
-
-4. **On standbys**, for the status tree and the takeover decision:
-   ``res.standby_status()`` (how old this host's copy is, whether a
-   diverged copy was kept aside) and ``res.lag()`` (seconds, snapshot).
-
-``start`` refuses (names the newer token) when this host's copy was written
-by a newer owner than ``token``: the agent's token is stale. ``stop`` sends
-a last snapshot when the standbys answer, within ``stop_timeout``, cut as
-soon as every standby still being sent to is known lost (``peer_lost``,
-set by the agent: its host holds no lease).
-``status`` is ``up`` with the standbys' lag and the last cycle, ``warn``
-when a standby did not get the last snapshot, or its copy is older than
-``max_lag``.
+What the agent does with it is the data drivers' contract
+(:class:`~slaposha.resources.data.DataResource`): a receiver on ``port`` on
+every host for the ``volume``, ``configure`` on the owner before
+``start``, snapshots sent from ``start`` to ``stop`` in threads of their
+own, ``lag`` and ``standby_status`` on the standbys.
 """
 
 import logging
@@ -170,6 +131,11 @@ class Btrfs(DataResource):
         if self.sender is not None:
             self.sender.peers = self.peers
             self.pacer.refresh()
+
+    def receiver(self):
+        # The volume itself: its retention applies to what this host
+        # receives.
+        return self.conf.port, [self.volume], []
 
     # -- verbs ----------------------------------------------------------------
 

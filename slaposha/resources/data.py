@@ -1,7 +1,8 @@
-"""What the data drivers (``btrfs``, ``rsync``) share: what the agent gives
-them on the owner (``configure``: the fencing token, the standbys, the TLS
-files; ``peer_lost``: whether a standby is lost), the checks before a start, the schedule of their background cycles
-and the problems they log once."""
+"""What the data drivers (``btrfs``, ``rsync``) share: their contract with
+the agent (:class:`DataResource`), what the agent gives them on the owner
+(``configure``: the fencing token, the standbys, the TLS files;
+``peer_lost``: whether a standby is lost), the checks before a start, the
+schedule of their background cycles and the problems they log once."""
 
 import logging
 import time
@@ -26,7 +27,59 @@ DIVERGED_KEYS = (
 
 class DataResource(Resource):
     """Base of a driver whose data the owner sends to the standbys every
-    ``interval`` (its ``port``: the standbys' receivers)."""
+    ``interval`` (its ``port``: the standbys' receivers). What the agent
+    does with it (the data drivers' contract):
+
+    1. **On every host**, one receiver per port for the data of the
+       services that may run there, started with the agent and kept
+       running whether the host owns them or not (:mod:`slaposha.daemon`);
+       :meth:`receiver` says what it serves of this resource. It is a
+       :class:`slaposha.replication.receiver.Receiver` (serving rsync trees
+       too, through its :class:`~slaposha.replication.receiver.TreeReceiver`)::
+
+           receiver = Receiver(address, port, tls, volumes,
+                               hosts=cluster.cluster.hosts,
+                               handlers=TreeReceiver(trees).handlers).start()
+           ...
+           receiver.stop()
+
+       ``address``: the host's address; ``port``: the resources' ``port``
+       (1216 by default); ``tls``: ``cluster.tls_files(host)`` = (ca,
+       cert, key), required (``crl.pem`` beside ``ca.crt`` is honoured);
+       ``hosts``: the only senders served (host certificates only, in any
+       case). (Or as a process: ``python -m slaposha.replication receiver
+       --host H --listen A --ssl-dir D VOLUME...``.) A receiver refuses
+       streams of an epoch older than the newest it has seen, and streams
+       into data whose service runs here.
+
+    2. **On the owner, before** ``start()``: ``configure(token, peers,
+       tls, host)``: the owner key's fencing token, the standbys as
+       ``{name: (address, port)}`` (or ``{name: address}``: the ``port``
+       key), the TLS files, this host's name. Called again when the peers
+       change; a new token needs a stop and a start. ``peer_lost``, set by
+       the agent, tells whether a standby is known lost.
+
+    3. From ``start()`` to ``stop()`` (or ``fence()``), replication runs in
+       threads of its own (btrfs: one takes the snapshots, one per standby
+       sends them; rsync: a cycle when ``tick`` finds one due), whatever
+       the agent's loop does.
+
+    4. **On standbys**, for the status tree and the takeover decision:
+       ``standby_status()`` (how old this host's copy is, whether a
+       diverged copy was kept aside), ``lag()`` (seconds, snapshot),
+       ``exists()`` and ``path`` (whether the data itself is here, and
+       where), ``diverged_copies()`` (what is kept aside here).
+
+    ``start`` refuses (names the newer token) when this host's copy was
+    written by a newer owner than ``token``: the agent's token is stale.
+    ``stop`` sends a last copy when the standbys answer, within
+    ``stop_timeout``, cut as soon as every standby still being sent to is
+    known lost (``peer_lost``: its host holds no lease);
+    ``handover_problem(name)`` says then why a standby did not get it.
+    ``status`` is ``up`` with the standbys' lag and the last cycle, ``warn``
+    when a standby did not get the last copy, or its copy is older than
+    ``max_lag``.
+    """
 
     def __init__(self, section, context):
         super().__init__(section, context)
@@ -58,6 +111,20 @@ class DataResource(Resource):
             listed.append(Peer(name, where[0], int(where[1])))
         self.token, self.peers, self.tls, self.host = \
             int(token), listed, tuple(tls) if tls else None, host
+
+    def receiver(self):
+        """What this host's receiver serves of this resource: (port,
+        volumes, trees) (:mod:`slaposha.replication`'s objects)."""
+        raise NotImplementedError
+
+    @property
+    def path(self):
+        """Where the data lives, on every host."""
+        return self.volume.path
+
+    def exists(self):
+        """Whether the data itself (not a copy of it) is on this host."""
+        return self.volume.exists()
 
     def lost(self, name):
         """Whether standby ``name`` is known lost (``peer_lost``); False

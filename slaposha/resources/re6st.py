@@ -85,6 +85,7 @@ class Re6st(App):
     """the node's re6st daemon, its config and state moved with the node"""
 
     kind = 're6st'
+    ticks = True
     keys = (
         Key('config', 'path', '/etc/re6stnet', 're6st\'s configuration'
             ' folder (re6stnet.conf, the node\'s certificate and key),'

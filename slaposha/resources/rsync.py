@@ -25,11 +25,12 @@ only while the applications are stopped (at ``stop``, after them): every
 copy is consistent, and a crash loses everything since the last stop. The
 last copy that ``stop`` sends is consistent in every mode.
 
-The agent uses it as the ``btrfs`` driver (same interface): its receiver on
-``port`` serves the tree (``tree``, here also ``volume``), ``configure``
-before ``start``, ``tick`` every cycle, ``lag`` and ``standby_status`` on
-the standbys; ``[service] max_lag`` makes a standby with an older copy
-ineligible, and ``slaposha takeover --force`` overrides it.
+The agent uses it as the ``btrfs`` driver (the data drivers' contract,
+:class:`~slaposha.resources.data.DataResource`): its receiver on ``port``
+serves the tree, ``configure`` before ``start``, ``tick`` every cycle,
+``lag`` and ``standby_status`` on the standbys; ``[service] max_lag`` makes
+a standby with an older copy ineligible, and ``slaposha takeover --force``
+overrides it.
 """
 
 import logging
@@ -63,6 +64,7 @@ class Rsync(DataResource):
     """a folder copied to the standbys by rsync over TLS every interval"""
 
     kind = 'rsync'
+    ticks = True
     keys = (
         Key('path', 'path', REQUIRED, 'the folder to replicate, e.g.'
             ' /srv/slapgrid/data; not a mount point (takeover renames the'
@@ -103,7 +105,7 @@ class Rsync(DataResource):
     def __init__(self, section, context):
         super().__init__(section, context)
         self.tree = Tree(section.path, section.store)
-        self.volume = self.tree     # the agent names the data by .volume
+        self.volume = self.tree     # DataResource names the data so
         self.mode = None            # snapshot | live | stopped, at start
         self.last = {}              # peer: Transfer or ReplicationError
         self.cycle_seconds = None
@@ -112,6 +114,9 @@ class Rsync(DataResource):
         self._lock = threading.Lock()
         self._pushing = None        # the standby a copy goes to now
         self._cut = set()           # standbys lost during the stop
+
+    def receiver(self):
+        return self.conf.port, [], [self.tree]
 
     # -- verbs ----------------------------------------------------------------
 

@@ -36,7 +36,7 @@ the agent (started by slapgrid) is adopted: it and its programs join the
 resource's cgroup, so that a fence kills them too.
 
 While it owns the node, the driver also keeps the standbys ready
-(configured by the agent with ``configure_peers``, worked in ``tick``, in a
+(configured by the agent with ``configure``, worked in ``tick``, in a
 thread of its own, never blocking the agent's cycle): the node's identity
 in the replicated data, its software releases copied to every standby
 (:mod:`slaposha.slapos.standbys`).
@@ -78,6 +78,7 @@ class Slapos(Resource):
     """the partitions of a SlapOS node: addresses, supervisord, programs"""
 
     kind = 'slapos'
+    ticks = True
     keys = (
         Key('cfg', 'path', '/etc/opt/slapos/slapos.cfg', 'the node\'s'
             ' slapos.cfg (instance_root, software_root, interfaces)'),
@@ -433,7 +434,7 @@ class Slapos(Resource):
 
     # -- keeping the standbys ready ------------------------------------------
 
-    def configure_peers(self, token, peers, tls, host):
+    def configure(self, token, peers, tls, host):
         """From the agent on the owner: the standbys ({name: address}), the
         TLS files and this host's name (the token is not needed: software
         releases never change once completed)."""

@@ -58,6 +58,7 @@ class Task(Resource):
     """a command run every so often while the service runs on this host"""
 
     kind = 'task'
+    ticks = True
     keys = (
         Key('command', 'string', REQUIRED, 'shell command to run'),
         Key('schedule', 'duration', REQUIRED, 'run it every this long while'
