@@ -49,7 +49,8 @@ from slaposha.actions import Actions
 from slaposha.backup import BackupError
 from slaposha.cgroup import Cgroup, CgroupError, own_cgroup
 from slaposha.cluster.etcd import Compare, EtcdError, LeaseNotFound, Op
-from slaposha.cluster.lease import LOST, SUSPENDED, HostLease, Ownership, keys
+from slaposha.cluster.keys import Keys
+from slaposha.cluster.lease import LOST, SUSPENDED, HostLease, Ownership
 from slaposha.config import load_services
 from slaposha.metrics import Metrics
 from slaposha.replication.diverged import copy_id
@@ -98,7 +99,7 @@ class Agent(Status, Actions):
         gives the member and the watchdog once it started them."""
         self.cluster = cluster
         self.host = host
-        self.keys = keys(cluster.etcd.prefix, cluster.name)
+        self.keys = Keys(cluster.etcd.prefix, cluster.name)
         self.tls = tls
         self.client = client
         self.lease_client = lease_client

@@ -30,7 +30,8 @@ from slaposha.api.https import HttpsApi
 from slaposha.api.local import LocalApi
 from slaposha.api.server import limits_of
 from slaposha.cluster.etcd import Client
-from slaposha.cluster.lease import Membership, keys
+from slaposha.cluster.keys import Keys
+from slaposha.cluster.lease import Membership
 from slaposha.cluster.member import EtcdMember
 from slaposha.cluster.view import EtcdView
 from slaposha.cluster.watch import ClusterWatch
@@ -70,7 +71,7 @@ class Daemon(object):
                               tls=self.tls)
         client = Client(endpoints, timeout=lease.request_timeout * 2,
                         **client_options)
-        cluster_keys = keys(cluster.etcd.prefix, cluster.name)
+        cluster_keys = Keys(cluster.etcd.prefix, cluster.name)
         names = cluster.members if cluster.etcd.mode == 'embedded' else \
             cluster.etcd_endpoints()
         self.agent = Agent(

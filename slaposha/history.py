@@ -42,7 +42,7 @@ import json
 from slaposha.cluster.etcd import Op
 from slaposha.inputs import MAX_VALUE, NUMBER, InputError, check_fields, loads
 
-__all__ = ['record', 'read', 'prefix']
+__all__ = ['record', 'read']
 
 
 # What a record holds (inputs.check_fields); another is not shown.
@@ -52,17 +52,13 @@ FIELDS = {'service': str, 'kind': str, 'from': (str, None), 'to': str,
           'outcome': (str, None)}
 
 
-def prefix(keys, service=None):
-    return keys.root + 'history/' + ('%s/' % service if service else '')
-
-
 def record(client, keys, guard, entry, kept, compare=(), ops=()):
     """Write ``entry`` if ``guard`` (``Ownership.guard(token)``: the owner
     key still has our token) and ``compare`` hold, with ``ops`` in the same
     transaction, else return False; then drop the records beyond the newest
     ``kept``."""
     service = entry['service']
-    key = prefix(keys, service) + '%020d' % entry['token']
+    key = keys.history(service) + '%020d' % entry['token']
     if entry['kind'] in ('abandoned', 'failed'):
         key += '-' + entry['kind']   # beside the start of the same owner
     elif entry['kind'] == 'restore':   # one owner may restore many times
@@ -72,7 +68,7 @@ def record(client, keys, guard, entry, kept, compare=(), ops=()):
                             entry, sort_keys=True))] + list(ops))
     if not result.succeeded:
         return False
-    old = sorted(kv.key for kv in client.get_prefix(prefix(keys, service)))
+    old = sorted(kv.key for kv in client.get_prefix(keys.history(service)))
     drop = old[:-kept] if len(old) > kept else []
     if drop:
         client.txn(compare=[], success=[Op.delete(k) for k in drop])
@@ -82,7 +78,7 @@ def record(client, keys, guard, entry, kept, compare=(), ops=()):
 def read(client, keys, service=None, timeout=None):
     """Every record kept (of ``service``, or of all), oldest first."""
     entries = []
-    for kv in client.get_prefix(prefix(keys, service), timeout=timeout):
+    for kv in client.get_prefix(keys.history(service), timeout=timeout):
         try:
             entries.append(check_fields(loads(kv.value, MAX_VALUE, kv.key),
                                         FIELDS, kv.key))

@@ -1,6 +1,6 @@
 """What operators want of a service, stored in etcd beside its owner key.
 
-Keys under ``services/<name>/`` (see :mod:`slaposha.cluster.lease`):
+Keys under ``services/<name>/`` (see :mod:`slaposha.cluster.keys`):
 
 - ``owner``: the owner host; its create revision is the fencing token;
 - ``state``: what the owner publishes (guarded by its token);

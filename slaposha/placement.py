@@ -34,8 +34,7 @@ paths and no name in common: loading the services refuses them.
 
 from slaposha.cluster.etcd import Compare, Op
 
-__all__ = ['claims', 'occupied', 'blocking', 'refusal', 'collisions',
-           'claim_prefix']
+__all__ = ['claims', 'occupied', 'blocking', 'refusal', 'collisions']
 
 # Per resource kind, the keys that name what only one service may use on
 # a host at a time.
@@ -49,13 +48,9 @@ PATH_KEYS = {
 }
 
 
-def claim_prefix(keys):
-    return keys.root + 'exclusive/'
-
-
 def claims(keys, conf, host):
     """The claim keys that taking ``conf``'s service on ``host`` needs."""
-    return [claim_prefix(keys) + '%s/%s' % (name, host)
+    return [keys.claim(name, host)
             for name in conf.service.exclusive]
 
 
@@ -92,7 +87,7 @@ def refusal(client, keys, host, claim, running_here, owner_kv):
     is stale: it is dropped, only if neither changed since they were read,
     and the next cycle tries again."""
     name = claim.value
-    group = claim.key[len(claim_prefix(keys)):].split('/')[0]
+    group = claim.key[len(keys.claims):].split('/')[0]
     if running_here(name) or (owner_kv is not None and
                               owner_kv.value == host):
         return '%s runs %s (exclusive = %s)' % (host, name, group)

@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from slaposha.cluster.etcd import Client, EtcdError
-from slaposha.cluster.lease import keys as Keys
+from slaposha.cluster.keys import Keys
 from slaposha.cluster.watch import ClusterWatch
 
 from test_etcd_client import etcd_cluster, needs_etcd, wait_healthy

@@ -84,7 +84,7 @@ OWNER_WATCH = '''
 import json, sys, time
 from slaposha.config import load_cluster
 from slaposha.cluster.etcd import Client
-from slaposha.cluster.lease import keys as Keys
+from slaposha.cluster.keys import Keys
 cluster = load_cluster(sys.argv[1])
 endpoints = cluster.etcd_endpoints()
 mine = endpoints.pop(cluster.members.index(sys.argv[2]))

@@ -11,7 +11,8 @@ import pytest
 
 from slaposha.cgroup import Cgroup, cgroup2_mount
 from slaposha.cluster.etcd import Client, EtcdError
-from slaposha.cluster.lease import HostLease, Membership, Ownership, keys
+from slaposha.cluster.keys import Keys
+from slaposha.cluster.lease import HostLease, Membership, Ownership
 from slaposha.watchdog import Watchdog
 
 from test_etcd_client import (  # noqa: F401 (silent_url: a fixture)
@@ -297,7 +298,7 @@ def test_no_renewal_by_the_kill_deadline_loses_the_lease_before_etcd(client):
 
 @needs_etcd
 def test_ownership_tokens_and_guarded_writes(client):
-    k = keys('/test-ownership-%d' % os.getpid(), 'c')
+    k = Keys('/test-ownership-%d' % os.getpid(), 'c')
     lease_a = host_lease(client)
     lease_b = host_lease(client)
     lease_a.grant()
@@ -415,7 +416,7 @@ def test_what_other_hosts_write_is_read_within_limits(client):
     field of another type, is one line (before: a RecursionError in every
     agent's cycle, or a TypeError where the field was used)."""
     from slaposha import history
-    k = keys('/hostile', 'c1')
+    k = Keys('/hostile', 'c1')
     client.put(k.host('hX'), '[' * 5000 + ']' * 5000)
     client.put(k.host('hY'), json.dumps({'failed': 5}))
     client.put(k.host('hZ'), json.dumps({'failed': ['web'], 'pid': 7}))
@@ -431,9 +432,9 @@ def test_what_other_hosts_write_is_read_within_limits(client):
             'by': 'operator alice'}
     records = [good, dict(good, running='soon'), dict(good, token=True)]
     for i, record in enumerate(records):
-        client.put(history.prefix(k, 'web') + '%020d' % i,
+        client.put(k.history('web') + '%020d' % i,
                    json.dumps(record))
-    client.put(history.prefix(k, 'web') + '%020d' % 9, '{"a":' * 5000)
+    client.put(k.history('web') + '%020d' % 9, '{"a":' * 5000)
     assert history.read(client, k, 'web') == [good]
 
 

@@ -17,7 +17,8 @@ import pytest
 
 from slaposha import placement
 from slaposha.cluster.etcd import Client
-from slaposha.cluster.lease import HostLease, Ownership, keys
+from slaposha.cluster.keys import Keys
+from slaposha.cluster.lease import HostLease, Ownership
 from slaposha.config import ConfigError, load_cluster, load_services
 
 from test_etcd_client import FAST_ELECTIONS, etcd_cluster, needs_etcd
@@ -62,7 +63,7 @@ def test_a_host_running_an_excluding_service_is_not_chosen(tmp_path):
     assert placement.blocking(confs, owners, confs['web'], 'hS') is None
     assert placement.occupied(confs, {'b': 'hS'}, confs['a'], 'hS') == \
         ('b', 'node')
-    assert placement.claims(keys('/p', 'c'), confs['a'], 'hS') == \
+    assert placement.claims(Keys('/p', 'c'), confs['a'], 'hS') == \
         ['/p/c/exclusive/node/hS']
 
 
@@ -110,7 +111,7 @@ def test_two_services_racing_for_one_host_never_both_get_it(
     one wins every round, whatever the timing; the loser is told which
     service holds the host, and gets it once the winner releases it."""
     confs = _files(tmp_path, {'a': NODE % 'hA hS', 'b': NODE % 'hB hS'})
-    k = keys('/test-placement-%d' % os.getpid(), 'c')
+    k = Keys('/test-placement-%d' % os.getpid(), 'c')
     leases = [HostLease(client, 3, 1.0, 0.2, 0.5, 0.5) for _ in range(2)]
     for lease in leases:
         lease.grant()
@@ -150,7 +151,7 @@ def test_two_services_racing_for_one_host_never_both_get_it(
 @needs_etcd
 def test_a_claim_left_without_its_service_is_dropped(client, tmp_path):
     confs = _files(tmp_path, {'a': NODE % 'hA hS', 'b': NODE % 'hB hS'})
-    k = keys('/test-placement-stale-%d' % os.getpid(), 'c')
+    k = Keys('/test-placement-stale-%d' % os.getpid(), 'c')
     lease = HostLease(client, 3, 1.0, 0.2, 0.5, 0.5)
     lease.grant()
     try:

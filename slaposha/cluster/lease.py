@@ -20,11 +20,7 @@ all vanish together, TTL seconds after its last renewal.
 - :class:`Membership` publishes this host's health under the lease and
   reads the others'.
 
-Keys, under ``<etcd prefix>/<cluster name>``::
-
-    hosts/<host>               membership, JSON, on the host's lease
-    services/<name>/owner      the owner host; create revision = token
-    services/<name>/<key>      what the owner writes, guarded by the token
+Where these keys live: :mod:`slaposha.cluster.keys`.
 """
 
 import json
@@ -37,7 +33,7 @@ from slaposha.cluster.etcd import (
     Compare, EtcdError, LeaseNotFound, Op)
 from slaposha.inputs import MAX_VALUE, InputError, check_fields, loads
 
-__all__ = ['HostLease', 'Ownership', 'Membership', 'alive_hosts', 'keys',
+__all__ = ['HostLease', 'Ownership', 'Membership', 'alive_hosts',
            'VALID', 'SUSPENDED', 'LOST']
 
 # HostLease.state(): renewed in time; late (services suspended, renewals
@@ -45,30 +41,6 @@ __all__ = ['HostLease', 'Ownership', 'Membership', 'alive_hosts', 'keys',
 VALID, SUSPENDED, LOST = 'valid', 'suspended', 'lost'
 
 logger = logging.getLogger(__name__)
-
-
-class keys(object):
-    """Where things live in etcd, in one place."""
-
-    def __init__(self, prefix, cluster):
-        self.root = '%s/%s/' % (prefix.rstrip('/'), cluster)
-
-    def host(self, name):
-        return self.root + 'hosts/' + name
-
-    @property
-    def hosts(self):
-        return self.root + 'hosts/'
-
-    def service(self, name, key=''):
-        return self.root + 'services/%s/%s' % (name, key)
-
-    def owner(self, name):
-        return self.service(name, 'owner')
-
-    @property
-    def services(self):
-        return self.root + 'services/'
 
 
 class HostLease(object):

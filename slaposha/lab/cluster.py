@@ -242,7 +242,7 @@ class LabCluster(object):
             import json, sys
             from slaposha.config import load_cluster
             from slaposha.cluster.etcd import Client
-            from slaposha.cluster.lease import keys as Keys
+            from slaposha.cluster.keys import Keys
             cluster = load_cluster(%r)
             client = Client(cluster.etcd_endpoints(), timeout=5,
                             tls=cluster.tls_files(%r))

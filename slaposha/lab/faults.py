@@ -85,7 +85,7 @@ import statistics
 import subprocess
 import time
 
-from slaposha.cluster.lease import keys
+from slaposha.cluster.keys import Keys
 from slaposha.lab import LabError, wait_for
 from slaposha.lab.cluster import LabCluster, Observer
 from slaposha.lab.replication import (
@@ -159,7 +159,7 @@ class FaultSuite(object):
                                  VOL, INTERVAL, writer, self.marker)})
         self.observer = Observer(lab, self.marker, hosts=HOSTS)
         self.via = WITNESSES[0]  # a host on the majority side, to ask etcd
-        self.keys = keys('/slaposha', self.lc.name)
+        self.keys = Keys('/slaposha', self.lc.name)
         self.deck = []
         self.violations = {'overlap': 0, 'minority': 0, 'absent': 0,
                            'lost write': 0, 'not kept aside': 0,
