@@ -926,7 +926,6 @@ def export_tree(tree, to, label, timeout=3600):
 def _import_staging(tree, path):
     """The store's folder an import lands in (the one that is not the
     complete copy), once it is sure the import may go there."""
-    from slaposha.replication.tree import fstype, make_folder
     try:
         with tree._locked() as state:
             if alive(state['active']):
@@ -940,12 +939,7 @@ def _import_staging(tree, path):
                     ' an import, which would replace it as the copy a'
                     ' takeover here uses: import on a host without one' % (
                         path, tree.path, record.get('token')))
-            target = 'b' if complete == 'a' else 'a'
-            state['records'][target] = None
-            if not os.path.isdir(tree.buffer(target)):
-                make_folder(tree.buffer(target),
-                            fstype(tree.store) == 'btrfs')
-            return tree.buffer(target)
+            return tree._staging(state, complete)
     except (ReplicationError, OSError) as e:
         raise BackupError('%s: %s' % (path, getattr(e, 'strerror', None)
                                       or e))

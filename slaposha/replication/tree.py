@@ -37,7 +37,7 @@ from slaposha.replication.store import Store, alive
 from slaposha.units import human_seconds
 
 __all__ = ['Tree', 'STORE_DIR', 'MODES', 'fstype', 'is_subvolume',
-           'exchange', 'make_folder', 'syncfs']
+           'exchange', 'syncfs']
 
 # The log names the engine (as before its modules were split).
 logger = logging.getLogger('slaposha.replication.rsync')
@@ -106,7 +106,7 @@ def is_subvolume(path):
         return False
 
 
-def make_folder(path, subvolume):
+def _make_folder(path, subvolume):
     if subvolume:
         p = subprocess.run(['btrfs', 'subvolume', 'create', path],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -228,16 +228,21 @@ class Tree(Store):
             self._may_receive(state, token, sender)
             state['token'] = token
             complete, _ = self._newest(state)
-            target = 'b' if complete == 'a' else 'a'
-            # Before a byte lands: this copy is not complete any more.
-            state['records'][target] = None
-            if not os.path.isdir(self.buffer(target)):
-                # On btrfs, a copy is a subvolume: promoted, the tree
-                # stays one, and its new owner can send from snapshots.
-                make_folder(self.buffer(target),
-                             fstype(self.store) == 'btrfs')
-            return self.buffer(target), (self.buffer(complete)
-                                         if complete else None)
+            return self._staging(state, complete), (
+                self.buffer(complete) if complete else None)
+
+    def _staging(self, state, complete):
+        """The copy that is not the complete one (``complete``, a buffer
+        name or None), made ready for a transfer or an import to land in;
+        its folder."""
+        target = 'b' if complete == 'a' else 'a'
+        # Before a byte lands: this copy is not complete any more.
+        state['records'][target] = None
+        if not os.path.isdir(self.buffer(target)):
+            # On btrfs, a copy is a subvolume: promoted, the tree stays
+            # one, and its new owner can send from snapshots.
+            _make_folder(self.buffer(target), fstype(self.store) == 'btrfs')
+        return self.buffer(target)
 
     def commit(self, staging, record):
         """The transfer into ``staging`` finished: it becomes the newest
