@@ -246,7 +246,7 @@ class Agent(Status, Actions):
                 due.append(slot.failed_until)
             if not slot.seen_owner:
                 due.append(self.started + self.cluster.agent.startup_grace)
-            switch = getattr(slot, 'view', None) and slot.view.switch
+            switch = slot.view and slot.view.switch
             if switch and isinstance(switch.get('at'), (int, float)):
                 due.append(now + switch['at'] + slot.conf.stop_timeout +
                            slot.conf.start_timeout - wall)
@@ -1034,7 +1034,7 @@ class Agent(Status, Actions):
             logger.warning('service %s: the restore that ended is not'
                            ' cleared yet: %s', name, e)
             return
-        if getattr(slot, 'view', None) is not None:
+        if slot.view is not None:
             slot.view = slot.view._replace(restore=None)
 
     def _refused(self, slot):
@@ -1046,7 +1046,7 @@ class Agent(Status, Actions):
         # The claim of this host for an exclusive name is taken.
         name = own.blocker.value
         other = self.slots.get(name)
-        view = getattr(other, 'view', None)
+        view = other.view if other is not None else None
         return placement.refusal(
             self.client, self.keys, self.host, own.blocker,
             lambda n: other is not None and (other.token or
@@ -1206,7 +1206,7 @@ class Agent(Status, Actions):
                 slot.service.fence()
             slot.forget_key()
             return
-        target = getattr(slot, 'view', None) and slot.view.target or {}
+        target = slot.view and slot.view.target or {}
         if slot.token and target.get('state') == 'stopped' and \
                 slot.worker.what != 'stop' and slot.cancelled is None:
             # Not left to its start_timeout: stopped now, then released.
@@ -1356,7 +1356,7 @@ class Agent(Status, Actions):
         name = slot.service.name
         self.decide(slot, 'failed', '%s; on_failure = %s'
                     % (reason, on_failure))
-        view = getattr(slot, 'view', None)
+        view = slot.view
         if view and view.switch and view.switch.get('to') == self.host:
             if slot.token:
                 self._abandon(slot, view.switch, reason,

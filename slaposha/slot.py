@@ -59,6 +59,7 @@ class ServiceSlot(object):
         self.owner = None          # host named by the owner key
         self.token = None          # fencing token while owned here
         self.decision = None       # (time, action, reason)
+        self.view = None           # its intents and owner, as last read
         self.failures = 0
         self.failed_until = 0.0
         self.next_check = 0.0
