@@ -43,7 +43,6 @@ __all__ = ['Tree', 'STORE_DIR', 'MODES', 'fstype', 'is_subvolume',
 logger = logging.getLogger('slaposha.replication.rsync')
 
 STORE_DIR = '.slaposha-rsync'
-BUFFERS = ('a', 'b')
 # How the sender made the copy consistent (or not), recorded with it.
 MODES = ('snapshot', 'live', 'stopped')
 
