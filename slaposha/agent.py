@@ -256,6 +256,18 @@ class Agent(Status, Actions):
     def _owns_any(self):
         return any(slot.token for slot in self.slots.values())
 
+    def copy_received(self, path):
+        """A receiver's thread: a complete copy landed in ``path``. A
+        standby that its data made ineligible checks again in the next
+        cycle, not monitor_interval later: status, etcd and a switch see it
+        eligible as soon as it holds a copy."""
+        waiting = [slot for slot in self.slots.values()
+                   if slot.waits_for_copy]
+        for slot in waiting:
+            slot.next_eligibility = 0.0
+        if waiting:
+            self.wake()
+
     def wake(self):
         """Run a cycle now: for whatever changes what it would decide."""
         self._wake.set()
@@ -1118,10 +1130,13 @@ class Agent(Status, Actions):
         slot.report = slot.service.reports()
         if self.cannot_run:
             problems = [self.cannot_run]
+            slot.waits_for_copy = False
         else:
             problems = slot.service.problems(view.facts) if view.facts \
                 else []
-            problems += self._data_problems(slot, view.owner is not None)
+            data = self._data_problems(slot, view.owner is not None)
+            slot.waits_for_copy = bool(data)
+            problems += data
         if problems != slot.ineligible:
             slot.ineligible = problems
             if problems:

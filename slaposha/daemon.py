@@ -180,10 +180,13 @@ class Daemon(object):
             self.receivers.append(Receiver(
                 address, port, self.tls, paths,
                 hosts=self.cluster.cluster.hosts,
-                handlers=TreeReceiver(trees.get(port, ())).handlers,
+                handlers=TreeReceiver(
+                    trees.get(port, ()),
+                    on_received=self.agent.copy_received).handlers,
                 max_connections=self.cluster.replication.max_connections,
                 max_peer_connections=(
-                    self.cluster.replication.max_peer_connections)).start())
+                    self.cluster.replication.max_peer_connections),
+                on_received=self.agent.copy_received).start())
 
 
 def run_witness(cluster, host, stop_event):

@@ -82,6 +82,7 @@ class ServiceSlot(object):
         self.owner_had_data = False  # an owner was seen: data exists there
         self.ineligible = []       # why this host may not take it over
         self.next_eligibility = 0.0
+        self.waits_for_copy = False  # ineligible until a copy lands here
         self.owner_token = None    # the owner's token, wherever it runs
         self.last_owner = None     # (host, wall time) the owner key was
         #                            last seen held: a takeover's "from"

@@ -138,8 +138,10 @@ def test_max_lag_lets_a_fresh_service_start_where_its_data_is(make_lab):
     """max_lag keeps a standby with an old copy (or none) from taking over;
     the host with the service's original data, never copied, still starts
     it the first time (before, every host said "no copy here yet" and the
-    service ran nowhere); the standby becomes eligible once it has a
-    copy."""
+    service ran nowhere); the standby becomes eligible as soon as a copy
+    lands (its receiver wakes the agent), not at its next periodic check
+    (monitor_interval, a minute here: before, hB stayed "not eligible"
+    that long with a fresh copy)."""
     lab = make_lab(['hA', 'hB', 'hW'], paths=LAB_PATHS)
     ReplicationLab(lab, disk_size='256M')
     writer = lab.workdir + '/writer.py'
@@ -149,7 +151,7 @@ def test_max_lag_lets_a_fresh_service_start_where_its_data_is(make_lab):
     lc = LabCluster(lab, ['hA', 'hB'], ['hW'], tls=True,
                     services={'web': service % (VOL, writer)}, settings='''
                     [agent]
-                    monitor_interval = 0.5
+                    monitor_interval = 60s
                     ''').start()
     try:
         # hB is preferred but has no copy: hA, where the data is, starts it.
@@ -164,7 +166,7 @@ def test_max_lag_lets_a_fresh_service_start_where_its_data_is(make_lab):
         def eligible():
             out = lc.cli('hB', 'status', check=False).stdout
             return 'web' in out and 'not eligible' not in out
-        wait_for(eligible, 30, interval=0.5, what='hB eligible with a copy')
+        wait_for(eligible, 15, interval=0.5, what='hB eligible with a copy')
         lab.crash('hA')
         wait_for(lambda: lc.owner('web', 'hW')[0] == 'hB', 30, interval=0.2,
                  what='hB taking web over')

@@ -131,16 +131,22 @@ def ask_switch(lc, service, source, target):
     """``slaposha switch SERVICE --to TARGET --no-wait`` on ``source``,
     again while refused: the target's published eligibility may follow its
     own status by a moment."""
+    refused = []
+
     def asked():
         p = lc.cli(source, 'switch', service, '--to', target, '--no-wait',
                    check=False)
         if p.returncode == 0:
             return True
         if 'may not run' in p.stderr:
+            refused[:] = [p.stderr.strip()]
             return None
         raise LabError('switch to %s: %s' % (target, p.stderr.strip()))
-    wait_for(asked, 20, interval=0.5,
-             what='the switch to %s accepted' % target)
+    try:
+        wait_for(asked, 20, interval=0.5,
+                 what='the switch to %s accepted' % target)
+    except LabError as e:
+        raise LabError('%s; refused: %s' % (e, refused[0]))
 
 
 def stall_receive(lab, host, receive):

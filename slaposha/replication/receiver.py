@@ -47,6 +47,18 @@ logger = logging.getLogger('slaposha.replication.btrfs')
 rsync_logger = logging.getLogger('slaposha.replication.rsync')
 
 
+def received(callback, path):
+    """A complete copy of ``path`` landed here: tell ``callback`` (the
+    agent: a standby waiting for its first copy is eligible now). Never
+    fails the receive."""
+    if callback is None:
+        return
+    try:
+        callback(path)
+    except Exception:
+        logger.exception('%s: telling the agent of the copy failed', path)
+
+
 class Receiver(object):
     """Receives the snapshots of ``volumes`` (their paths) from their
     owners: a TLS server on ``address:port`` with this host's certificate
@@ -72,8 +84,10 @@ class Receiver(object):
 
     def __init__(self, address, port, tls, volumes, idle_timeout=10.0,
                  hosts=None, handlers=None, max_connections=128,
-                 max_peer_connections=32):
+                 max_peer_connections=32, on_received=None):
         self.address = address
+        # Told the path of each volume a complete copy landed in.
+        self.on_received = on_received
         self.port = port
         self.tls = tls
         self.hosts = hosts
@@ -381,6 +395,7 @@ class Receiver(object):
                     ''.join('; ' + n for n in notes))
         channel.send_json({'ok': True, 'snapshot': name, 'bytes': size,
                            'seconds': seconds, 'notes': notes})
+        received(self.on_received, volume.path)
         # After the answer: the sender need not wait for the housekeeping.
         try:
             volume.mark_exported(request.get('exported') or ())
@@ -506,7 +521,9 @@ class TreeReceiver(object):
     and the final answer (``ok``, ``bytes``, ``seconds``, or ``error``).
     """
 
-    def __init__(self, trees=(), copy_roots=COPY_ROOTS, idle_timeout=60.0):
+    def __init__(self, trees=(), copy_roots=COPY_ROOTS, idle_timeout=60.0,
+                 on_received=None):
+        self.on_received = on_received
         self.trees = {}
         for tree in trees:
             tree = tree if isinstance(tree, Tree) else Tree(tree)
@@ -663,6 +680,7 @@ class TreeReceiver(object):
                       'seconds': seconds}
             rsync_logger.info('%s <- %s: received %s in %.2f s', label,
                               sender, human_bytes(relay.received), seconds)
+            received(self.on_received, label)
         else:
             error = ReplicationError(label, 'transfer failed, not kept: %s'
                                      % failure, sender, True)
