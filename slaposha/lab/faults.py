@@ -46,7 +46,9 @@ Audits (each violation is counted and printed):
   holds a copy of the new owner's data, has no volume kept aside with
   every record it acknowledged (divergent writes must be kept for an
   operator, neither deleted nor merged);
-- stale write: a write under the previous owner's token is accepted.
+- stale write: a write under the previous owner's token is accepted;
+- stuck switch: ``slaposha switch`` neither done nor refused within
+  ``SWITCH_WAIT`` seconds (its own line says what each host decided).
 
 The bound of the lost-write audit. A record acknowledged at time t (after
 its fsync) is in every snapshot taken after t. The owner begins a
@@ -106,6 +108,7 @@ ELECTION_TIMEOUT = 0.5  # the lab's etcd members
 # CheckQuorum; measured: a renewal sent 0.53 s after the cut was answered),
 # then kills at the kill deadline, TTL - 0.2 s after that renewal was sent.
 FENCE_BOUND = TTL + 2 * ELECTION_TIMEOUT + 0.5
+SWITCH_WAIT = 90  # the switch command's --timeout, under the lab's 120 s
 BUDGET = 15.0  # seconds a settled cluster may leave the service down
 
 INTERVAL = 0.5  # [btrfs] interval of the service
@@ -163,7 +166,7 @@ class FaultSuite(object):
         self.deck = []
         self.violations = {'overlap': 0, 'minority': 0, 'absent': 0,
                            'lost write': 0, 'not kept aside': 0,
-                           'stale write': 0}
+                           'stale write': 0, 'stuck switch': 0}
         self.injected = {}
         self.times = {}
         self.lost = {}  # fault: [records lost at each takeover]
@@ -611,8 +614,11 @@ class FaultSuite(object):
             moved = None
         elif fault == 'switch':
             p = self.lc.cli(standby, 'switch', 'web', '--to', standby,
-                            check=False)
-            if p.returncode:
+                            '--timeout', str(SWITCH_WAIT), check=False)
+            if p.returncode and 'not done after' in p.stderr:
+                self.violation('stuck switch', p.stderr.strip())
+                moved = None
+            elif p.returncode:
                 self.say('  note: switch refused: %s' % p.stderr.strip())
                 moved = False
         if cut is not None:

@@ -387,13 +387,16 @@ class Volume(Store):
     def freshness(self):
         """(seconds since the newest complete snapshot was taken, its name);
         (None, None) when there is none. On a standby: how old its copy is."""
-        newest = self.newest()
-        if newest is None:
-            return None, None
-        created = self.meta(newest.name).get('created')
-        if created is None:
-            return None, newest.name
-        return max(0.0, self.clock() - created), newest.name
+        snapshots = self.snapshots()
+        # A received snapshot is read-only once btrfs receive ends, its
+        # meta written a moment later by the receiver: until then the
+        # copy that counts is the one before (a receive stopped in that
+        # moment made a standby "without a copy" for as long).
+        for snapshot in reversed(snapshots):
+            created = self.meta(snapshot.name).get('created')
+            if created is not None:
+                return max(0.0, self.clock() - created), snapshot.name
+        return None, snapshots[-1].name if snapshots else None
 
     def newest_token(self):
         return self.state()['token']
